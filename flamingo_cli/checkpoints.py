@@ -1,0 +1,268 @@
+"""Build random-weight AF3 / MF checkpoints in the exact layout of the hub checkpoints.
+
+No model weights can be downloaded where flamingo is developed and tested, so CI runs on a tiny
+random checkpoint and GPU benchmarks on a full-size one built from the real configs. Both use the real
+processor classes and chat templates and a tokenizer that carries the real special tokens, and are
+saved with the hub's weight names (``language_model.model.*``, ``audio_tower.*``,
+``multi_modal_projector.*``), which both transformers and vLLM 0.24 load.
+Imports torch/transformers lazily: this module is only used by scripts, tests and ``flamingo demo``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from flamingo_cli.models import AF3, MF, ModelFamily
+
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<sound>", "<|sound_bos|>", "<|sound_eos|>"]
+
+# Sizes: "tiny" fits CPU CI (a few MB); "full" is the real Qwen2.5-7B + Whisper-large-v3 geometry.
+# vLLM's CPU attention needs head_dim in {32, 64, 80, 96, 112, 128, ...}.
+SIZES: dict[str, dict[str, Any]] = {
+    "tiny": {
+        "text": dict(
+            hidden_size=128,
+            intermediate_size=256,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            max_position_embeddings=40960,
+        ),
+        "audio": dict(
+            hidden_size=160, intermediate_size=320, num_hidden_layers=2, num_attention_heads=2
+        ),
+        "vocab_size": 640,
+    },
+    "full": {
+        "text": dict(
+            hidden_size=3584,
+            intermediate_size=18944,
+            num_hidden_layers=28,
+            num_attention_heads=28,
+            num_key_value_heads=4,
+            max_position_embeddings=32768,
+        ),
+        "audio": dict(
+            hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20
+        ),
+        "vocab_size": None,  # 151672 as the real checkpoints (tokenizer padded with unused tokens)
+    },
+}
+
+_CHAT_TEMPLATE = (
+    "{% if messages[0]['role'] != 'system' %}"
+    "<|im_start|>system\n__SYSTEM__<|im_end|>\n"
+    "{% endif %}"
+    "{% for m in messages if m['content'] is not none %}"
+    "<|im_start|>{{ m['role'] }}\n"
+    "{% if m['content'] is string %}"
+    "{{ m['content'] }}"
+    "{% else %}"
+    "{% set audio = namespace(found=False) %}"
+    "{% set text_buf = namespace(v='') %}"
+    "{% for c in m['content'] %}"
+    "{% if c.get('type') == 'audio' or 'audio' in c %}"
+    "{% set audio.found = True %}"
+    "{% elif c.get('type') == 'text' or 'text' in c %}"
+    "{% set text_buf.v = text_buf.v + c['text'] %}"
+    "{% endif %}"
+    "{% endfor %}"
+    "{% if audio.found %}{{ '<sound>' }}{% endif %}{{ text_buf.v }}"
+    "{% endif %}"
+    "<|im_end|>\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}"
+    "<|im_start|>assistant\n"
+    "{% endif %}"
+)
+
+
+def processor_chat_template(family: ModelFamily) -> str:
+    """The processor chat template the hub conversion scripts write (system prompt baked in)."""
+    return _CHAT_TEMPLATE.replace("__SYSTEM__", family.system_prompt)
+
+
+def _training_text() -> list[str]:
+    from flamingo_cli.models import AF3_SYSTEM_PROMPT, MF_SYSTEM_PROMPT
+
+    words = (
+        "the a music audio sound speech song track describe caption transcribe lyrics genre tempo key "
+        "instrument guitar piano drums bass voice vocals mood energy production style recording noise "
+        "detail detailed what is in this clip listen carefully and write one sentence about it"
+    )
+    return [AF3_SYSTEM_PROMPT, MF_SYSTEM_PROMPT, words] * 4
+
+
+def build_tokenizer(vocab_size: int):
+    """A small byte-level BPE tokenizer with Qwen2's special tokens and AF3/MF's sound tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size - len(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_training_text(), trainer=trainer)
+    tok.add_special_tokens(SPECIAL_TOKENS)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        unk_token=None,
+        model_max_length=131072,
+    )
+
+
+def _hub_key(key: str) -> str | None:
+    """transformers-5 module names -> the hub checkpoints' weight names (what vLLM 0.24 loads)."""
+    for src, dst in (
+        ("model.language_model.", "language_model.model."),
+        ("lm_head.", "language_model.lm_head."),
+        ("model.audio_tower.", "audio_tower."),
+        ("model.multi_modal_projector.", "multi_modal_projector."),
+    ):
+        if key.startswith(src):
+            return dst + key[len(src) :]
+    return None  # non-persistent buffers (MF rotary tables) are not saved
+
+
+def build_checkpoint(
+    kind: str, out: str | Path, size: str = "tiny", dtype: str = "float32", seed: int = 0
+) -> Path:
+    """Write a random-weight AF3 ('af3') or MF ('mf') checkpoint to ``out`` and return its path."""
+    import torch
+    from safetensors.torch import save_file
+    from transformers import (
+        AudioFlamingo3Config,
+        AudioFlamingo3ForConditionalGeneration,
+        AudioFlamingo3Processor,
+        GenerationConfig,
+        MusicFlamingoConfig,
+        MusicFlamingoForConditionalGeneration,
+        MusicFlamingoProcessor,
+        Qwen2Config,
+        WhisperFeatureExtractor,
+    )
+
+    family = {"af3": AF3, "mf": MF}[kind]
+    spec = SIZES[size]
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+
+    tokenizer = build_tokenizer(spec["vocab_size"] or 640)
+    vocab = tokenizer.get_vocab()
+    ids = {t: vocab[t] for t in SPECIAL_TOKENS}
+    vocab_size = spec["vocab_size"] or 151672
+    text_config = Qwen2Config(
+        vocab_size=vocab_size,
+        bos_token_id=ids["<|endoftext|>"],
+        eos_token_id=ids["<|im_end|>"],
+        pad_token_id=ids["<|endoftext|>"],
+        rope_theta=1000000.0,
+        tie_word_embeddings=False,
+        dtype=dtype,
+        **spec["text"],
+    )
+    audio_config = {"model_type": "audioflamingo3_encoder", "num_mel_bins": 128, **spec["audio"]}
+    feature_extractor = WhisperFeatureExtractor(feature_size=128, return_attention_mask=True)
+    template = processor_chat_template(family)
+    if kind == "af3":
+        config = AudioFlamingo3Config(
+            text_config=text_config, audio_config=audio_config, audio_token_id=ids["<sound>"]
+        )
+        processor = AudioFlamingo3Processor(feature_extractor, tokenizer, chat_template=template)
+        model_cls = AudioFlamingo3ForConditionalGeneration
+        generation = GenerationConfig(
+            bos_token_id=ids["<|endoftext|>"],
+            do_sample=True,
+            eos_token_id=[ids["<|im_end|>"], ids["<|endoftext|>"]],
+            pad_token_id=ids["<|endoftext|>"],
+            repetition_penalty=1.05,
+            temperature=0.7,
+            top_k=20,
+            top_p=0.8,
+        )
+    else:
+        config = MusicFlamingoConfig(
+            text_config=text_config,
+            audio_config=audio_config,
+            audio_token_id=ids["<sound>"],
+            audio_bos_token_id=ids["<|sound_bos|>"],
+            audio_eos_token_id=ids["<|sound_eos|>"],
+            rope_parameters={"rope_type": "default", "rope_theta": 1200, "partial_rotary_factor": 0.2},
+        )
+        processor = MusicFlamingoProcessor(feature_extractor, tokenizer, chat_template=template)
+        model_cls = MusicFlamingoForConditionalGeneration
+        generation = GenerationConfig(
+            bos_token_id=ids["<|endoftext|>"],
+            eos_token_id=ids["<|im_end|>"],
+            pad_token_id=ids["<|endoftext|>"],
+            max_new_tokens=2048,
+        )
+    config.dtype = dtype
+    torch_dtype = getattr(torch, dtype)
+    with torch.device("meta" if size == "full" else "cpu"):
+        model = model_cls(config)
+    if size == "full":
+        model = model.to_empty(device="cpu")
+    model = model.to(torch_dtype)
+    _init_random(model, seed)
+
+    state = {}
+    for key, tensor in model.state_dict().items():
+        hub = _hub_key(key)
+        if hub is not None:
+            state[hub] = tensor.detach().contiguous()
+    _save_sharded(state, out, save_file)
+    config.architectures = [family.architecture]
+    config.save_pretrained(out)
+    generation.save_pretrained(out)
+    processor.save_pretrained(out)
+    (out / "flamingo_checkpoint.json").write_text(
+        json.dumps({"random_weights": True, "kind": kind, "size": size, "dtype": dtype, "seed": seed})
+    )
+    return out
+
+
+def _init_random(model, seed: int) -> None:
+    """Small normal weights, unit norms: random but numerically tame in fp32 and bf16."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim == 1:
+                p.fill_(1.0 if "norm" in name and "weight" in name else 0.0)
+            else:
+                p.copy_((torch.randn(p.shape, generator=gen) * 0.02).to(p.dtype))
+
+
+def _save_sharded(state: dict, out: Path, save_file, shard_bytes: int = 4 << 30) -> None:
+    shards: list[dict] = [{}]
+    size = 0
+    for key in sorted(state):
+        nbytes = state[key].numel() * state[key].element_size()
+        if shards[-1] and size + nbytes > shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][key] = state[key]
+        size += nbytes
+    if len(shards) == 1:
+        save_file(shards[0], str(out / "model.safetensors"), metadata={"format": "pt"})
+        return
+    weight_map = {}
+    for i, shard in enumerate(shards, 1):
+        name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(out / name), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(shard, name))
+    total = sum(t.numel() * t.element_size() for t in state.values())
+    (out / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1)
+    )

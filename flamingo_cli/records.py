@@ -1,0 +1,87 @@
+"""Small typed records that flow one way through the pipeline.
+
+sources -> AudioItem -> audio -> DecodedAudio -> chunking -> Chunk -> prompts -> Request
+-> engine -> Result -> sink.  Nothing here imports torch or vLLM.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+SAMPLE_RATE = 16_000
+
+
+@dataclass(frozen=True, slots=True)
+class AudioItem:
+    """One input to caption: a file, or a segment of one (offset/duration), plus manifest extras."""
+
+    id: str
+    path: str
+    offset: float = 0.0
+    duration: float | None = None
+    prompt: str | None = None
+    extra: Mapping[str, Any] = field(default_factory=dict)
+    # Where the item came from (a directory or manifest and its row), for error messages.
+    origin: str = ""
+    # Set when the source already knows the item is bad (missing file, bad manifest row).
+    error: str | None = None
+
+
+@dataclass(slots=True)
+class DecodedAudio:
+    """16 kHz mono float32 samples of one item."""
+
+    item: AudioItem
+    samples: np.ndarray
+    source_sample_rate: int | None = None
+    source_channels: int | None = None
+
+    @property
+    def duration_s(self) -> float:
+        return len(self.samples) / SAMPLE_RATE
+
+
+@dataclass(slots=True)
+class Chunk:
+    """A span of an item's audio, within the model's cap. start_s/end_s are relative to the item."""
+
+    item: AudioItem
+    index: int
+    num_chunks: int
+    start_s: float
+    end_s: float
+    samples: np.ndarray | None
+    duration_s: float  # duration of the whole item
+    error: str | None = None  # set when the chunk cannot be captioned (e.g. too short)
+
+    @property
+    def key(self) -> tuple[str, int]:
+        return (self.item.id, self.index)
+
+
+@dataclass(slots=True)
+class Request:
+    """What the engine runs: a rendered prompt (one <sound> placeholder) and its audio."""
+
+    chunk: Chunk
+    prompt: str  # the user text, e.g. "Describe the music in detail."
+    text: str  # the full chat-templated prompt handed to the engine
+    request_id: str = ""
+
+
+@dataclass(slots=True)
+class Result:
+    """One finished (item, chunk): the caption or the reason there is none."""
+
+    chunk: Chunk
+    prompt: str | None
+    caption: str | None = None
+    finish_reason: str | None = None
+    prompt_tokens: int | None = None
+    output_tokens: int | None = None
+    error: str | None = None
+    prompt_token_ids: list[int] | None = None

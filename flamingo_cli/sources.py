@@ -1,0 +1,431 @@
+"""Turn input paths (directories, manifests, single files) into a lazy, deterministic stream of AudioItems.
+
+Nothing here decodes audio. Problems with one file or one manifest row become an AudioItem with
+``error`` set, so a million-file run reports them instead of dying; only usage-level problems (an input
+that does not exist, a manifest that cannot be read as a whole) raise SourceError.
+
+Row numbers in ``origin`` ("manifest:N"), placeholder ids and duplicate-id messages are line numbers for
+the text manifests (.txt, .csv, .tsv, .jsonl; a CSV header is line 1) and 1-based row indices for Parquet.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import stat
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any, TextIO
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from flamingo_cli.records import AudioItem
+
+DEFAULT_EXTENSIONS: frozenset[str] = frozenset(
+    {".wav", ".flac", ".mp3", ".ogg", ".opus", ".m4a", ".aac", ".aif", ".aiff", ".wma", ".webm", ".mp4"}
+    | {".mka", ".caf", ".au"}
+)
+MANIFEST_EXTENSIONS: frozenset[str] = frozenset({".txt", ".csv", ".tsv", ".jsonl", ".parquet"})
+
+# Where a manifest keeps the audio path, in order of preference (NeMo uses audio_filepath).
+PATH_COLUMNS = ("path", "audio_filepath", "file", "filename", "audio")
+_KNOWN_COLUMNS = frozenset({"id", "prompt", "offset", "duration"})
+_PARQUET_BATCH_ROWS = 4096
+_JSONL_PROBE_LINES = 1000
+
+
+class SourceError(Exception):
+    """A usage-level input problem (missing input, unreadable manifest); the message names the file."""
+
+
+def _normalise_extensions(extensions: Collection[str] | None) -> tuple[str, ...]:
+    """Accept {".wav"}, {"wav"} or {"WAV"} alike; a tuple so str.endswith can take it."""
+    if extensions is None:
+        return tuple(sorted(DEFAULT_EXTENSIONS))
+    out = {"." + e.strip().lower().lstrip(".") for e in extensions if e.strip().strip(".")}
+    if not out:
+        raise ValueError("extensions must name at least one extension")
+    return tuple(sorted(out))
+
+
+def _is_manifest(path: str) -> bool:
+    return os.path.splitext(path)[1].lower() in MANIFEST_EXTENSIONS
+
+
+def _input_path(raw: str | Path) -> str:
+    return os.path.expanduser(os.fspath(raw))
+
+
+def _missing_input(raw: str | Path, path: str) -> SourceError:
+    reason = "broken symlink" if os.path.lexists(path) else "no such file or directory"
+    return SourceError(f"{raw}: input not found ({reason})")
+
+
+def check_inputs(inputs: Iterable[str | Path]) -> None:
+    """Fail fast, before a model loads: every input exists; every manifest opens and has a path column."""
+    for raw in inputs:
+        path = _input_path(raw)
+        if not os.path.exists(path):
+            raise _missing_input(raw, path)
+        if os.path.isdir(path):
+            try:
+                os.scandir(path).close()
+            except OSError as e:
+                raise SourceError(f"{raw}: cannot read directory ({e.strerror})") from e
+        elif _is_manifest(path):
+            _probe_manifest(str(raw), path)
+        elif not os.access(path, os.R_OK):
+            raise SourceError(f"{raw}: file is not readable")
+
+
+def iter_items(
+    inputs: Sequence[str | Path], extensions: Collection[str] | None = None
+) -> Iterator[AudioItem]:
+    """Yield AudioItems for every input in order; `extensions` filters directory scans only."""
+    exts = _normalise_extensions(extensions)
+    for raw in inputs:
+        path = _input_path(raw)
+        if not os.path.exists(path):
+            raise _missing_input(raw, path)
+        if os.path.isdir(path):
+            yield from _scan_dir(str(raw), path, exts)
+        elif _is_manifest(path):
+            yield from _iter_manifest(str(raw), path)
+        else:
+            full = os.path.abspath(path)
+            yield AudioItem(id=os.path.basename(full), path=full, origin=str(raw))
+
+
+# --- directories -----------------------------------------------------------------------------------------
+
+
+def _is_dir(entry: os.DirEntry[str]) -> bool:
+    try:
+        return entry.is_dir()  # follows symlinks
+    except OSError:
+        return False
+
+
+def _listing(path: str) -> list[tuple[str, os.DirEntry[str], bool]]:
+    """One directory's visible entries, sorted so that a depth-first walk yields sorted relative paths.
+
+    Directories sort as "name/" so "a/x.wav" and "a-b.wav" come out in plain string order.
+    """
+    with os.scandir(path) as it:
+        entries = [(e, _is_dir(e)) for e in it if not e.name.startswith(".")]
+    keyed = [(e.name + "/" if is_dir else e.name, e, is_dir) for e, is_dir in entries]
+    keyed.sort(key=lambda t: t[0])
+    return keyed
+
+
+def _scan_dir(shown: str, root: str, exts: tuple[str, ...]) -> Iterator[AudioItem]:
+    """Recursive, sorted, lazy walk that follows directory symlinks but visits each real directory once."""
+    root = os.path.abspath(root)
+    try:
+        root_st = os.stat(root)
+        stack = [("", iter(_listing(root)))]
+    except OSError as e:
+        raise SourceError(f"{shown}: cannot read directory ({e.strerror})") from e
+    visited = {(root_st.st_dev, root_st.st_ino)}
+
+    def bad(rel: str, full: str, reason: str) -> AudioItem:
+        return AudioItem(id=rel, path=full, origin=shown, error=f"{reason}: {full}")
+
+    while stack:
+        prefix, it = stack[-1]
+        nxt = next(it, None)
+        if nxt is None:
+            stack.pop()
+            continue
+        _, entry, is_dir = nxt
+        rel, full, wanted = prefix + entry.name, entry.path, entry.name.lower().endswith(exts)
+        if is_dir:
+            if wanted:  # e.g. "take1.wav/": surely not what the user meant, so say so (and still descend)
+                yield bad(rel, full, "is a directory")
+            try:
+                st = entry.stat()
+                key = (st.st_dev, st.st_ino)
+                if key in visited:  # symlink loop, or a second link to a directory already scanned
+                    continue
+                visited.add(key)
+                stack.append((rel + "/", iter(_listing(full))))
+            except OSError as e:
+                yield bad(rel, full, f"cannot read directory ({e.strerror})")
+            continue
+        if not wanted:
+            continue
+        try:
+            is_file = entry.is_file()
+        except OSError:
+            is_file = False
+        if is_file:
+            yield AudioItem(id=rel, path=full, origin=shown)
+        elif entry.is_symlink() and not os.path.exists(full):
+            yield bad(rel, full, "broken symlink")
+        else:
+            yield bad(rel, full, "not a regular file")
+
+
+# --- manifests -------------------------------------------------------------------------------------------
+
+# A manifest yields (row number, row mapping) or (row number, reason the row is unusable).
+_Rows = Iterator[tuple[int, Mapping[str, Any] | str]]
+
+
+def _undecodable(text: str) -> bool:
+    """True if the text holds bytes that were not UTF-8 (kept as lone surrogates by surrogateescape)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+def _open_text(path: str, newline: str | None = None) -> TextIO:
+    # utf-8-sig drops a BOM; surrogateescape turns bad bytes into a per-row error instead of a crash.
+    return open(path, encoding="utf-8-sig", errors="surrogateescape", newline=newline)
+
+
+def _path_column(shown: str, columns: Sequence[str]) -> str:
+    for name in PATH_COLUMNS:
+        if name in columns:
+            return name
+    raise SourceError(
+        f"{shown}: no path column (expected one of {', '.join(PATH_COLUMNS)}; found {', '.join(columns)})"
+    )
+
+
+def _csv_header(shown: str, reader: Iterator[list[str]]) -> list[str]:
+    try:
+        header = next(reader)
+    except StopIteration:
+        raise SourceError(f"{shown}: empty manifest (a header row is required)") from None
+    except csv.Error as e:
+        raise SourceError(f"{shown}: cannot parse header ({e})") from e
+    header = [h.strip() for h in header]
+    dupes = sorted({h for h in header if header.count(h) > 1})
+    if dupes:
+        raise SourceError(f"{shown}: duplicate column(s) {', '.join(dupes)}")
+    _path_column(shown, header)
+    return header
+
+
+def _csv_rows(shown: str, path: str, delimiter: str) -> _Rows:
+    with _open_text(path, newline="") as f:
+        reader = csv.reader(f, delimiter=delimiter)
+        header = _csv_header(shown, reader)
+        last_error_line = -1
+        while True:
+            try:
+                row = next(reader)
+            except StopIteration:
+                return
+            except csv.Error as e:  # the reader moves on past the bad record; guard against no progress
+                if reader.line_num == last_error_line:
+                    raise SourceError(f"{shown}:{reader.line_num}: cannot parse ({e})") from e
+                last_error_line = reader.line_num
+                yield reader.line_num, f"cannot parse row ({e})"
+                continue
+            if not row:
+                continue
+            if len(row) != len(header):
+                yield reader.line_num, f"expected {len(header)} fields, got {len(row)}"
+            elif any(_undecodable(v) for v in row):
+                yield reader.line_num, "row is not valid UTF-8"
+            else:
+                yield reader.line_num, dict(zip(header, row, strict=True))
+
+
+def _txt_rows(path: str) -> _Rows:
+    """One path per line; surrounding whitespace is dropped; blank lines and '#' comments are skipped."""
+    with _open_text(path) as f:
+        for n, line in enumerate(f, 1):
+            text = line.strip()
+            if not text or text.startswith("#"):
+                continue
+            yield n, ("line is not valid UTF-8" if _undecodable(text) else {"path": text})
+
+
+def _json_row(line: str) -> Mapping[str, Any] | str:
+    if _undecodable(line):
+        return "line is not valid UTF-8"
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as e:
+        return f"invalid JSON ({e.msg} at column {e.colno})"
+    return obj if isinstance(obj, dict) else f"not a JSON object ({type(obj).__name__})"
+
+
+def _jsonl_rows(shown: str, path: str) -> _Rows:
+    first = True
+    with _open_text(path) as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            row = _json_row(line)
+            if first and not isinstance(row, str):
+                _path_column(shown, list(row))  # the first object stands in for a header
+                first = False
+            yield n, row
+
+
+def _open_parquet(shown: str, path: str) -> pq.ParquetFile:
+    try:
+        pf = pq.ParquetFile(path)
+    except (OSError, pa.ArrowException) as e:
+        raise SourceError(f"{shown}: cannot read Parquet ({e})") from e
+    schema = pf.schema_arrow
+    col = _path_column(shown, schema.names)
+    typ = schema.field(col).type
+    if not (pa.types.is_string(typ) or pa.types.is_large_string(typ) or pa.types.is_null(typ)):
+        pf.close()
+        raise SourceError(
+            f"{shown}: path column '{col}' has type {typ}, expected strings (embedded audio is not supported)"
+        )
+    return pf
+
+
+def _parquet_rows(shown: str, path: str) -> _Rows:
+    """Record batches, so a million-row manifest never sits in memory whole."""
+    with _open_parquet(shown, path) as pf:
+        n = 0
+        for batch in pf.iter_batches(batch_size=_PARQUET_BATCH_ROWS):
+            for row in batch.to_pylist():
+                n += 1
+                yield n, row
+
+
+def _manifest_rows(shown: str, path: str) -> _Rows:
+    ext = os.path.splitext(path)[1].lower()
+    if ext == ".txt":
+        return _txt_rows(path)
+    if ext in (".csv", ".tsv"):
+        return _csv_rows(shown, path, "\t" if ext == ".tsv" else ",")
+    if ext == ".jsonl":
+        return _jsonl_rows(shown, path)
+    return _parquet_rows(shown, path)
+
+
+def _probe_manifest(shown: str, path: str) -> None:
+    """Open a manifest and read just enough (header, schema, first object) to know iter_items can use it."""
+    ext = os.path.splitext(path)[1].lower()
+    try:
+        if ext in (".csv", ".tsv"):
+            with _open_text(path, newline="") as f:
+                _csv_header(shown, csv.reader(f, delimiter="\t" if ext == ".tsv" else ","))
+        elif ext == ".jsonl":
+            with _open_text(path) as f:
+                for _, line in zip(range(_JSONL_PROBE_LINES), f, strict=False):
+                    row = _json_row(line) if line.strip() else "blank"
+                    if not isinstance(row, str):
+                        _path_column(shown, list(row))
+                        break
+        elif ext == ".parquet":
+            _open_parquet(shown, path).close()
+        else:
+            with _open_text(path) as f:
+                f.read(1)
+    except OSError as e:
+        raise SourceError(f"{shown}: cannot read manifest ({e.strerror or e})") from e
+
+
+def _seconds(value: Any, name: str) -> float | None:
+    """Parse an offset/duration cell; None when absent. Raises ValueError with a row-ready message."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    if isinstance(value, bool):
+        raise ValueError(f"{name} is not a number: {value!r}")
+    try:
+        x = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} is not a number: {value!r}") from None
+    if not math.isfinite(x) or x < 0:
+        raise ValueError(f"{name} must be a finite number >= 0: {value!r}")
+    if name == "duration" and x == 0:
+        raise ValueError("duration must be > 0")
+    return x
+
+
+def _text(value: Any) -> str | None:
+    if value is None:
+        return None
+    text = value if isinstance(value, str) else str(value)
+    return text if text.strip() else None
+
+
+def _iter_manifest(shown: str, path: str) -> Iterator[AudioItem]:
+    """Rows to AudioItems: resolve paths against the manifest folder, derive ids, flag bad rows and dupes."""
+    base = os.path.dirname(os.path.abspath(path))
+    name = os.path.basename(path)
+    seen: dict[str, int] = {}
+    try:
+        for n, row in _manifest_rows(shown, path):
+            origin = f"{shown}:{n}"
+            placeholder = f"{name}:row{n}"
+            if isinstance(row, str):
+                yield AudioItem(id=placeholder, path="", origin=origin, error=row)
+                continue
+            yield _row_item(row, base, placeholder, origin, n, seen)
+    except (OSError, pa.ArrowException) as e:
+        raise SourceError(f"{shown}: cannot read manifest ({e})") from e
+
+
+def _row_item(
+    row: Mapping[str, Any], base: str, placeholder: str, origin: str, n: int, seen: dict[str, int]
+) -> AudioItem:
+    key = next((k for k in PATH_COLUMNS if k in row), None)
+    extra = {k: v for k, v in row.items() if k != key and k not in _KNOWN_COLUMNS}
+    given_id = _text(row.get("id"))
+    raw_path = row.get(key) if key else None
+    full = ""
+    if isinstance(raw_path, str) and raw_path.strip():
+        full = os.path.abspath(os.path.join(base, os.path.expanduser(raw_path)))
+
+    def bad(reason: str, item_id: str | None = None) -> AudioItem:
+        return AudioItem(
+            id=item_id or given_id or placeholder, path=full, origin=origin, extra=extra, error=reason
+        )
+
+    if key is None:
+        return bad(f"no path field (expected one of {', '.join(PATH_COLUMNS)})")
+    if raw_path is None or (isinstance(raw_path, str) and not raw_path.strip()):
+        return bad("empty path")
+    if not isinstance(raw_path, str):
+        return bad(f"path is not a string: {raw_path!r}")
+    try:
+        offset = _seconds(row.get("offset"), "offset")
+        duration = _seconds(row.get("duration"), "duration")
+    except ValueError as e:
+        return bad(str(e))
+
+    if given_id is not None:
+        item_id = given_id
+    elif offset is not None or duration is not None:
+        item_id = f"{raw_path}@{(offset or 0.0)!r}"  # segments of one file need distinct ids
+    else:
+        item_id = raw_path
+    if item_id in seen:
+        return bad(f"duplicate id {item_id!r} (first at row {seen[item_id]})", item_id)
+    seen[item_id] = n
+
+    error = None
+    try:
+        if stat.S_ISDIR(os.stat(full).st_mode):
+            error = f"is a directory: {full}"
+    except FileNotFoundError:
+        error = f"{'broken symlink' if os.path.lexists(full) else 'file not found'}: {full}"
+    except OSError as e:
+        error = f"cannot access ({e.strerror}): {full}"
+    return AudioItem(
+        id=item_id,
+        path=full,
+        offset=offset or 0.0,
+        duration=duration,
+        prompt=_text(row.get("prompt")),
+        extra=extra,
+        origin=origin,
+        error=error,
+    )
