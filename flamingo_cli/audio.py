@@ -128,7 +128,8 @@ def _beyond_end(path: str, offset: float, total_s: float) -> AudioDecodeError:
     return AudioDecodeError(path, f"offset {float(offset)} s is beyond the end ({_fmt_s(total_s)} s)")
 
 
-def _read_soundfile(f: sf.SoundFile, path: str, offset: float, duration: float | None) -> DecodedAudio | None:
+def _read_soundfile(f: sf.SoundFile, item: AudioItem, offset: float, duration: float | None) -> DecodedAudio:
+    path = item.path
     sr, channels = int(f.samplerate), int(f.channels)
     if sr <= 0 or channels <= 0:
         raise AudioDecodeError(path, f"not decodable audio: bad header ({sr} Hz, {channels} channels)")
@@ -164,12 +165,13 @@ def _read_soundfile(f: sf.SoundFile, path: str, offset: float, duration: float |
             remaining -= data.shape[0]
     if out.frames_in == 0 and offset > 0:
         raise _beyond_end(path, offset, start / sr)
-    return DecodedAudio(item=None, samples=out.finish(), source_sample_rate=sr, source_channels=channels)  # type: ignore[arg-type]
+    return DecodedAudio(item=item, samples=out.finish(), source_sample_rate=sr, source_channels=channels)
 
 
-def _read_audioread(path: str, offset: float, duration: float | None) -> DecodedAudio:
+def _read_audioread(item: AudioItem, offset: float, duration: float | None) -> DecodedAudio:
     import audioread  # only when libsndfile cannot open the file
 
+    path = item.path
     with audioread.audio_open(path) as f:
         sr, channels = int(f.samplerate), int(f.channels)
         if sr <= 0 or channels <= 0:
@@ -198,7 +200,7 @@ def _read_audioread(path: str, offset: float, duration: float | None) -> Decoded
                 break
     if out.frames_in == 0 and offset > 0:
         raise _beyond_end(path, offset, seen / sr)
-    return DecodedAudio(item=None, samples=out.finish(), source_sample_rate=sr, source_channels=channels)  # type: ignore[arg-type]
+    return DecodedAudio(item=item, samples=out.finish(), source_sample_rate=sr, source_channels=channels)
 
 
 def _sf_reason(e: Exception) -> str:
@@ -218,7 +220,7 @@ def decode(item: AudioItem) -> DecodedAudio:
         except (sf.LibsndfileError, RuntimeError, TypeError, ValueError) as sf_err:
             # libsndfile cannot open it (m4a/aac, ... or garbage): try audioread's backends.
             try:
-                decoded = _read_audioread(path, offset, duration)
+                decoded = _read_audioread(item, offset, duration)
             except AudioDecodeError:
                 raise
             except MemoryError:
@@ -230,7 +232,7 @@ def decode(item: AudioItem) -> DecodedAudio:
                 ) from None
         else:
             with f:
-                decoded = _read_soundfile(f, path, offset, duration)
+                decoded = _read_soundfile(f, item, offset, duration)
     except AudioDecodeError:
         raise
     except MemoryError:
@@ -240,7 +242,6 @@ def decode(item: AudioItem) -> DecodedAudio:
     assert decoded is not None
     if decoded.samples.shape[0] == 0:
         raise AudioDecodeError(path, "no audio samples")
-    decoded.item = item
     return decoded
 
 

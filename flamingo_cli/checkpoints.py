@@ -30,9 +30,7 @@ SIZES: dict[str, dict[str, Any]] = {
             num_key_value_heads=1,
             max_position_embeddings=40960,
         ),
-        "audio": dict(
-            hidden_size=160, intermediate_size=320, num_hidden_layers=2, num_attention_heads=2
-        ),
+        "audio": dict(hidden_size=160, intermediate_size=320, num_hidden_layers=2, num_attention_heads=2),
         "vocab_size": 640,
     },
     "full": {
@@ -44,44 +42,17 @@ SIZES: dict[str, dict[str, Any]] = {
             num_key_value_heads=4,
             max_position_embeddings=32768,
         ),
-        "audio": dict(
-            hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20
-        ),
+        "audio": dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20),
         "vocab_size": None,  # 151672 as the real checkpoints (tokenizer padded with unused tokens)
     },
 }
 
-_CHAT_TEMPLATE = (
-    "{% if messages[0]['role'] != 'system' %}"
-    "<|im_start|>system\n__SYSTEM__<|im_end|>\n"
-    "{% endif %}"
-    "{% for m in messages if m['content'] is not none %}"
-    "<|im_start|>{{ m['role'] }}\n"
-    "{% if m['content'] is string %}"
-    "{{ m['content'] }}"
-    "{% else %}"
-    "{% set audio = namespace(found=False) %}"
-    "{% set text_buf = namespace(v='') %}"
-    "{% for c in m['content'] %}"
-    "{% if c.get('type') == 'audio' or 'audio' in c %}"
-    "{% set audio.found = True %}"
-    "{% elif c.get('type') == 'text' or 'text' in c %}"
-    "{% set text_buf.v = text_buf.v + c['text'] %}"
-    "{% endif %}"
-    "{% endfor %}"
-    "{% if audio.found %}{{ '<sound>' }}{% endif %}{{ text_buf.v }}"
-    "{% endif %}"
-    "<|im_end|>\n"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}"
-    "<|im_start|>assistant\n"
-    "{% endif %}"
-)
-
 
 def processor_chat_template(family: ModelFamily) -> str:
     """The processor chat template the hub conversion scripts write (system prompt baked in)."""
-    return _CHAT_TEMPLATE.replace("__SYSTEM__", family.system_prompt)
+    from flamingo_cli.prompts import default_chat_template
+
+    return default_chat_template(family)
 
 
 def _training_text() -> list[str]:
@@ -132,9 +103,7 @@ def _hub_key(key: str) -> str | None:
     return None  # non-persistent buffers (MF rotary tables) are not saved
 
 
-def build_checkpoint(
-    kind: str, out: str | Path, size: str = "tiny", dtype: str = "float32", seed: int = 0
-) -> Path:
+def build_checkpoint(kind: str, out: str | Path, size: str = "tiny", dtype: str = "float32", seed: int = 0) -> Path:
     """Write a random-weight AF3 ('af3') or MF ('mf') checkpoint to ``out`` and return its path."""
     import torch
     from safetensors.torch import save_file
@@ -174,9 +143,7 @@ def build_checkpoint(
     feature_extractor = WhisperFeatureExtractor(feature_size=128, return_attention_mask=True)
     template = processor_chat_template(family)
     if kind == "af3":
-        config = AudioFlamingo3Config(
-            text_config=text_config, audio_config=audio_config, audio_token_id=ids["<sound>"]
-        )
+        config = AudioFlamingo3Config(text_config=text_config, audio_config=audio_config, audio_token_id=ids["<sound>"])
         processor = AudioFlamingo3Processor(feature_extractor, tokenizer, chat_template=template)
         model_cls = AudioFlamingo3ForConditionalGeneration
         generation = GenerationConfig(

@@ -111,9 +111,7 @@ def family_for(model: str) -> ModelFamily:
         return MF
     if "audio-flamingo" in lowered or "audioflamingo" in lowered:
         return AF3
-    raise ValueError(
-        f"cannot tell the model family of {model!r}: use af3, mf, a hub id, or a local checkpoint folder"
-    )
+    raise ValueError(f"cannot tell the model family of {model!r}: use af3, mf, a hub id, or a local checkpoint folder")
 
 
 def resolve_model_id(model: str) -> str:

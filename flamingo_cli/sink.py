@@ -96,9 +96,7 @@ def run_key(identity: Mapping[str, Any]) -> str:
 def error_result(item: AudioItem, reason: str) -> Result:
     """A Result for an item that failed before chunking: one row with num_chunks = 0."""
     nan = float("nan")
-    chunk = Chunk(
-        item=item, index=0, num_chunks=0, start_s=nan, end_s=nan, samples=None, duration_s=nan, error=reason
-    )
+    chunk = Chunk(item=item, index=0, num_chunks=0, start_s=nan, end_s=nan, samples=None, duration_s=nan, error=reason)
     return Result(chunk=chunk, prompt=item.prompt, error=reason)
 
 
@@ -144,9 +142,7 @@ class ResumeIndex:
         t = table.filter(valid)
         real = t.filter(pc.greater(t["num_chunks"], 0))
         in_range = real.filter(
-            pc.and_(
-                pc.greater_equal(real["chunk_index"], 0), pc.less(real["chunk_index"], real["num_chunks"])
-            )
+            pc.and_(pc.greater_equal(real["chunk_index"], 0), pc.less(real["chunk_index"], real["num_chunks"]))
         )
         groups = in_range.group_by("id").aggregate([("num_chunks", "max"), ("chunk_index", "count_distinct")])
         done_mask = pc.greater_equal(groups["chunk_index_count_distinct"], groups["num_chunks_max"])
@@ -349,7 +345,9 @@ class Sink:
         meta["flamingo_version"] = __version__
         meta.setdefault("model", model)
         meta.setdefault("task", task)
-        self._metadata = {METADATA_KEY: json.dumps(meta, sort_keys=True, default=str).encode("utf-8")}
+        # Written into every part's key-value metadata; callers may add to it (engine versions, the
+        # effective sampling) once the model has loaded.
+        self.run_info: dict[str, Any] = meta
 
         self.rows_written = 0
         self.parts_written = 0
@@ -523,9 +521,7 @@ class Sink:
     def flush_if_due(self) -> None:
         """Flush if flush_seconds passed since the first buffered row (call it when results stall)."""
         with self._lock:
-            if self._first_buffered_at is not None and (
-                self._clock() - self._first_buffered_at >= self.flush_seconds
-            ):
+            if self._first_buffered_at is not None and (self._clock() - self._first_buffered_at >= self.flush_seconds):
                 self.flush()
 
     @property
@@ -549,7 +545,10 @@ class Sink:
             array = _passthrough_array([extra.get(k) for extra in extras])
             arrays.append(array)
             fields.append(pa.field(names[k], array.type))
-        schema = pa.schema(fields, metadata=self._metadata)
+        schema = pa.schema(
+            fields,
+            metadata={METADATA_KEY: json.dumps(self.run_info, sort_keys=True, default=str).encode("utf-8")},
+        )
         return pa.Table.from_arrays(arrays, schema=schema)
 
     def flush(self) -> None:

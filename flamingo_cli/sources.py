@@ -81,9 +81,7 @@ def check_inputs(inputs: Iterable[str | Path]) -> None:
             raise SourceError(f"{raw}: file is not readable")
 
 
-def iter_items(
-    inputs: Sequence[str | Path], extensions: Collection[str] | None = None
-) -> Iterator[AudioItem]:
+def iter_items(inputs: Sequence[str | Path], extensions: Collection[str] | None = None) -> Iterator[AudioItem]:
     """Yield AudioItems for every input in order; `extensions` filters directory scans only."""
     exts = _normalise_extensions(extensions)
     for raw in inputs:
@@ -385,9 +383,7 @@ def _row_item(
         full = os.path.abspath(os.path.join(base, os.path.expanduser(raw_path)))
 
     def bad(reason: str, item_id: str | None = None) -> AudioItem:
-        return AudioItem(
-            id=item_id or given_id or placeholder, path=full, origin=origin, extra=extra, error=reason
-        )
+        return AudioItem(id=item_id or given_id or placeholder, path=full, origin=origin, extra=extra, error=reason)
 
     if key is None:
         return bad(f"no path field (expected one of {', '.join(PATH_COLUMNS)})")

@@ -1,7 +1,7 @@
 """Build a random-weight Audio Flamingo 3 / Music Flamingo checkpoint (tiny for CI, full for GPU).
 
-    python scripts/make_tiny_checkpoint.py --kind af3 --out /tmp/tiny-af3
-    python scripts/make_tiny_checkpoint.py --kind mf --size full --dtype bfloat16 --out /tmp/mf-full
+python scripts/make_tiny_checkpoint.py --kind af3 --out /tmp/tiny-af3
+python scripts/make_tiny_checkpoint.py --kind mf --size full --dtype bfloat16 --out /tmp/mf-full
 """
 
 import argparse

@@ -621,9 +621,7 @@ def test_failed_probe_raises_output_error(tmp_path: Path, monkeypatch: pytest.Mo
     assert list((tmp_path / f"run={KEY}").glob(".probe-*")) == []
 
 
-def test_enospc_keeps_rows_buffered_and_retry_succeeds(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_enospc_keeps_rows_buffered_and_retry_succeeds(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     real_write_table = pq.write_table
     calls: list[str] = []
 

@@ -148,9 +148,7 @@ def test_txt_manifest_skips_blanks_and_comments(tmp_path: Path) -> None:
     assert all(i.error is None for i in items)
 
 
-def test_relative_paths_resolve_against_manifest_folder(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_relative_paths_resolve_against_manifest_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     touch(tmp_path / "lists" / "clips" / "a.wav")
     (tmp_path / "lists" / "m.txt").write_text("clips/a.wav\n../outside.wav\n")
     elsewhere = tmp_path / "elsewhere"
@@ -178,9 +176,7 @@ def test_csv_manifest_with_known_and_passthrough_columns(tmp_path: Path) -> None
     touch(tmp_path / "b.wav")
     manifest = tmp_path / "m.csv"
     manifest.write_text(
-        "id,path,prompt,offset,duration,genre,bpm\n"
-        'k1,a.wav,"Describe, briefly.",1.5,10,rock,120\n'
-        "k2,b.wav,,,,jazz,\n"
+        'id,path,prompt,offset,duration,genre,bpm\nk1,a.wav,"Describe, briefly.",1.5,10,rock,120\nk2,b.wav,,,,jazz,\n'
     )
     k1, k2 = iter_items([manifest])
     assert (k1.id, k1.path, k1.prompt, k1.offset, k1.duration) == (
@@ -253,9 +249,7 @@ def test_parquet_manifest_streams_many_rows(tmp_path: Path) -> None:
     touch(tmp_path / "a.wav")
     n = 10_000
     manifest = tmp_path / "big.parquet"
-    pq.write_table(
-        pa.table({"path": ["a.wav"] * n, "id": [f"r{i}" for i in range(n)]}), manifest, row_group_size=1000
-    )
+    pq.write_table(pa.table({"path": ["a.wav"] * n, "id": [f"r{i}" for i in range(n)]}), manifest, row_group_size=1000)
     start = time.perf_counter()
     items = list(iter_items([manifest]))
     assert time.perf_counter() - start < 10

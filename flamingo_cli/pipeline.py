@@ -1,0 +1,254 @@
+"""Wires the stages: sources -> audio -> chunking -> prompts -> engine -> sink.
+
+A producer thread walks the inputs, skips what the sink already holds, decodes in a thread pool
+(soundfile/soxr release the GIL) and puts Requests on a bounded queue; the main thread runs the engine
+over that queue and writes Results as they finish. Memory stays bounded: at most ``workers * 2``
+decoded files wait for the engine, plus the engine's own in-flight cap. Only this module knows every
+stage.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from flamingo_cli.audio import AudioDecodeError, decode
+from flamingo_cli.chunking import chunk_audio
+from flamingo_cli.engine import END, Sampling
+from flamingo_cli.models import WINDOW_S
+from flamingo_cli.prompts import PromptBuilder
+from flamingo_cli.records import AudioItem, Chunk, DecodedAudio, Result
+from flamingo_cli.sink import ResumeIndex, error_result
+
+
+class ResultSink(Protocol):
+    def write(self, result: Result) -> None: ...
+
+
+@dataclass
+class Stats:
+    """Counters the progress display and the end-of-run summary read; updated under a lock."""
+
+    items_seen: int = 0
+    items_skipped: int = 0  # already in the output
+    items_queued: int = 0
+    items_failed: int = 0  # failed before chunking
+    chunks_queued: int = 0
+    chunks_done: int = 0
+    chunks_failed: int = 0
+    audio_s_queued: float = 0.0
+    audio_s_done: float = 0.0
+    windows_done: int = 0
+    prompt_tokens: int = 0
+    output_tokens: int = 0
+    sources_exhausted: bool = False
+    started: float = field(default_factory=time.monotonic)
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    @property
+    def elapsed(self) -> float:
+        return time.monotonic() - self.started
+
+    def snapshot(self) -> dict[str, Any]:
+        with self.lock:
+            return {k: v for k, v in self.__dict__.items() if k != "lock"}
+
+
+@dataclass
+class CaptionJob:
+    """What to caption and how; built by the CLI or by Python callers."""
+
+    inputs: list[str]
+    prompts: PromptBuilder
+    prompt: str
+    max_chunk_s: float
+    sampling: Sampling
+    chunk_s: float | None = None
+    overlap_s: float = 0.0
+    extensions: Iterable[str] | None = None
+    workers: int = 4
+    queue_size: int = 64
+    retry_failed: bool = False
+    use_row_prompts: bool = True
+
+
+def _windows(chunk: Chunk) -> int:
+    return max(1, -(-round((chunk.end_s - chunk.start_s) * 1000) // (WINDOW_S * 1000)))
+
+
+class Producer(threading.Thread):
+    """Sources -> decode pool -> chunks -> Requests on the feed; error rows straight to the sink."""
+
+    def __init__(
+        self,
+        job: CaptionJob,
+        items: Iterator[AudioItem],
+        feed: queue.Queue,
+        sink: ResultSink,
+        stats: Stats,
+        index: ResumeIndex | None,
+    ) -> None:
+        super().__init__(name="flamingo-producer", daemon=True)
+        self.job, self.items, self.feed, self.sink, self.stats, self.index = (
+            job,
+            items,
+            feed,
+            sink,
+            stats,
+            index,
+        )
+        self.stop_event = threading.Event()
+        self.error: BaseException | None = None
+        self._seen_ids: dict[str, int] = {}
+
+    def _unique(self, item: AudioItem) -> AudioItem:
+        """Two inputs may yield the same id; the second gets a suffix and an error row."""
+        count = self._seen_ids.get(item.id, 0)
+        self._seen_ids[item.id] = count + 1
+        if count == 0:
+            return item
+        reason = item.error or f"duplicate id {item.id!r} ({item.path} and an earlier input)"
+        return AudioItem(id=f"{item.id}#{count}", path=item.path, origin=item.origin, extra=item.extra, error=reason)
+
+    def _wanted(self, item: AudioItem) -> bool:
+        if self.index is None or item.id not in self.index:
+            return True
+        if self.job.retry_failed and item.id in self.index.failed_items():
+            return True
+        return not self.index.is_done(item.id)
+
+    def _put(self, obj: Any) -> bool:
+        while not self.stop_event.is_set():
+            try:
+                self.feed.put(obj, timeout=0.2)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _emit(self, item: AudioItem, decoded: DecodedAudio) -> None:
+        job = self.job
+        chunks = chunk_audio(decoded, job.max_chunk_s, job.chunk_s, job.overlap_s)
+        prompt = (item.prompt if job.use_row_prompts and item.prompt else None) or job.prompt
+        done: set[int] = set()
+        if self.index is not None and item.id in self.index:
+            done = self.index.done_chunks(item.id)
+            if job.retry_failed:
+                done -= {i for (iid, i) in self.index.failed_keys() if iid == item.id}
+        for chunk in chunks:
+            if chunk.index in done:
+                continue
+            if chunk.error:
+                self.sink.write(Result(chunk=chunk, prompt=prompt, error=chunk.error))
+                with self.stats.lock:
+                    self.stats.chunks_failed += 1
+                continue
+            with self.stats.lock:
+                self.stats.chunks_queued += 1
+                self.stats.audio_s_queued += chunk.end_s - chunk.start_s
+            if not self._put(job.prompts.request(chunk, prompt)):
+                return
+
+    def _fail(self, item: AudioItem, reason: str) -> None:
+        self.sink.write(error_result(item, reason))
+        with self.stats.lock:
+            self.stats.items_failed += 1
+
+    def run(self) -> None:
+        try:
+            self._run()
+        except BaseException as exc:  # surfaced by the main thread
+            self.error = exc
+        finally:
+            self.stats.sources_exhausted = True
+            self._put(END)
+
+    def _run(self) -> None:
+        pending: deque[tuple[AudioItem, Future]] = deque()
+        with ThreadPoolExecutor(max_workers=max(1, self.job.workers), thread_name_prefix="flamingo-decode") as pool:
+            for item in self.items:
+                if self.stop_event.is_set():
+                    break
+                item = self._unique(item)
+                with self.stats.lock:
+                    self.stats.items_seen += 1
+                if not self._wanted(item):
+                    with self.stats.lock:
+                        self.stats.items_skipped += 1
+                    continue
+                if item.error:
+                    self._fail(item, item.error)
+                    continue
+                with self.stats.lock:
+                    self.stats.items_queued += 1
+                pending.append((item, pool.submit(decode, item)))
+                # Emit in input order; keep at most workers*2 decodes ahead of the engine.
+                while len(pending) >= max(2, self.job.workers * 2) or (pending and pending[0][1].done()):
+                    self._drain_one(pending)
+            while pending and not self.stop_event.is_set():
+                self._drain_one(pending)
+            for _, fut in pending:
+                fut.cancel()
+
+    def _drain_one(self, pending: deque[tuple[AudioItem, Future]]) -> None:
+        item, fut = pending.popleft()
+        try:
+            decoded = fut.result()
+        except AudioDecodeError as exc:
+            self._fail(item, str(exc))
+            return
+        except Exception as exc:
+            self._fail(item, f"{item.path}: unexpected decode error: {type(exc).__name__}: {exc}")
+            return
+        try:
+            self._emit(item, decoded)
+        except ValueError as exc:
+            self._fail(item, f"{item.path}: {exc}")
+
+
+def run_pipeline(
+    job: CaptionJob,
+    items: Iterator[AudioItem],
+    engine: Any,
+    sink: ResultSink,
+    stats: Stats | None = None,
+    index: ResumeIndex | None = None,
+    on_result: Callable[[Result], None] | None = None,
+    on_tick: Callable[[], None] | None = None,
+    stop_event: threading.Event | None = None,
+) -> Stats:
+    """Run one caption job to the end (or until ``stop_event``); returns the counters."""
+    stats = stats or Stats()
+    feed: queue.Queue = queue.Queue(maxsize=max(1, job.queue_size))
+    producer = Producer(job, items, feed, sink, stats, index)
+    if stop_event is not None:
+        producer.stop_event = stop_event
+    producer.start()
+    try:
+        for result in engine.run(feed, job.sampling, on_step=on_tick):
+            sink.write(result)
+            with stats.lock:
+                if result.error:
+                    stats.chunks_failed += 1
+                else:
+                    stats.chunks_done += 1
+                    stats.audio_s_done += result.chunk.end_s - result.chunk.start_s
+                    stats.windows_done += _windows(result.chunk)
+                    stats.prompt_tokens += result.prompt_tokens or 0
+                    stats.output_tokens += result.output_tokens or 0
+            if on_result:
+                on_result(result)
+            if stop_event is not None and stop_event.is_set() and producer.stop_event.is_set():
+                pass
+    finally:
+        producer.stop_event.set()
+        producer.join(timeout=10)
+    if producer.error is not None:
+        raise producer.error
+    return stats
