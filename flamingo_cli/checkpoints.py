@@ -66,21 +66,66 @@ def _training_text() -> list[str]:
     return [AF3_SYSTEM_PROMPT, MF_SYSTEM_PROMPT, words] * 4
 
 
+# Where Qwen2.5 / AF3 / MF keep their special tokens (the full-size tokenizer uses these exact ids).
+REAL_SPECIAL_IDS = {
+    "<|endoftext|>": 151643,
+    "<|im_start|>": 151644,
+    "<|im_end|>": 151645,
+    "<sound>": 151669,
+    "<|sound_bos|>": 151670,
+    "<|sound_eos|>": 151671,
+}
+REAL_VOCAB_SIZE = 151672
+
+
 def build_tokenizer(vocab_size: int):
-    """A small byte-level BPE tokenizer with Qwen2's special tokens and AF3/MF's sound tokens."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    """A byte-level BPE tokenizer with Qwen2's special tokens and AF3/MF's sound tokens.
+
+    Small sizes train a real BPE on a little text; the full size (151672) keeps that BPE and fills
+    the vocabulary up to the real size with filler tokens, placing every special token at its real
+    id, so any id a full-size model generates decodes.
+    """
+    import json as _json
+
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
+    small = min(vocab_size, 640)
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size - len(SPECIAL_TOKENS),
+        vocab_size=small - len(SPECIAL_TOKENS),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     tok.train_from_iterator(_training_text(), trainer=trainer)
-    tok.add_special_tokens(SPECIAL_TOKENS)
+    if vocab_size >= REAL_VOCAB_SIZE:
+        model = _json.loads(tok.to_str())["model"]
+        vocab = dict(model["vocab"])
+        merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
+        alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+        specials_at = {i: t for t, i in REAL_SPECIAL_IDS.items()}
+        next_id = len(vocab)
+        n = 0
+        while next_id < vocab_size:
+            if next_id in specials_at:
+                vocab[specials_at[next_id]] = next_id
+            else:
+                # Fillers spelled in byte-level characters, so they decode like any other token.
+                name, k = "Ġfill", n
+                while True:
+                    name += alphabet[k % len(alphabet)]
+                    k //= len(alphabet)
+                    if k == 0:
+                        break
+                vocab[name] = next_id
+                n += 1
+            next_id += 1
+        tok = Tokenizer(models.BPE(vocab=vocab, merges=merges))
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
     return PreTrainedTokenizerFast(
         tokenizer_object=tok,
         eos_token="<|im_end|>",
@@ -125,10 +170,10 @@ def build_checkpoint(kind: str, out: str | Path, size: str = "tiny", dtype: str 
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
 
-    tokenizer = build_tokenizer(spec["vocab_size"] or 640)
+    tokenizer = build_tokenizer(spec["vocab_size"] or REAL_VOCAB_SIZE)
     vocab = tokenizer.get_vocab()
     ids = {t: vocab[t] for t in SPECIAL_TOKENS}
-    vocab_size = spec["vocab_size"] or 151672
+    vocab_size = spec["vocab_size"] or REAL_VOCAB_SIZE
     text_config = Qwen2Config(
         vocab_size=vocab_size,
         bos_token_id=ids["<|endoftext|>"],

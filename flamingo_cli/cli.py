@@ -519,8 +519,9 @@ def main(argv: list[str] | None = None, env: Environment | None = None) -> int:
     _env = env or Environment()
     try:
         try:
-            app(args=argv, prog_name="flamingo", standalone_mode=False)
-            return ExitStatus.OK
+            # Without standalone mode click returns the code of a typer.Exit instead of raising it.
+            rv = app(args=argv, prog_name="flamingo", standalone_mode=False)
+            return int(rv) if isinstance(rv, int) else ExitStatus.OK
         except typer.Exit as exc:
             return int(exc.exit_code)
         except Fail as exc:

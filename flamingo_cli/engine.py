@@ -212,6 +212,7 @@ class VllmEngine:
                     prompt_tokens=len(out.prompt_token_ids or []),
                     output_tokens=len(completion.token_ids),
                     prompt_token_ids=list(out.prompt_token_ids or []),
+                    token_ids=list(completion.token_ids),
                 )
 
     def abort_all(self) -> None:

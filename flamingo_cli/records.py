@@ -84,4 +84,5 @@ class Result:
     prompt_tokens: int | None = None
     output_tokens: int | None = None
     error: str | None = None
-    prompt_token_ids: list[int] | None = None
+    prompt_token_ids: list[int] | None = None  # what the engine saw (for parity checks; not written)
+    token_ids: list[int] | None = None  # what it generated

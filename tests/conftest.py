@@ -1,0 +1,75 @@
+"""Shared fixtures: tiny random-weight checkpoints, generated audio, an in-process CLI runner.
+
+Engine tests (marked ``engine``) run the real vLLM engine on CPU. An engine takes ~1 min to start
+there, so every test uses the same engine options (ENGINE_ARGS) and flamingo's in-process engine
+cache hands them the same engine.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+
+# The options every engine-backed CLI test passes, so they share one engine per model.
+ENGINE_ARGS = ["--temperature", "0", "--max-tokens", "8", "--quiet"]
+
+
+@pytest.fixture(scope="session")
+def tiny_af3(tmp_path_factory) -> Path:
+    from flamingo_cli.checkpoints import build_checkpoint
+
+    return build_checkpoint("af3", tmp_path_factory.mktemp("ckpt") / "tiny-af3")
+
+
+@pytest.fixture(scope="session")
+def tiny_mf(tmp_path_factory) -> Path:
+    from flamingo_cli.checkpoints import build_checkpoint
+
+    return build_checkpoint("mf", tmp_path_factory.mktemp("ckpt") / "tiny-mf")
+
+
+def make_audio(
+    path: Path, seconds: float, sr: int = 16000, channels: int = 1, seed: int = 0, subtype: str | None = None
+) -> Path:
+    """A tone plus a little noise, written in the format the suffix names."""
+    rng = np.random.default_rng(seed)
+    n = int(round(seconds * sr))
+    t = np.arange(n) / sr
+    x = (0.3 * np.sin(2 * np.pi * (200 + 50 * seed) * t) + 0.02 * rng.standard_normal(n)).astype(np.float32)
+    data = np.stack([x * (1 - 0.1 * c) for c in range(channels)], axis=1) if channels > 1 else x
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sf.write(str(path), data, sr, subtype=subtype)
+    return path
+
+
+@dataclass
+class CliResult:
+    status: int
+    stdout: str
+    stderr: str
+
+
+def run_cli(args: list[str]) -> CliResult:
+    """Call flamingo's main() in-process with captured, non-TTY streams."""
+    from flamingo_cli.cli import main
+    from flamingo_cli.env import Environment
+
+    out, err = io.StringIO(), io.StringIO()
+    status = main([str(a) for a in args], env=Environment(stdout=out, stderr=err))
+    return CliResult(int(status), out.getvalue(), err.getvalue())
+
+
+def read_rows(out: Path) -> list[dict]:
+    import pyarrow.dataset as ds
+
+    if not out.exists():
+        return []
+    return ds.dataset(out, partitioning="hive", format="parquet").to_table().to_pylist()

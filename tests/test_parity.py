@@ -1,0 +1,102 @@
+"""HF parity on CPU, tiny fp32 checkpoints: token-exact prompts and greedy tokens, AF3 and MF.
+
+The grid straddles the 30 s window and each model's cap; flamingo chunks over-long audio, so each
+chunk must stay within the cap (the processor would otherwise truncate silently).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from flamingo_cli.parity import Case, compare, load_reference, make_chunks, run_reference, run_vllm, summarize
+
+pytestmark = pytest.mark.engine
+
+PROMPTS = ["Describe the audio in detail.", "What is the tempo and key of this track?"]
+STEPS = 8
+
+GRID = {
+    "af3": [1.0, 29.99, 30.0, 30.01, 599.0, 600.0, 601.0],
+    "mf": [1.0, 29.99, 30.0, 30.01, 1199.0, 1200.0, 1201.0],
+}
+
+
+def _cases(kind: str) -> list[Case]:
+    out = []
+    for i, seconds in enumerate(GRID[kind]):
+        for j, prompt in enumerate(PROMPTS):
+            out.append(Case(f"{seconds}s-p{j}", seconds, prompt, seed=10 * i + j))
+    out.append(Case("44k-stereo", 12.5, PROMPTS[0], seed=99, source_rate=44100, channels=2))
+    out.append(Case("below-one-token", 0.015, PROMPTS[0], seed=7))
+    return out
+
+
+@pytest.fixture(scope="module", params=["af3", "mf"])
+def parity(request, tiny_af3, tiny_mf):
+    from flamingo_cli.engine import EngineConfig, get_engine
+    from flamingo_cli.models import family_for
+    from flamingo_cli.prompts import PromptBuilder, load_chat_template
+
+    ckpt = str(tiny_af3 if request.param == "af3" else tiny_mf)
+    family = family_for(ckpt)
+    # The same engine options as the CLI tests (--max-tokens 8): one shared engine per model.
+    engine = get_engine(EngineConfig(model=ckpt, family=family, max_chunk_s=float(family.max_audio_s), max_tokens=8))
+    builder = PromptBuilder(family, load_chat_template(ckpt))
+    pairs = make_chunks(_cases(request.param), family.max_audio_s)
+    got = run_vllm(engine, builder, pairs, STEPS)
+    model, processor = load_reference(ckpt, "float32", "cpu")
+    ref = run_reference(model, processor, builder, pairs, STEPS, batch_size=1)
+    return request.param, family, pairs, compare(pairs, got, ref)
+
+
+def test_chunks_never_exceed_the_cap_so_nothing_is_truncated(parity):
+    _, family, pairs, _ = parity
+    for _case, chunk in pairs:
+        assert chunk.samples is not None and len(chunk.samples) <= family.max_audio_s * 16000
+    over = {c.name for c, ch in pairs if ch.num_chunks > 1}
+    assert over == {f"{family.max_audio_s + 1}.0s-p0", f"{family.max_audio_s + 1}.0s-p1"}
+
+
+def test_prompt_ids_identical_in_every_case(parity):
+    kind, _, _, rows = parity
+    ok = [r for r in rows if r.error is None]
+    assert len(ok) >= 2 * len(GRID[kind]) + 1
+    assert all(r.prompt_ids_equal for r in ok), [r.case for r in ok if not r.prompt_ids_equal]
+
+
+def test_greedy_tokens_identical_for_every_sequence(parity):
+    _, _, _, rows = parity
+    summary = summarize(rows)
+    bad = [(r.case, r.chunk_index, r.first_mismatch, r.margin_chosen) for r in rows if r.first_mismatch is not None]
+    assert summary["all_tokens_equal"] == summary["sequences"], bad
+    assert all(len(r.vllm_tokens) == STEPS for r in rows if r.error is None)
+
+
+def test_audio_shorter_than_one_token_is_an_error_not_a_crash(parity):
+    _, _, _, rows = parity
+    (row,) = [r for r in rows if r.case == "below-one-token"]
+    assert row.error is not None and "too short" in row.error
+
+
+def test_mf_rotary_time_embedding_is_applied(tiny_af3, tiny_mf):
+    """Two identical 30 s windows: MF's encoder output differs by window position (RoTE), AF3's does not."""
+    import torch
+
+    x = Case("w", 30.0, "", seed=3).samples()
+    audio = np.concatenate([x, x])
+    for ckpt, expect_equal in ((tiny_af3, True), (tiny_mf, False)):
+        model, processor = load_reference(str(ckpt), "float32", "cpu")
+        from flamingo_cli.models import family_for
+        from flamingo_cli.prompts import PromptBuilder
+
+        text = PromptBuilder(family_for(str(ckpt))).text("hi")
+        inputs = processor(text=[text], audio=[audio], return_tensors="pt")
+        kwargs = {"input_features": inputs["input_features"], "input_features_mask": inputs["input_features_mask"]}
+        if not expect_equal:
+            kwargs["input_ids"] = inputs["input_ids"]
+        with torch.inference_mode():
+            emb = model.model.get_audio_features(**kwargs).pooler_output
+        assert emb.shape[0] == 1500
+        same = torch.allclose(emb[:750], emb[750:], atol=1e-5)
+        assert same is expect_equal, ckpt
