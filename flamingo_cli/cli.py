@@ -238,7 +238,7 @@ def caption(
         config = _engine_config(
             model_id,
             family,
-            chunk_seconds or max_chunk_s,
+            max_chunk_s,  # sized for the cap: one engine serves any --chunk-seconds
             sampling,
             dtype=dtype,
             gpu_memory_utilization=gpu_memory_utilization,
@@ -351,7 +351,7 @@ def describe_music(
     config = _engine_config(
         model_id,
         family,
-        chunk_seconds or float(family.max_audio_s),
+        float(family.max_audio_s),
         sampling,
         dtype=dtype,
         gpu_memory_utilization=gpu_memory_utilization,
@@ -411,24 +411,35 @@ def describe_music(
 
 
 def _print_description(doc: dict[str, Any]) -> None:
+    """Panels on a terminal; plain text (no box drawing, no truncation) in pipes and logs."""
     from rich.panel import Panel
     from rich.text import Text
 
     dur = doc["duration_s"]
     head = f"{doc['path']}  ·  {dur:.1f} s" if dur else doc["path"]
     sections = doc["sections"]
+    if not _env.stdout_isatty:
+        _env.stdout.write(head + (f"  ·  {len(sections)} parts" if len(sections) > 1 else "") + "\n")
     for s in sections:
-        title = head
+        part = ""
         if len(sections) > 1 and s["start_s"] is not None:
-            title += f"  ·  part {s['chunk_index'] + 1}/{len(sections)} ({s['start_s']:.0f}–{s['end_s']:.0f} s)"
-        body = Text(s["description"] or f"error: {s['error']}")
-        _env.out.print(Panel(body, title=title, title_align="left", expand=True))
+            part = f"part {s['chunk_index'] + 1}/{len(sections)} ({s['start_s']:.0f}–{s['end_s']:.0f} s)"
+        body = s["description"] if s["description"] is not None else f"error: {s['error']}"
+        if _env.stdout_isatty:
+            title = f"{head}  ·  {part}" if part else head
+            _env.out.print(Panel(Text(body), title=title, title_align="left", expand=True))
+        else:
+            _env.stdout.write((f"\n[{part}]\n" if part else "\n") + body + "\n")
     t = doc["timing"]
-    _env.out.print(
+    footer = (
         f"model {doc['model']} · task {doc['task']} · engine start {t['engine_start_s']} s · "
-        f"generation {t['generate_s']} s",
-        style="dim",
+        f"generation {t['generate_s']} s"
     )
+    if _env.stdout_isatty:
+        _env.out.print(footer, style="dim")
+    else:
+        _env.stdout.write("\n" + footer + "\n")
+        _env.stdout.flush()
 
 
 @app.command()

@@ -125,19 +125,12 @@ def run_reference(model, processor, builder, pairs, max_new_tokens: int, batch_s
         for k, v in inputs.items():
             if torch.is_floating_point(v):
                 inputs[k] = v.to(model.dtype)
-        with torch.inference_mode():
-            gen = model.generate(
-                **inputs,
-                max_new_tokens=max_new_tokens,
-                min_new_tokens=max_new_tokens,
-                do_sample=False,
-                repetition_penalty=1.0,
-                temperature=None,
-                top_p=None,
-                top_k=None,
-                output_logits=True,
-                return_dict_in_generate=True,
-            )
+        try:
+            gen = _generate(model, inputs, max_new_tokens)
+        except Exception as exc:
+            for _, ch in batch:
+                out[ch.key] = f"reference failed: {type(exc).__name__}: {exc}"
+            continue
         logits = torch.stack(gen.logits, dim=1).float().cpu()  # [batch, steps, vocab]
         width = inputs["input_ids"].shape[1]
         for j, (_, ch) in enumerate(batch):
@@ -146,6 +139,24 @@ def run_reference(model, processor, builder, pairs, max_new_tokens: int, batch_s
             tokens = gen.sequences[j, width:].tolist()
             out[ch.key] = (prompt_ids, tokens, logits[j])
     return out
+
+
+def _generate(model, inputs, max_new_tokens: int):
+    import torch
+
+    with torch.inference_mode():
+        return model.generate(
+            **inputs,
+            max_new_tokens=max_new_tokens,
+            min_new_tokens=max_new_tokens,
+            do_sample=False,
+            repetition_penalty=1.0,
+            temperature=None,
+            top_p=None,
+            top_k=None,
+            output_logits=True,
+            return_dict_in_generate=True,
+        )
 
 
 def compare(pairs, got, ref) -> list[SeqResult]:
@@ -159,6 +170,11 @@ def compare(pairs, got, ref) -> list[SeqResult]:
         r = got.get(ch.key)
         if r is None or r.error:
             row.error = r.error if r is not None else "no vLLM result"
+            rows.append(row)
+            continue
+        if isinstance(ref.get(ch.key), str) or ch.key not in ref:
+            row.error = ref.get(ch.key, "no reference result")
+            row.vllm_tokens = list(r.token_ids or [])
             rows.append(row)
             continue
         prompt_ids, ref_tokens, logits = ref[ch.key]

@@ -6,11 +6,9 @@ import json
 import subprocess
 import sys
 from collections import defaultdict
-from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import ENGINE_ARGS, make_audio, read_rows, run_cli
 
 pytestmark = pytest.mark.engine
@@ -101,7 +99,7 @@ def test_prompt_token_ids_match_transformers_processor(tiny_af3, tiny_mf, tmp_pa
         )
         processor = AutoProcessor.from_pretrained(ckpt)
         builder = PromptBuilder(family, load_chat_template(str(ckpt)))
-        feed: "queue.Queue" = queue.Queue()
+        feed: queue.Queue = queue.Queue()
         expected = {}
         for i, seconds in enumerate((1.0, 30.0, 45.5)):
             samples = (0.1 * rng.standard_normal(int(seconds * 16000))).astype(np.float32)

@@ -58,10 +58,25 @@ def test_chunks_never_exceed_the_cap_so_nothing_is_truncated(parity):
     assert over == {f"{family.max_audio_s + 1}.0s-p0", f"{family.max_audio_s + 1}.0s-p1"}
 
 
+# transformers 5.17's MusicFlamingo (_build_audio_timestamps) raises IndexError when an audio's last
+# 30 s window is so short that it yields no sound token (30.01 s: a 160-sample tail). vLLM and
+# flamingo handle it; the reference cannot, so those rows carry the reference's error instead.
+HF_MF_ZERO_TOKEN_TAIL = {"30.01s-p0", "30.01s-p1"}
+
+
+def test_reference_failures_are_only_the_known_transformers_mf_bug(parity):
+    kind, _, _, rows = parity
+    failed = {r.case for r in rows if r.error and r.error.startswith("reference failed")}
+    assert failed == (HF_MF_ZERO_TOKEN_TAIL if kind == "mf" else set())
+    for r in rows:
+        if r.case in failed:
+            assert "IndexError" in r.error and len(r.vllm_tokens) == STEPS  # flamingo/vLLM still answered
+
+
 def test_prompt_ids_identical_in_every_case(parity):
     kind, _, _, rows = parity
     ok = [r for r in rows if r.error is None]
-    assert len(ok) >= 2 * len(GRID[kind]) + 1
+    assert len(ok) >= 2 * len(GRID[kind]) - 1
     assert all(r.prompt_ids_equal for r in ok), [r.case for r in ok if not r.prompt_ids_equal]
 
 
