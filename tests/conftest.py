@@ -41,7 +41,7 @@ def make_audio(
 ) -> Path:
     """A tone plus a little noise, written in the format the suffix names."""
     rng = np.random.default_rng(seed)
-    n = int(round(seconds * sr))
+    n = round(seconds * sr)
     t = np.arange(n) / sr
     x = (0.3 * np.sin(2 * np.pi * (200 + 50 * seed) * t) + 0.02 * rng.standard_normal(n)).astype(np.float32)
     data = np.stack([x * (1 - 0.1 * c) for c in range(channels)], axis=1) if channels > 1 else x

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import subprocess
 import sys
@@ -59,7 +60,7 @@ def test_caption_folder_end_to_end_then_resume_adds_nothing(corpus, tiny_af3, tm
         assert [c["chunk_index"] for c in chunks] == list(range(chunks[0]["num_chunks"]))
         assert chunks[0]["start_s"] == 0.0
         assert chunks[-1]["end_s"] == pytest.approx(seconds, abs=1e-3)
-        for prev, nxt in zip(chunks, chunks[1:], strict=False):
+        for prev, nxt in itertools.pairwise(chunks):
             assert nxt["start_s"] == prev["end_s"]
         for c in chunks:
             assert c["end_s"] - c["start_s"] <= 600
