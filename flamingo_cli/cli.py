@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import signal
 import sys
 import threading
@@ -18,7 +19,7 @@ from typing import Annotated, Any
 import typer
 
 from flamingo_cli import __version__
-from flamingo_cli.env import Environment, ExitStatus
+from flamingo_cli.env import Environment, ExitStatus, reap_children_on_exit, unblock_on_engine_death
 
 app = typer.Typer(
     name="flamingo",
@@ -71,7 +72,27 @@ ChunkOpt = Annotated[
 ]
 OverlapOpt = Annotated[float, typer.Option("--overlap", help="Seconds of overlap between fixed chunks.")]
 GpuMemOpt = Annotated[float, typer.Option("--gpu-memory-utilization", help="Share of GPU memory vLLM may take.")]
-TpOpt = Annotated[int, typer.Option("--tensor-parallel-size", help="GPUs to split the model across.")]
+TpOpt = Annotated[int, typer.Option("--tensor-parallel-size", help="GPUs to split one model replica across.")]
+GpusOpt = Annotated[
+    str,
+    typer.Option(
+        "--gpus",
+        help="GPUs to use: all, none, or indexes like 0,1,3. One engine replica per GPU (per "
+        "--tensor-parallel-size GPUs), all fed from one queue into one output.",
+    ),
+]
+ReplicasOpt = Annotated[
+    int | None,
+    typer.Option("--replicas", help="Engine replicas (default: one per GPU group; 1 without GPUs)."),
+]
+ShardOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--shard",
+        help="i/N (0-based): caption only this host's share of the inputs (by id hash); shards of one "
+        "run write side by side into the same --out and resume independently.",
+    ),
+]
 DtypeOpt = Annotated[str, typer.Option("--dtype", help="auto, bfloat16, float16 or float32.")]
 VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Show vLLM's own logs.")]
 
@@ -125,16 +146,43 @@ def _start_engine(config):
         raise Fail(ExitStatus.ENGINE, str(exc)) from exc
 
 
+def _signal_status(signum: int) -> ExitStatus:
+    return ExitStatus.TERMINATED if signum == signal.SIGTERM else ExitStatus.INTERRUPTED
+
+
+def _quit_now(signum: int) -> None:
+    """Exit at once: ask vLLM's engine process to shut down, skip all Python cleanup.
+
+    Safe for the output: parts are atomic (a half-written one stays in the hidden .tmp folder, removed
+    on the next open), the run lock dies with the process, and rows not yet in a part are redone on
+    resume.
+    """
+    import multiprocessing
+    import os
+
+    for child in multiprocessing.active_children():
+        with contextlib.suppress(Exception):
+            child.terminate()
+    with contextlib.suppress(Exception):
+        _env.stderr.flush()
+    os._exit(int(_signal_status(signum)))
+
+
 @contextlib.contextmanager
-def _signals(stop: threading.Event, received: list[int]):
-    """SIGINT/SIGTERM: stop feeding, finish and flush what is done; a second Ctrl-C exits at once."""
+def _signals(stop: threading.Event, received: list[int], graceful: threading.Event):
+    """SIGINT/SIGTERM while captioning: stop feeding, finish and flush what is done, exit 130/143.
+
+    A second signal, or one while the engine is still starting (nothing to finish), exits at once.
+    """
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
     def handler(signum, _frame):
-        if stop.is_set() and signum == signal.SIGINT:
-            raise KeyboardInterrupt
+        if stop.is_set() or not graceful.is_set():
+            received.append(signum)
+            _env.warn(f"{signal.Signals(signum).name}: quitting now; finished parts are kept")
+            _quit_now(signum)
         received.append(signum)
         stop.set()
         _env.warn("stopping: finishing in-flight chunks and writing them (Ctrl-C again to quit now)")
@@ -145,6 +193,101 @@ def _signals(stop: threading.Event, received: list[int]):
     finally:
         for s, h in old.items():
             signal.signal(s, h)
+
+
+@contextlib.contextmanager
+def _closing(sink):
+    """Close the sink (its last flush) on the way out; a failed last flush is exit 4, not a traceback."""
+    from flamingo_cli.sink import OutputError
+
+    try:
+        yield sink
+    except BaseException:
+        with contextlib.suppress(OutputError):  # the first error is the one to report
+            sink.close()
+        raise
+    try:
+        sink.close()
+    except OutputError as exc:
+        raise Fail(ExitStatus.OUTPUT, f"{exc} (finished parts are kept; run the same command to resume)") from exc
+
+
+def _report_console():
+    """stdout for reports (dry-run, inspect, doctor): the terminal's width, or 160 columns in pipes and
+    files instead of Rich's 80, so tables of paths and reasons stay readable in logs."""
+    if _env.stdout_isatty:
+        return _env.out
+    from rich.console import Console
+
+    return Console(file=_env.stdout, width=160, highlight=False, soft_wrap=False)
+
+
+DryRunOpt = Annotated[
+    bool,
+    typer.Option("--dry-run", help="Plan only (files, hours, chunks, tokens, GPU time) from headers; no model."),
+]
+LogFileOpt = Annotated[
+    Path | None, typer.Option("--log-file", help="Append plain progress lines and the summary to this file.")
+]
+LogIntervalOpt = Annotated[
+    float, typer.Option("--log-interval", help="Seconds between progress lines (off a terminal, and --log-file).")
+]
+SummaryJsonOpt = Annotated[
+    Path | None, typer.Option("--summary-json", help="Write the end-of-run summary as JSON here (atomically).")
+]
+
+
+def _devices(gpus: str, tensor_parallel_size: int, replicas: int | None) -> tuple[str | None, ...]:
+    from flamingo_cli.data_parallel import plan_replicas
+
+    try:
+        return tuple(plan_replicas(gpus, tensor_parallel_size, replicas))
+    except ValueError as exc:
+        raise Fail(ExitStatus.USAGE, str(exc)) from exc
+
+
+def _dry_run(items, family, model_id, task, chunk_s, overlap, workers, out, key, as_json) -> None:
+    """caption --dry-run: plan from file headers; never loads a model (nor torch/vLLM)."""
+    from flamingo_cli.plan import make_plan, render, render_problems, rows_on_disk
+
+    status = None
+    last = [0.0]
+    if _env.stderr_isatty and not as_json:
+        status = _env.err.status("planning: reading file headers …")
+        status.start()
+
+    def on_file(plan) -> None:
+        now = time.monotonic()
+        if status is not None and now - last[0] > 0.25:
+            last[0] = now
+            status.update(f"planning: {plan.files:,} files, {plan.duration_s / 3600:,.1f} h so far …")
+
+    try:
+        plan = make_plan(
+            items,
+            family,
+            model=model_id,
+            task=task,
+            chunk_s=chunk_s,
+            overlap_s=overlap,
+            workers=workers,
+            on_file=on_file,
+        )
+    finally:
+        if status is not None:
+            status.stop()
+    plan.rows_on_disk = rows_on_disk(out, key)
+    if as_json:
+        doc = plan.as_dict()
+        doc["run_key"] = key
+        doc["out"] = str(out)
+        _env.stdout.write(json.dumps(doc, ensure_ascii=False, default=str) + "\n")
+        _env.stdout.flush()
+        return
+    console = _report_console()
+    console.print(render(plan, out))
+    if plan.problems:
+        console.print(render_problems(plan))
 
 
 @app.command()
@@ -166,11 +309,20 @@ def caption(
     top_k: Annotated[int | None, typer.Option("--top-k")] = None,
     repetition_penalty: Annotated[float | None, typer.Option("--repetition-penalty")] = None,
     seed: SeedOpt = 0,
-    workers: Annotated[int, typer.Option("--workers", help="Decode threads.")] = 4,
+    workers: Annotated[
+        int | None, typer.Option("--workers", help="Decode threads (default: 4 per engine replica, ≤ CPUs).")
+    ] = None,
     retry_failed: Annotated[bool, typer.Option("--retry-failed", help="Run error rows again.")] = False,
+    content_hash: Annotated[
+        bool,
+        typer.Option("--hash", help="Detect changed files by sha256 of their bytes instead of size + mtime."),
+    ] = False,
     rows_per_part: Annotated[int, typer.Option("--rows-per-part", help="Rows per Parquet part file.")] = 1000,
     gpu_memory_utilization: GpuMemOpt = 0.9,
     tensor_parallel_size: TpOpt = 1,
+    gpus: GpusOpt = "all",
+    replicas: ReplicasOpt = None,
+    shard: ShardOpt = None,
     dtype: DtypeOpt = "auto",
     max_num_seqs: Annotated[int | None, typer.Option("--max-num-seqs", help="vLLM batch size cap.")] = None,
     max_num_batched_tokens: Annotated[int | None, typer.Option("--max-num-batched-tokens")] = None,
@@ -178,16 +330,30 @@ def caption(
     ignore_eos: Annotated[bool, typer.Option("--ignore-eos", hidden=True)] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
     verbose: VerboseOpt = False,
+    dry_run: DryRunOpt = False,
+    as_json: Annotated[bool, typer.Option("--json", help="With --dry-run: print the plan as JSON.")] = False,
+    log_file: LogFileOpt = None,
+    log_interval: LogIntervalOpt = 30.0,
+    summary_json: SummaryJsonOpt = None,
 ) -> None:
     """Caption every audio file under INPUTS and write Parquet parts to --out (resumable)."""
     from flamingo_cli.engine import EngineError
     from flamingo_cli.pipeline import CaptionJob, Stats, run_pipeline
-    from flamingo_cli.progress import Progress, summary_fields
+    from flamingo_cli.progress import Progress
     from flamingo_cli.prompts import PromptBuilder, load_chat_template
-    from flamingo_cli.sink import OutputError, Sink, run_key
-    from flamingo_cli.sources import SourceError, check_inputs, iter_items
+    from flamingo_cli.sink import LockedError, OutputError, Sink, run_key
+    from flamingo_cli.sources import SourceError, check_inputs, iter_items, parse_shard, select_shard
 
     preset, model_id, family, prompt_text = _job_settings(task, model, prompt)
+    try:
+        shard_spec = parse_shard(shard) if shard else None
+    except SourceError as exc:
+        raise Fail(ExitStatus.USAGE, str(exc)) from exc
+
+    def items():
+        found = iter_items(inputs, extensions)
+        return select_shard(found, *shard_spec) if shard_spec else found
+
     sampling = _sampling(preset, max_tokens, temperature, top_p, top_k, repetition_penalty, seed, ignore_eos)
     max_chunk_s = float(family.max_audio_s)
     if chunk_seconds is not None and not (0 < chunk_seconds <= family.max_audio_s):
@@ -211,7 +377,15 @@ def caption(
         "overlap": overlap,
     }
     key = run_key(identity)
+    if dry_run:
+        _dry_run(items(), family, model_id, preset.name, chunk_seconds, overlap, workers or 4, out, key, as_json)
+        return
+    devices = _devices(gpus, tensor_parallel_size, replicas)
+    if workers is None:
+        workers = max(4, min(4 * len(devices), os.cpu_count() or 4))
     run_info: dict[str, Any] = {"identity": identity, "argv": sys.argv[1:], "family": family.name}
+    if shard_spec:
+        run_info["shard"] = f"{shard_spec[0]}/{shard_spec[1]}"
     try:
         sink = Sink(
             out,
@@ -221,12 +395,15 @@ def caption(
             task=preset.name,
             rows_per_part=rows_per_part,
             retry_failed=retry_failed,
+            shard=shard_spec,
         )
-    except OutputError as exc:
-        status = ExitStatus.LOCKED if "another flamingo process" in str(exc) else ExitStatus.USAGE
-        raise Fail(status, str(exc)) from exc
+    except OutputError as exc:  # checked before the model loads: a bad --out costs nothing
+        raise Fail(ExitStatus.LOCKED if isinstance(exc, LockedError) else ExitStatus.USAGE, str(exc)) from exc
 
-    with sink:
+    stop = threading.Event()
+    graceful = threading.Event()  # set once captioning runs: a first signal then stops cleanly
+    received: list[int] = []
+    with _closing(sink), _signals(stop, received, graceful):
         try:
             index = sink.load_index()
         except OutputError as exc:
@@ -248,8 +425,23 @@ def caption(
             enforce_eager=enforce_eager,
             seed=seed,
             verbose=verbose,
+            devices=devices,
         )
-        engine = _start_engine(config)
+        progress = Progress(
+            _env,
+            model=model_id,
+            task=preset.name,
+            quiet=quiet,
+            interval=log_interval,
+            log_file=log_file,
+            summary_json=summary_json,
+            out=out,
+            run_key=key,
+        )
+        with progress.engine_start():
+            engine = _start_engine(config)
+        reap_children_on_exit()  # vLLM's processes die with this one, even on SIGKILL / OOM kill
+        unblock_on_engine_death(engine)  # a dead engine process is exit 3, not a hang
         sink.run_info.update({"versions": engine.versions, "sampling_effective": engine.effective_sampling(sampling)})
         job = CaptionJob(
             inputs=list(inputs),
@@ -262,32 +454,33 @@ def caption(
             extensions=extensions,
             workers=workers,
             retry_failed=retry_failed,
+            content_hash=content_hash,
         )
         stats = Stats()
-        stop = threading.Event()
-        received: list[int] = []
-        progress = Progress(_env, stats, model_id, quiet=quiet)
+        progress.start(stats, inputs=list(inputs), extensions=extensions, shard=shard_spec)
 
         def tick() -> None:
             progress.tick()
             sink.flush_if_due()
 
         try:
-            with _signals(stop, received):
-                run_pipeline(
-                    job,
-                    iter_items(inputs, extensions),
-                    engine,
-                    sink,
-                    stats,
-                    index,
-                    on_tick=tick,
-                    stop_event=stop,
-                )
+            graceful.set()
+            run_pipeline(
+                job,
+                items(),
+                engine,
+                progress.watch(sink, index, retry_failed),
+                stats,
+                index,
+                on_tick=tick,
+                stop_event=stop,
+            )
         except EngineError as exc:
+            if received:  # vLLM's engine process got the signal too (Ctrl-C, systemd stop) and quit
+                raise Fail(_signal_status(received[0]), "stopped; finished rows are saved") from exc
             raise Fail(ExitStatus.ENGINE, f"{exc} (finished rows are saved; run the same command to resume)") from exc
         except OutputError as exc:
-            raise Fail(ExitStatus.OUTPUT, str(exc)) from exc
+            raise Fail(ExitStatus.OUTPUT, f"{exc} (finished parts are kept; run the same command to resume)") from exc
         except KeyboardInterrupt as exc:
             raise Fail(ExitStatus.INTERRUPTED, "interrupted; finished rows are saved") from exc
         finally:
@@ -295,16 +488,12 @@ def caption(
             if received or stop.is_set():
                 engine.abort_all()
     s = stats.snapshot()
-    f = summary_fields(s)
-    if not quiet:
-        _env.info(
-            f"done: {s['chunks_done']} chunks captioned, {s['chunks_failed']} chunk errors, "
-            f"{s['items_failed']} items failed, {s['items_skipped']} already done; "
-            f"{f['audio_hours']:.3f} h audio in {f['elapsed_s']:.1f} s ({f['x_realtime']:.1f}× real time); "
-            f"{sink.rows_written} rows in {sink.parts_written} parts under {out}"
-        )
     if received:
-        raise Fail(ExitStatus.TERMINATED if received[0] == signal.SIGTERM else ExitStatus.INTERRUPTED, "stopped")
+        progress.finish(_signal_status(received[0]))
+    else:
+        progress.finish(ExitStatus.ITEMS_FAILED if s["items_failed"] or s["chunks_failed"] else ExitStatus.OK)
+    if received:
+        raise Fail(_signal_status(received[0]), "stopped")
     if s["items_failed"] or s["chunks_failed"]:
         raise typer.Exit(ExitStatus.ITEMS_FAILED)
 
@@ -443,17 +632,80 @@ def _print_description(doc: dict[str, Any]) -> None:
 
 
 @app.command()
-def presets() -> None:
-    """List the task presets with their models and prompts."""
+def presets(
+    as_json: Annotated[bool, typer.Option("--json", help="Print the presets as a JSON list.")] = False,
+) -> None:
+    """List the task presets with their models and prompts (use one with caption --task NAME or PATH)."""
     from rich.table import Table
 
-    from flamingo_cli.config import list_presets
+    from flamingo_cli.config import ConfigError, list_presets
 
+    if as_json:
+        try:
+            found = list_presets()
+        except ConfigError as exc:
+            raise Fail(ExitStatus.USAGE, str(exc)) from exc
+        docs = [
+            {
+                "name": p.name,
+                "model": p.model,
+                "description": p.description,
+                "prompt": p.prompt,
+                "sampling": p.sampling,
+                "file": p.source,
+            }
+            for p in found
+        ]
+        _env.stdout.write(json.dumps(docs, ensure_ascii=False) + "\n")
+        _env.stdout.flush()
+        return
     table = Table("task", "model", "prompt", "sampling", "file", show_lines=True)
     for p in list_presets():
         sampling = ", ".join(f"{k}={v}" for k, v in p.sampling.items())
         table.add_row(p.name, p.model, p.prompt, sampling, p.source)
     _env.out.print(table)
+
+
+@app.command("inspect")
+def inspect_cmd(
+    out: Annotated[Path, typer.Argument(help="The --out folder of caption runs.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    samples: Annotated[int, typer.Option("--samples", help="Sample captions to show.")] = 3,
+) -> None:
+    """Summarise a result dataset: rows, items, errors by reason, audio hours, tokens, runs, samples."""
+    from flamingo_cli.inspect import InspectError, inspect_output, render
+
+    try:
+        doc = inspect_output(out, samples=samples)
+    except InspectError as exc:
+        raise Fail(ExitStatus.USAGE, str(exc)) from exc
+    if as_json:
+        _env.stdout.write(json.dumps(doc, ensure_ascii=False, default=str) + "\n")
+        _env.stdout.flush()
+    else:
+        render(doc, _report_console())
+
+
+@app.command()
+def doctor(
+    model: Annotated[
+        list[str] | None,
+        typer.Option("--model", "-m", help="Model(s) to check: af3, mf, a hub id or a folder (default: af3 and mf)."),
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Check this machine: versions, GPUs, cached models, audio codecs. Exit 1 if a run would fail."""
+    from flamingo_cli.doctor import as_json as checks_json
+    from flamingo_cli.doctor import render, run_checks
+
+    checks = run_checks(model or None)
+    doc = checks_json(checks)
+    if as_json:
+        _env.stdout.write(json.dumps(doc, ensure_ascii=False) + "\n")
+        _env.stdout.flush()
+    else:
+        render(checks, _report_console())
+    raise typer.Exit(ExitStatus.OK if doc["ok"] else ExitStatus.ITEMS_FAILED)
 
 
 @app.command()

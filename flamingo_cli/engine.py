@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
 from flamingo_cli.models import TOKENS_PER_WINDOW, WINDOW_S, ModelFamily
+from flamingo_cli.quiet import engine_log_path, log_tail, quiet_env, redirect_fds, remove_quietly
 from flamingo_cli.records import SAMPLE_RATE, Request, Result
 
 END = None  # put on a feed to say no more requests will come
@@ -63,6 +64,10 @@ class EngineConfig:
     max_in_flight_audio_s: float = 4 * 3600.0
     verbose: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
+    # One entry per engine replica: its CUDA_VISIBLE_DEVICES, or None (no pinning, e.g. CPU). Two or
+    # more run data parallel in worker processes (flamingo_cli/data_parallel.py); () or one entry runs
+    # the engine in this process.
+    devices: tuple[str | None, ...] = ()
 
     @property
     def max_model_len(self) -> int:
@@ -91,9 +96,26 @@ class VllmEngine:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(int(max(1, config.cpu_kv_cache_gb))))
-        if not config.verbose:
-            os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
-            os.environ.setdefault("TQDM_DISABLE", "1")
+        # Without --verbose vLLM's output (its processes' logs and load bars) goes to a log file, not the
+        # terminal; see flamingo_cli/quiet.py. The file is removed at exit, kept when the start fails.
+        self.log_path = None if config.verbose else engine_log_path()
+        if self.log_path is not None:
+            quiet_env()
+        with contextlib.nullcontext() if self.log_path is None else redirect_fds(self.log_path):
+            self.llm, start_error = self._start(config)
+        if start_error is not None:
+            tail = log_tail(self.log_path) if self.log_path is not None else ""
+            where = f"\n--- vLLM's log ({self.log_path}), last lines ---\n{tail}" if tail.strip() else ""
+            raise EngineError(f"vLLM could not load {config.model}: {start_error}{where}")
+        if self.log_path is not None:
+            atexit.register(remove_quietly, self.log_path)
+        self._engine = self.llm.llm_engine
+        self.defaults = self.llm.get_default_sampling_params()
+        self._counter = 0
+        self.versions = engine_versions()
+
+    @staticmethod
+    def _start(config: EngineConfig) -> tuple[Any, str | None]:
         try:
             from vllm import LLM
         except ImportError as exc:  # pragma: no cover - depends on the install flavour
@@ -119,15 +141,13 @@ class VllmEngine:
             # Audio prompts are prefill-heavy (750 tokens a window); a larger prefill budget than vLLM's
             # default won on an H100 (BENCHMARKS.md: 30.3 vs 29.1 windows/s).
             kwargs["max_num_batched_tokens"] = GPU_MAX_NUM_BATCHED_TOKENS
+        if not config.verbose:
+            kwargs["use_tqdm_on_load"] = False  # its explicit disable= ignores TQDM_DISABLE
         kwargs.update(config.extra)
         try:
-            self.llm = LLM(**kwargs)
+            return LLM(**kwargs), None
         except Exception as exc:
-            raise EngineError(f"vLLM could not load {config.model}: {type(exc).__name__}: {exc}") from exc
-        self._engine = self.llm.llm_engine
-        self.defaults = self.llm.get_default_sampling_params()
-        self._counter = 0
-        self.versions = engine_versions()
+            return None, f"{type(exc).__name__}: {exc}"
 
     def sampling_params(self, sampling: Sampling, request: Request | None = None):
         params = self.defaults.clone()
@@ -270,16 +290,27 @@ def _is_cpu_build() -> bool:
         return False
 
 
-_CACHE: dict[tuple, VllmEngine] = {}
+_CACHE: dict[tuple, Any] = {}
 
 
-def get_engine(config: EngineConfig) -> VllmEngine:
-    """One engine per configuration per process: an engine takes ~1 min to start, so reuse it."""
+def get_engine(config: EngineConfig) -> Any:
+    """One engine per configuration per process: an engine takes ~1 min to start, so reuse it.
+
+    Two or more ``config.devices`` give a ``DataParallelEngine`` (one replica process each); one
+    device pins this process's engine to it (``CUDA_VISIBLE_DEVICES``, set before vLLM loads).
+    """
     key = tuple(sorted((k, repr(v)) for k, v in asdict(config).items()))
     engine = _CACHE.get(key)
     if engine is None or engine.llm is None:
         t0 = time.perf_counter()
-        engine = VllmEngine(config)
+        if len(config.devices) > 1:
+            from flamingo_cli.data_parallel import DataParallelEngine
+
+            engine = DataParallelEngine(config, config.devices)
+        else:
+            if config.devices and config.devices[0] is not None:
+                os.environ["CUDA_VISIBLE_DEVICES"] = config.devices[0]
+            engine = VllmEngine(config)
         if not _CACHE:
             atexit.register(close_all)
         engine.start_seconds = time.perf_counter() - t0

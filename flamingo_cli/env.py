@@ -40,7 +40,10 @@ class Environment:
         if self.stderr_isatty is None:
             self.stderr_isatty = _isatty(self.stderr)
         self.out = Console(file=self.stdout, force_terminal=self.stdout_isatty, soft_wrap=False, highlight=False)
-        self.err = Console(file=self.stderr, force_terminal=self.stderr_isatty, highlight=False)
+        # Off a terminal (cron mail, log files) messages stay on one line each: no wrapping at 80 columns.
+        self.err = Console(
+            file=self.stderr, force_terminal=self.stderr_isatty, soft_wrap=not self.stderr_isatty, highlight=False
+        )
 
     def error(self, message: str) -> None:
         self.err.print(f"[bold red]error:[/] {message}", markup=True, highlight=False)
@@ -57,3 +60,125 @@ def _isatty(stream: IO[str]) -> bool:
         return stream.isatty()
     except (AttributeError, ValueError):
         return False
+
+
+# --- child processes outlive nothing ------------------------------------------------------------------
+
+# A tiny process that waits for its stdin to close, which happens however flamingo exits (even SIGKILL
+# or the OOM killer), then stops the processes it was told about. vLLM's engine process and its workers
+# do not notice their parent's death: without this they would sit on the GPU memory (and spin a CPU)
+# until someone kills them, and the next night's run could not load its model.
+_REAPER = r"""
+import signal, sys, time
+for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+    signal.signal(s, signal.SIG_IGN)  # a Ctrl-C to the process group must not take the guard first
+import psutil
+watched = []
+for line in sys.stdin:
+    pid, created = line.split()
+    watched.append((int(pid), float(created)))
+alive = []
+for pid, created in watched:
+    try:
+        p = psutil.Process(pid)
+        if abs(p.create_time() - created) < 1e-3:  # not a recycled pid
+            p.terminate()
+            alive.append(p)
+    except psutil.Error:
+        pass
+_, alive = psutil.wait_procs(alive, timeout=5)
+for p in alive:
+    try:
+        p.kill()
+    except psutil.Error:
+        pass
+"""
+
+
+class _ChildReaper:
+    def __init__(self) -> None:
+        self._proc = None
+        self._sent: set[int] = set()
+
+    def guard(self) -> int:
+        """Make every current descendant of this process die with it; returns how many are newly guarded."""
+        try:
+            import psutil
+        except ImportError:  # pragma: no cover - psutil comes with vLLM
+            return 0
+        import subprocess
+
+        me = psutil.Process()
+        skip = {self._proc.pid} if self._proc is not None else set()
+        kids = [p for p in me.children(recursive=True) if p.pid not in skip and p.pid not in self._sent]
+        if not kids:
+            return 0
+        if self._proc is None or self._proc.poll() is not None:
+            self._proc = subprocess.Popen(
+                [sys.executable, "-c", _REAPER],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                text=True,
+                close_fds=True,
+            )
+        lines = []
+        for p in kids:
+            try:
+                lines.append(f"{p.pid} {p.create_time()!r}\n")
+                self._sent.add(p.pid)
+            except psutil.Error:
+                continue
+        try:
+            assert self._proc.stdin is not None
+            self._proc.stdin.write("".join(lines))
+            self._proc.stdin.flush()
+        except OSError:
+            return 0
+        return len(lines)
+
+
+_reaper = _ChildReaper()
+
+
+def reap_children_on_exit() -> int:
+    """After the engine started: its processes (and any other child) are stopped when flamingo exits.
+
+    Costs one small helper process per flamingo process; idempotent (only new children are sent).
+    """
+    return _reaper.guard()
+
+
+def unblock_on_engine_death(engine: object, interval: float = 0.5) -> bool:
+    """Make a vLLM engine whose engine process died raise instead of hanging; returns whether it watches.
+
+    vLLM 0.24's synchronous multiprocess client notices a dead engine process (a monitor thread sets
+    ``resources.engine_dead``) but then stops its output thread without telling ``get_output()``,
+    which waits forever: a flamingo run whose engine process was killed (OOM killer, a GPU fault)
+    would hang instead of exiting 3. This daemon thread watches the flag and hands the waiting call
+    the EngineDeadError vLLM meant it to get. A no-op for engines without that client (in-process
+    engine core, other engines); idempotent per engine.
+    """
+    import threading
+    import time
+
+    core = getattr(getattr(getattr(engine, "llm", None), "llm_engine", None), "engine_core", None)
+    resources = getattr(core, "resources", None)
+    outputs = getattr(core, "outputs_queue", None)
+    if resources is None or outputs is None or not hasattr(resources, "engine_dead"):
+        return False
+    if getattr(engine, "_flamingo_death_watch", False):
+        return True
+
+    def watch() -> None:
+        while not resources.engine_dead:
+            time.sleep(interval)
+        if getattr(engine, "llm", None) is None:  # closed on purpose: nobody waits
+            return
+        from vllm.v1.engine.exceptions import EngineDeadError
+
+        outputs.put_nowait(EngineDeadError())
+
+    threading.Thread(target=watch, name="flamingo-engine-death-watch", daemon=True).start()
+    engine._flamingo_death_watch = True  # type: ignore[attr-defined]
+    return True

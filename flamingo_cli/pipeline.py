@@ -5,6 +5,15 @@ A producer thread walks the inputs, skips what the sink already holds, decodes i
 over that queue and writes Results as they finish. Memory stays bounded: at most ``workers * 2``
 decoded files wait for the engine, plus the engine's own in-flight cap. Only this module knows every
 stage.
+
+Resume and incremental runs: an item is skipped when the sink's ``ResumeIndex`` holds all its chunks
+and its file is unchanged (size and mtime, or sha256 with ``CaptionJob.content_hash``; see
+``sources.source_changed``). A changed file is captioned again, whole, under the next
+``source_version`` (the sink's docstring has the reading rule).
+
+Stopping: when ``stop_event`` is set the producer stops, requests still waiting in the feed are
+dropped (resume redoes them) and the engine finishes what it already runs. Results the engine
+reports as aborted (vLLM's own shutdown on SIGINT/SIGTERM) are not written, so resume redoes them.
 """
 
 from __future__ import annotations
@@ -25,6 +34,7 @@ from flamingo_cli.models import WINDOW_S
 from flamingo_cli.prompts import PromptBuilder
 from flamingo_cli.records import AudioItem, Chunk, DecodedAudio, Result
 from flamingo_cli.sink import ResumeIndex, error_result
+from flamingo_cli.sources import Fingerprint, fingerprint, source_changed
 
 
 class ResultSink(Protocol):
@@ -42,6 +52,8 @@ class Stats:
     chunks_queued: int = 0
     chunks_done: int = 0
     chunks_failed: int = 0
+    chunks_dropped: int = 0  # queued or aborted when a stop came; redone on resume
+    items_changed: int = 0  # captioned again because their file changed
     audio_s_queued: float = 0.0
     audio_s_done: float = 0.0
     windows_done: int = 0
@@ -76,6 +88,24 @@ class CaptionJob:
     queue_size: int = 64
     retry_failed: bool = False
     use_row_prompts: bool = True
+    content_hash: bool = False  # detect changed files by sha256 instead of size + mtime
+
+
+@dataclass(slots=True)
+class _Plan:
+    """What to do with one item: its source fingerprint, the version its rows get, which chunks to skip."""
+
+    source: Fingerprint | None
+    version: int
+    fresh: bool  # a new version (or a new item): write every chunk
+    wanted: bool = True
+
+
+@dataclass(slots=True)
+class _Prepared:
+    plan: _Plan
+    decoded: DecodedAudio | None = None
+    error: str | None = None
 
 
 def _windows(chunk: Chunk) -> int:
@@ -106,6 +136,7 @@ class Producer(threading.Thread):
         self.stop_event = threading.Event()
         self.error: BaseException | None = None
         self._seen_ids: dict[str, int] = {}
+        self._begin = getattr(sink, "begin_item", None)
 
     def _unique(self, item: AudioItem) -> AudioItem:
         """Two inputs may yield the same id; the second gets a suffix and an error row."""
@@ -116,12 +147,24 @@ class Producer(threading.Thread):
         reason = item.error or f"duplicate id {item.id!r} ({item.path} and an earlier input)"
         return AudioItem(id=f"{item.id}#{count}", path=item.path, origin=item.origin, extra=item.extra, error=reason)
 
-    def _wanted(self, item: AudioItem) -> bool:
-        if self.index is None or item.id not in self.index:
-            return True
-        if self.job.retry_failed and item.id in self.index.failed_items():
-            return True
-        return not self.index.is_done(item.id)
+    def _plan(self, item: AudioItem, source: Fingerprint | None) -> _Plan:
+        """Skip, finish or redo the item, from what the output holds and the file now."""
+        index = self.index
+        if index is None or item.id not in index:
+            version = 0 if index is None else (index.version(item.id) or 0)
+            return _Plan(source, version, fresh=True)
+        version = index.version(item.id)
+        if index.source_recorded(item.id) and source_changed(
+            index.recorded_source(item.id), source, self.job.content_hash
+        ):
+            with self.stats.lock:
+                self.stats.items_changed += 1
+            return _Plan(source, (version or 0) + 1, fresh=True)
+        plan = _Plan(source, version or 0, fresh=False)
+        if self.job.retry_failed and index.is_failed(item.id):
+            return plan
+        plan.wanted = not index.is_done(item.id)
+        return plan
 
     def _put(self, obj: Any) -> bool:
         while not self.stop_event.is_set():
@@ -132,18 +175,19 @@ class Producer(threading.Thread):
                 continue
         return False
 
-    def _emit(self, item: AudioItem, decoded: DecodedAudio) -> None:
+    def _emit(self, item: AudioItem, decoded: DecodedAudio, plan: _Plan) -> None:
         job = self.job
         chunks = chunk_audio(decoded, job.max_chunk_s, job.chunk_s, job.overlap_s)
         prompt = (item.prompt if job.use_row_prompts and item.prompt else None) or job.prompt
         done: set[int] = set()
-        if self.index is not None and item.id in self.index:
+        if not plan.fresh and self.index is not None:
             done = self.index.done_chunks(item.id)
             if job.retry_failed:
-                done -= {i for (iid, i) in self.index.failed_keys() if iid == item.id}
-        for chunk in chunks:
-            if chunk.index in done:
-                continue
+                done -= self.index.failed_chunks(item.id)
+        todo = [c for c in chunks if c.index not in done]
+        if self._begin is not None:
+            self._begin(item.id, plan.source, plan.version, len(todo))
+        for chunk in todo:
             if chunk.error:
                 self.sink.write(Result(chunk=chunk, prompt=prompt, error=chunk.error))
                 with self.stats.lock:
@@ -155,10 +199,25 @@ class Producer(threading.Thread):
             if not self._put(job.prompts.request(chunk, prompt)):
                 return
 
-    def _fail(self, item: AudioItem, reason: str) -> None:
+    def _fail(self, item: AudioItem, reason: str, plan: _Plan) -> None:
+        if self._begin is not None:
+            self._begin(item.id, plan.source, plan.version, 1)
         self.sink.write(error_result(item, reason))
         with self.stats.lock:
             self.stats.items_failed += 1
+
+    def _prepare(self, item: AudioItem, plan: _Plan | None) -> _Prepared:
+        """In a pool thread: (with --hash) fingerprint and plan the item, then decode it if wanted."""
+        if plan is None:
+            plan = self._plan(item, fingerprint(item.path, content_hash=True))
+            if not plan.wanted:
+                return _Prepared(plan)
+        try:
+            return _Prepared(plan, decoded=decode(item))
+        except AudioDecodeError as exc:
+            return _Prepared(plan, error=str(exc))
+        except Exception as exc:
+            return _Prepared(plan, error=f"{item.path}: unexpected decode error: {type(exc).__name__}: {exc}")
 
     def run(self) -> None:
         try:
@@ -178,16 +237,22 @@ class Producer(threading.Thread):
                 item = self._unique(item)
                 with self.stats.lock:
                     self.stats.items_seen += 1
-                if not self._wanted(item):
+                plan: _Plan | None = None
+                if item.error:  # bad before decoding (missing file, bad manifest row): nothing to stat
+                    plan = self._plan(item, None)
+                elif not self.job.content_hash:
+                    # The stat comes before the decode: a file changed in between is redone next run.
+                    plan = self._plan(item, fingerprint(item.path))
+                if plan is not None and not plan.wanted:
                     with self.stats.lock:
                         self.stats.items_skipped += 1
                     continue
                 if item.error:
-                    self._fail(item, item.error)
+                    assert plan is not None
+                    self._fail(item, item.error, plan)
                     continue
-                with self.stats.lock:
-                    self.stats.items_queued += 1
-                pending.append((item, pool.submit(decode, item)))
+                # With --hash the pool hashes, plans and decodes (hashing reads the whole file).
+                pending.append((item, pool.submit(self._prepare, item, plan)))
                 # Emit in input order; keep at most workers*2 decodes ahead of the engine.
                 while len(pending) >= max(2, self.job.workers * 2) or (pending and pending[0][1].done()):
                     self._drain_one(pending)
@@ -198,18 +263,22 @@ class Producer(threading.Thread):
 
     def _drain_one(self, pending: deque[tuple[AudioItem, Future]]) -> None:
         item, fut = pending.popleft()
-        try:
-            decoded = fut.result()
-        except AudioDecodeError as exc:
-            self._fail(item, str(exc))
+        prepared: _Prepared = fut.result()
+        plan = prepared.plan
+        if not plan.wanted:
+            with self.stats.lock:
+                self.stats.items_skipped += 1
             return
-        except Exception as exc:
-            self._fail(item, f"{item.path}: unexpected decode error: {type(exc).__name__}: {exc}")
+        with self.stats.lock:
+            self.stats.items_queued += 1
+        if prepared.error is not None:
+            self._fail(item, prepared.error, plan)
             return
+        assert prepared.decoded is not None
         try:
-            self._emit(item, decoded)
+            self._emit(item, prepared.decoded, plan)
         except ValueError as exc:
-            self._fail(item, f"{item.path}: {exc}")
+            self._fail(item, f"{item.path}: {exc}", plan)
 
 
 def run_pipeline(
@@ -229,9 +298,28 @@ def run_pipeline(
     producer = Producer(job, items, feed, sink, stats, index)
     if stop_event is not None:
         producer.stop_event = stop_event
+    ended = False
+
+    def step() -> None:
+        # Called by the engine between steps and while it waits: on a stop, drop what waits in the
+        # feed and end it, so the engine finishes only the requests it already runs.
+        nonlocal ended
+        if not ended and producer.stop_event.is_set():
+            ended = True
+            dropped = _end_feed(feed)
+            with stats.lock:
+                stats.chunks_dropped += dropped
+        if on_tick:
+            on_tick()
+
     producer.start()
     try:
-        for result in engine.run(feed, job.sampling, on_step=on_tick):
+        for result in engine.run(feed, job.sampling, on_step=step):
+            if result.finish_reason == "abort" and result.error is None:
+                # vLLM aborted it (its own SIGINT/SIGTERM shutdown): not a caption; resume redoes it.
+                with stats.lock:
+                    stats.chunks_dropped += 1
+                continue
             sink.write(result)
             with stats.lock:
                 if result.error:
@@ -244,11 +332,26 @@ def run_pipeline(
                     stats.output_tokens += result.output_tokens or 0
             if on_result:
                 on_result(result)
-            if stop_event is not None and stop_event.is_set() and producer.stop_event.is_set():
-                pass
     finally:
         producer.stop_event.set()
         producer.join(timeout=10)
     if producer.error is not None:
         raise producer.error
     return stats
+
+
+def _end_feed(feed: queue.Queue) -> int:
+    """Empty the feed and put END on it; returns how many requests were dropped."""
+    dropped = 0
+    while True:
+        try:
+            while True:
+                if feed.get_nowait() is not END:
+                    dropped += 1
+        except queue.Empty:
+            pass
+        try:
+            feed.put_nowait(END)
+            return dropped
+        except queue.Full:  # a put that was under way when the stop came; drain again
+            continue

@@ -12,6 +12,19 @@ Exactly-once, crash-safe writing:
   one (say an overlapping cron job) fail with ``OutputError`` instead of writing duplicates;
 * ``write()`` drops an (id, chunk_index) that is already on disk or already written by this sink.
 
+Changed sources and the latest-row rule (incremental / cron runs):
+
+* every row records what its source file looked like when it was captioned: ``source_size``,
+  ``source_mtime_ns`` (``os.stat``) and, with ``--hash``, ``source_sha256``; null when the file
+  could not be read (missing file, bad manifest row);
+* an item whose file changed since (see ``sources.source_changed``) is captioned again under the
+  next ``source_version`` (0 the first time). Parts are never rewritten, so the old rows stay;
+* readers take, per (run, id), only the rows of the highest ``source_version`` and, among those, per
+  chunk_index the latest ``created_at`` (only ``--retry-failed`` writes a key twice within one
+  version: an error row, then the retry's row). ``current_rows()`` does exactly that with pyarrow;
+  ``ResumeIndex`` reads the same way. A run without changed files and without ``--retry-failed``
+  holds every (id, chunk_index) exactly once, so plain reads need no filtering.
+
 Rows with ``num_chunks == 0`` mean "no chunks could be made" (decode error, missing file): one row
 with ``chunk_index = 0``, null start/end/duration/caption and ``error`` set (see ``error_result``).
 A chunk that failed keeps its real ``chunk_index``/``num_chunks`` and has ``error`` set.
@@ -44,6 +57,7 @@ import pyarrow.parquet as pq
 
 from flamingo_cli import __version__
 from flamingo_cli.records import AudioItem, Chunk, Result
+from flamingo_cli.sources import Fingerprint
 
 SCHEMA = pa.schema(
     [
@@ -63,6 +77,12 @@ SCHEMA = pa.schema(
         ("output_tokens", pa.int32()),
         ("error", pa.string()),
         ("created_at", pa.timestamp("us", tz="UTC")),
+        # What the source file looked like when captioned (null: it could not be read), and which
+        # captioning of the item this row belongs to; see "Changed sources" above.
+        ("source_size", pa.int64()),
+        ("source_mtime_ns", pa.int64()),
+        ("source_sha256", pa.string()),
+        ("source_version", pa.int32()),
     ]
 )
 
@@ -72,7 +92,16 @@ TMP_DIR = ".tmp"
 LOCK_FILE = ".lock"
 # Names a passthrough column may not take: the core columns and the hive partition column.
 RESERVED_NAMES = frozenset([*SCHEMA.names, "run"])
-_INDEX_COLUMNS = ["id", "chunk_index", "num_chunks", "error"]
+_INDEX_COLUMNS = [
+    "id",
+    "chunk_index",
+    "num_chunks",
+    "error",
+    "source_size",
+    "source_mtime_ns",
+    "source_sha256",
+    "source_version",
+]
 _INDEX_SCHEMA = pa.schema([SCHEMA.field(c) for c in _INDEX_COLUMNS])
 _PART_RE = re.compile(r"^part-(\d+)-[0-9a-f]+\.parquet$")
 _RUN_KEY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
@@ -80,6 +109,10 @@ _RUN_KEY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
 
 class OutputError(Exception):
     """The output cannot be written or read; the message names the path and the reason."""
+
+
+class LockedError(OutputError):
+    """Another process holds the run's lock (an overlapping cron job, a second terminal)."""
 
 
 def run_key(identity: Mapping[str, Any]) -> str:
@@ -126,20 +159,48 @@ class ResumeIndex:
     """What is already written for one run, built from the complete parts on disk.
 
     Built with Arrow group-bys, so memory is per item (not per row) for finished items: a million
-    rows load in about a second. A (id, chunk_index) counts as written whether it holds a caption or
-    an error. ``done_chunks`` lists real chunks only (rows with num_chunks > 0); an item with only a
-    num_chunks = 0 error row is done with no chunks.
+    rows load in about a second. Only each item's latest ``source_version`` counts (older versions
+    were superseded because the file changed). A (id, chunk_index) counts as written whether it
+    holds a caption or an error. ``done_chunks`` lists real chunks only (rows with num_chunks > 0);
+    an item with only a num_chunks = 0 error row is done with no chunks.
     """
 
     def __init__(self, table: pa.Table | None = None) -> None:
         if table is None:
             table = _INDEX_SCHEMA.empty_table()
+        for name in _INDEX_COLUMNS:  # tables from before a column existed, or hand-made ones
+            if name not in table.column_names:
+                f = _INDEX_SCHEMA.field(name)
+                table = table.append_column(f, pa.nulls(table.num_rows, f.type))
         self._rows = table.num_rows
         valid = pc.and_(
             pc.and_(pc.is_valid(table["id"]), pc.is_valid(table["chunk_index"])),
             pc.is_valid(table["num_chunks"]),
         )
         t = table.filter(valid)
+        t = _latest_version(t)
+        # id -> (size, mtime_ns, sha256, version) of the latest version; ids from parts written before
+        # versions were recorded have no entry (their source is unknown, never "changed").
+        recorded = t.filter(pc.is_valid(t["source_version"]))
+        rec = recorded.group_by("id").aggregate(
+            [
+                ("source_size", "max"),
+                ("source_mtime_ns", "max"),
+                ("source_sha256", "max"),
+                ("source_version", "max"),
+            ]
+        )
+        self._sources: dict[str, tuple[int | None, int | None, str | None, int]] = {
+            i: (size, mtime, sha, ver)
+            for i, size, mtime, sha, ver in zip(
+                rec["id"].to_pylist(),
+                rec["source_size_max"].to_pylist(),
+                rec["source_mtime_ns_max"].to_pylist(),
+                rec["source_sha256_max"].to_pylist(),
+                rec["source_version_max"].to_pylist(),
+                strict=True,
+            )
+        }
         real = t.filter(pc.greater(t["num_chunks"], 0))
         in_range = real.filter(
             pc.and_(pc.greater_equal(real["chunk_index"], 0), pc.less(real["chunk_index"], real["num_chunks"]))
@@ -171,6 +232,9 @@ class ResumeIndex:
         ok = t.filter(pc.and_(pc.is_null(t["error"]), pc.is_in(t["id"], value_set=pc.unique(errors["id"]))))
         ok_keys = set(zip(ok["id"].to_pylist(), ok["chunk_index"].to_pylist(), strict=True))
         self._failed_keys = error_keys - ok_keys
+        self._failed: dict[str, set[int]] = {}
+        for item_id, index in self._failed_keys:
+            self._failed.setdefault(item_id, set()).add(index)
 
     def is_done(self, item_id: str) -> bool:
         """All of the item's chunks are present (num_chunks rows), or it has a num_chunks=0 row."""
@@ -195,17 +259,92 @@ class ResumeIndex:
 
     def failed_items(self) -> set[str]:
         """Items with an error row not superseded by a successful row (for --retry-failed)."""
-        return {item_id for item_id, _ in self._failed_keys}
+        return set(self._failed)
+
+    def is_failed(self, item_id: str) -> bool:
+        """The item has an error row not superseded by a successful row (cheap, per item)."""
+        return item_id in self._failed
+
+    def failed_chunks(self, item_id: str) -> set[int]:
+        """The item's chunk indexes whose only rows are errors."""
+        return set(self._failed.get(item_id, ()))
 
     def failed_keys(self) -> set[tuple[str, int]]:
         """(id, chunk_index) pairs whose only rows are errors."""
         return set(self._failed_keys)
+
+    def version(self, item_id: str) -> int | None:
+        """The item's latest source_version on disk; None if not written or written without versions."""
+        rec = self._sources.get(item_id)
+        return None if rec is None else rec[3]
+
+    def recorded_source(self, item_id: str) -> Fingerprint | None:
+        """The source fingerprint the item's latest version recorded (None: the file was unreadable)."""
+        rec = self._sources.get(item_id)
+        if rec is None or rec[0] is None or rec[1] is None:
+            return None
+        return Fingerprint(rec[0], rec[1], rec[2])
+
+    def source_recorded(self, item_id: str) -> bool:
+        """The item's rows carry a source_version (parts written before versions existed do not)."""
+        return item_id in self._sources
 
     def __len__(self) -> int:
         return self._rows
 
     def __contains__(self, item_id: object) -> bool:
         return item_id in self._done or item_id in self._partial
+
+
+def _latest_version(t: pa.Table) -> pa.Table:
+    """Only the rows of each id's highest source_version (null counts as 0)."""
+    if t.num_rows == 0:
+        return t
+    version = pc.fill_null(t["source_version"], 0)
+    mm = pc.min_max(version).as_py()
+    if mm["min"] == mm["max"]:  # the common case: nothing was ever captioned twice
+        return t
+    t = t.append_column("_v", version)
+    top = t.group_by("id").aggregate([("_v", "max")])
+    joined = t.join(top, "id")
+    joined = joined.filter(pc.equal(joined["_v"], joined["_v_max"]))
+    return joined.select(t.column_names[:-1])
+
+
+def current_rows(table: pa.Table) -> pa.Table:
+    """The rows a reader should use: per (run, id) the highest source_version, then per chunk the latest.
+
+    ``table`` is a whole dataset (``pyarrow.dataset.dataset(OUT, partitioning="hive").to_table()``)
+    or one run's rows; a missing ``run`` column counts as one run. Row order is not kept.
+    """
+    if table.num_rows == 0:
+        return table
+    names = table.column_names
+    run = table["run"] if "run" in names else pa.array([""] * table.num_rows, pa.string())
+    if "source_version" in names:
+        version = pc.fill_null(table["source_version"], 0)
+    else:
+        version = pa.array([0] * table.num_rows, pa.int32())
+    work = pa.table(
+        {
+            "_run": pc.fill_null(pc.cast(run, pa.string()), ""),
+            "_id": table["id"],
+            "_chunk": table["chunk_index"],
+            "_v": version,
+            "_t": table["created_at"],
+            "_row": pa.array(range(table.num_rows), pa.int64()),
+        }
+    )
+    work = work.filter(pc.and_(pc.is_valid(work["_id"]), pc.is_valid(work["_chunk"])))
+    top = work.group_by(["_run", "_id"], use_threads=False).aggregate([("_v", "max")])
+    work = work.join(top, ["_run", "_id"])
+    work = work.filter(pc.equal(work["_v"], work["_v_max"]))
+    # Per (run, id, chunk): the latest created_at; ties (same microsecond) go to the later row.
+    order = pc.sort_indices(work, sort_keys=[("_t", "descending"), ("_row", "descending")])
+    work = work.take(order)
+    first = work.group_by(["_run", "_id", "_chunk"], use_threads=False).aggregate([("_row", "first")])
+    keep = pc.sort_indices(first["_row_first"])
+    return table.take(first["_row_first"].take(keep))
 
 
 # --- passthrough columns -------------------------------------------------------------------------
@@ -303,8 +442,14 @@ class Sink:
     with a unified schema (``pa.unify_schemas(..., promote_options="permissive")``) if needed.
 
     ``retry_failed=True`` lets this sink write again (once) the (id, chunk_index) keys whose only
-    rows on disk are errors; the old error rows stay, so readers should prefer a non-error row per
-    (run, id, chunk_index). ``ResumeIndex.failed_items`` then drops the items that succeeded.
+    rows on disk are errors; the old error rows stay, so readers take the latest row per
+    (run, id, chunk_index) (``current_rows``). ``ResumeIndex.failed_items`` then drops the items that
+    succeeded.
+
+    ``begin_item(id, source, version, rows)`` tells the sink the source fingerprint and
+    source_version to record on the item's next ``rows`` rows; a version above the one on disk
+    (the file changed) lets the item's keys be written again. Items never begun are written with a
+    null fingerprint under their version on disk (0 for new items).
 
     ``lock=False`` skips the run lock; only for tests or callers holding their own lock, since
     opening also deletes leftover temp parts, which a concurrent writer may still be writing.
@@ -325,6 +470,7 @@ class Sink:
         retry_failed: bool = False,
         lock: bool = True,
         clock: Callable[[], float] = time.monotonic,
+        shard: tuple[int, int] | None = None,
     ) -> None:
         if not _RUN_KEY_RE.match(run_key):
             raise ValueError(f"run_key {run_key!r} is not a safe directory name")
@@ -333,7 +479,13 @@ class Sink:
         self.out_dir = Path(out_dir)
         self.run_key = run_key
         self.run_dir = self.out_dir / f"run={run_key}"
+        if shard is not None and not (shard[1] >= 1 and 0 <= shard[0] < shard[1]):
+            raise ValueError(f"shard {shard!r} is not (index, count) with 0 <= index < count")
+        self.shard = shard if shard is not None and shard[1] > 1 else None
+        # A shard writes its temp parts in its own folder, so it cleans up only what it left.
         self.tmp_dir = self.run_dir / TMP_DIR
+        if self.shard is not None:
+            self.tmp_dir = self.tmp_dir / f"shard-{self.shard[0]}-of-{self.shard[1]}"
         self.model = model
         self.task = task
         self.rows_per_part = rows_per_part
@@ -359,10 +511,12 @@ class Sink:
         self._index = ResumeIndex()
         self._retry_keys: set[tuple[str, int]] = set()
         self._retry_ids: set[str] = set()
+        # id -> [fingerprint, source_version, rows still to come], from begin_item().
+        self._sources: dict[str, list[Any]] = {}
         self._seeded = False
         self._closed = False
         self._lock = threading.RLock()
-        self._lock_fd: int | None = None
+        self._lock_fds: list[int] = []
 
         try:
             self.tmp_dir.mkdir(parents=True, exist_ok=True)
@@ -383,28 +537,48 @@ class Sink:
     # -- setup ------------------------------------------------------------------------------------
 
     def _acquire_lock(self) -> None:
-        path = self.run_dir / LOCK_FILE
+        """A whole run takes ``.lock`` exclusively; a shard takes it shared plus its own shard lock.
+
+        So shards of one run write side by side, while a second copy of a shard, or an unsharded run
+        beside any shard, is refused. The kernel drops a dead process's flock: no stale locks.
+        """
+        if self.shard is None:
+            self._lock_fds.append(self._flock(self.run_dir / LOCK_FILE, fcntl.LOCK_EX, "this run"))
+            return
+        i, n = self.shard
+        self._lock_fds.append(self._flock(self.run_dir / LOCK_FILE, fcntl.LOCK_SH, "this run unsharded"))
+        try:
+            self._lock_fds.append(
+                self._flock(self.run_dir / f"{LOCK_FILE}.shard-{i}-of-{n}", fcntl.LOCK_EX, f"shard {i}/{n}")
+            )
+        except BaseException:
+            self._release_lock()
+            raise
+
+    def _flock(self, path: Path, mode: int, what: str) -> int:
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as exc:
             raise OutputError(_describe_oserror(path, "create lock file", exc)) from exc
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, mode | fcntl.LOCK_NB)
         except OSError as exc:
             os.close(fd)
             if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
-                raise OutputError(
-                    f"{self.run_dir}: another flamingo process is writing this run (lock {path} is held)"
+                raise LockedError(
+                    f"{self.run_dir}: another flamingo process is writing {what} (lock {path} is held); "
+                    "it may still be running from an earlier start, so this one exits"
                 ) from exc
             raise OutputError(_describe_oserror(path, "lock", exc)) from exc
-        self._lock_fd = fd
+        return fd
 
     def _release_lock(self) -> None:
-        if self._lock_fd is not None:
+        while self._lock_fds:
+            fd = self._lock_fds.pop()
             with contextlib.suppress(OSError):
-                fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
-            os.close(self._lock_fd)
-            self._lock_fd = None
+                fcntl.flock(fd, fcntl.LOCK_UN)
+            with contextlib.suppress(OSError):
+                os.close(fd)
 
     @staticmethod
     def _probe(directory: Path) -> None:
@@ -418,11 +592,18 @@ class Sink:
             raise OutputError(_describe_oserror(directory, "write", exc)) from exc
 
     def _clean_tmp(self) -> None:
-        """Delete temp parts a crashed writer left (safe: we hold the run's lock)."""
+        """Delete temp parts a crashed writer left (safe: we hold the run's or our shard's lock).
+
+        An unsharded run holds the run exclusively, so it also clears the shards' temp folders.
+        """
         try:
             for entry in self.tmp_dir.iterdir():
                 if entry.is_file():
                     entry.unlink(missing_ok=True)
+                elif self.shard is None and entry.is_dir() and entry.name.startswith("shard-"):
+                    for inner in entry.iterdir():
+                        if inner.is_file():
+                            inner.unlink(missing_ok=True)
         except OSError as exc:
             raise OutputError(_describe_oserror(self.tmp_dir, "clean leftover temp files", exc)) from exc
 
@@ -464,16 +645,32 @@ class Sink:
             self._retry_ids = {i for i, _ in self._retry_keys if index.zero_chunk_only(i)}
         self._seeded = True
 
-    def _is_duplicate(self, key: tuple[str, int]) -> bool:
+    def begin_item(self, item_id: str, source: Fingerprint | None, version: int, rows: int) -> None:
+        """Record ``source`` and ``version`` on the next ``rows`` rows written for ``item_id``."""
+        if rows <= 0:
+            return
+        with self._lock:
+            self._sources[str(item_id)] = [source, int(version), int(rows)]
+
+    def _source_of(self, item_id: str) -> tuple[Fingerprint | None, int]:
+        entry = self._sources.get(item_id)
+        if entry is not None:
+            return entry[0], entry[1]
+        return None, self._index.version(item_id) or 0
+
+    def _is_duplicate(self, key: tuple[str, int], version: int) -> bool:
         if key in self._seen:
             return True
         if not self._index.has_key(*key):
+            return False
+        on_disk = self._index.version(key[0])
+        if version > (on_disk or 0):  # the source changed: a new version of the item supersedes
             return False
         return not (self.retry_failed and (key in self._retry_keys or key[0] in self._retry_ids))
 
     # -- writing ----------------------------------------------------------------------------------
 
-    def _row(self, result: Result) -> dict[str, Any]:
+    def _row(self, result: Result, source: Fingerprint | None, version: int) -> dict[str, Any]:
         chunk = result.chunk
         item = chunk.item
         return {
@@ -493,6 +690,10 @@ class Sink:
             "output_tokens": _opt_int(result.output_tokens),
             "error": result.error if result.error is not None else chunk.error,
             "created_at": datetime.now(UTC),
+            "source_size": None if source is None else source.size,
+            "source_mtime_ns": None if source is None else source.mtime_ns,
+            "source_sha256": None if source is None else source.sha256,
+            "source_version": version,
         }
 
     def write(self, result: Result) -> None:
@@ -506,11 +707,17 @@ class Sink:
             if not self._seeded:
                 self.load_index()
             key = (str(result.chunk.item.id), int(result.chunk.index))
-            if self._is_duplicate(key):
+            source, version = self._source_of(key[0])
+            entry = self._sources.get(key[0])
+            if entry is not None:
+                entry[2] -= 1
+                if entry[2] <= 0:
+                    del self._sources[key[0]]
+            if self._is_duplicate(key, version):
                 self.duplicates_dropped += 1
                 return
             self._seen.add(key)
-            self._buffer.append((self._row(result), result.chunk.item.extra))
+            self._buffer.append((self._row(result, source, version), result.chunk.item.extra))
             if self._first_buffered_at is None:
                 self._first_buffered_at = self._clock()
             if len(self._buffer) >= self.rows_per_part:
@@ -601,8 +808,13 @@ class Sink:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        # Finished rows are valid even when the pipeline failed: flush them.
-        self.close()
+        # Finished rows are valid even when the pipeline failed: flush them. If that fails too (the
+        # disk is still full), the first error is the one to report; the rows are redone on resume.
+        if exc is None:
+            self.close()
+            return
+        with contextlib.suppress(OutputError):
+            self.close()
 
     def __del__(self) -> None:
         with contextlib.suppress(Exception):

@@ -11,11 +11,13 @@ the text manifests (.txt, .csv, .tsv, .jsonl; a CSV header is line 1) and 1-base
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import math
 import os
 import stat
 from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -95,6 +97,85 @@ def iter_items(inputs: Sequence[str | Path], extensions: Collection[str] | None 
         else:
             full = os.path.abspath(path)
             yield AudioItem(id=os.path.basename(full), path=full, origin=str(raw))
+
+
+# --- static sharding ---------------------------------------------------------------------------------
+
+
+def parse_shard(spec: str) -> tuple[int, int]:
+    """``"i/N"`` (0-based, as SLURM array task ids) -> ``(i, N)``; raises SourceError when malformed."""
+    index, sep, count = spec.partition("/")
+    try:
+        i, n = int(index), int(count)
+    except ValueError:
+        i, n = -1, 0
+    if not sep or n < 1 or not 0 <= i < n:
+        raise SourceError(f"--shard {spec!r}: expected i/N with 0 <= i < N, e.g. 0/4 ... 3/4")
+    return i, n
+
+
+def shard_of(item_id: str, count: int) -> int:
+    """Which of ``count`` shards owns ``item_id``: a stable hash, the same on every host and Python."""
+    digest = hashlib.blake2b(item_id.encode("utf-8", "surrogatepass"), digest_size=8).digest()
+    return int.from_bytes(digest, "big") % count
+
+
+def select_shard(items: Iterable[AudioItem], index: int, count: int) -> Iterator[AudioItem]:
+    """The items of shard ``index`` of ``count``, by id: every host can list the same inputs and
+    take its share without talking to the others, and an id (with its duplicates) lands in one shard."""
+    for item in items:
+        if count == 1 or shard_of(item.id, count) == index:
+            yield item
+
+
+# --- change detection ------------------------------------------------------------------------------
+
+_HASH_BLOCK = 1 << 20
+
+
+@dataclass(frozen=True, slots=True)
+class Fingerprint:
+    """What a source file looked like when it was captioned: size and mtime, and sha256 with --hash."""
+
+    size: int
+    mtime_ns: int
+    sha256: str | None = None
+
+
+def fingerprint(path: str, content_hash: bool = False) -> Fingerprint | None:
+    """Stat (and with ``content_hash`` read and hash) the file; None when it cannot be stat'ed or read."""
+    try:
+        st = os.stat(path)
+        if not stat.S_ISREG(st.st_mode):
+            return None
+        digest = None
+        if content_hash:
+            h = hashlib.sha256()
+            with open(path, "rb") as f:
+                while block := f.read(_HASH_BLOCK):
+                    h.update(block)
+            digest = h.hexdigest()
+    except OSError:
+        return None
+    return Fingerprint(int(st.st_size), int(st.st_mtime_ns), digest)
+
+
+def source_changed(recorded: Fingerprint | None, current: Fingerprint | None, content_hash: bool = False) -> bool:
+    """True when the file differs from what was captioned, so the item must be captioned again.
+
+    ``current is None`` (the file cannot be read now: a mount is down, it vanished) never counts as a
+    change, so a transient outage does not supersede good captions. ``recorded is None`` (the file
+    could not be read last time, e.g. a manifest row whose file did not exist yet) and a readable file
+    now counts as a change. With ``content_hash`` the sha256 decides where both sides have one;
+    otherwise size and mtime do.
+    """
+    if current is None:
+        return False
+    if recorded is None:
+        return True
+    if content_hash and recorded.sha256 is not None and current.sha256 is not None:
+        return recorded.sha256 != current.sha256
+    return (recorded.size, recorded.mtime_ns) != (current.size, current.mtime_ns)
 
 
 # --- directories -----------------------------------------------------------------------------------------

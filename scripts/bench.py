@@ -1,10 +1,11 @@
-"""GPU throughput benchmark: flamingo end to end vs raw vLLM vs transformers, on one GPU.
+"""GPU throughput benchmark: flamingo end to end vs raw vLLM vs transformers; data-parallel scaling.
 
     python scripts/bench.py data --dir /tmp/bench-audio --windows 2000
     python scripts/bench.py ckpt --kind af3 --out /tmp/af3-full
     python scripts/bench.py ceiling  --ckpt /tmp/af3-full --dir /tmp/bench-audio [--max-num-seqs N ...]
     python scripts/bench.py flamingo --ckpt /tmp/af3-full --dir /tmp/bench-audio [--max-num-seqs N ...]
     python scripts/bench.py hf --ckpt /tmp/af3-full --dir /tmp/bench-audio --batch 8 --windows 256
+    python scripts/bench.py flamingo --ckpt /tmp/af3-full --dir /tmp/bench-audio --gpus 0,1 --workers 24
 
 Every mode prints one JSON line (and appends it to --results). Workload: 30 s windows, 128 output
 tokens with ignore_eos, distinct audio per request (vLLM caches multimodal inputs). Throughput is
@@ -128,7 +129,17 @@ def _engine_config(a, family):
         max_num_batched_tokens=a.max_num_batched_tokens,
         enforce_eager=a.enforce_eager,
         max_in_flight=a.max_in_flight,
+        devices=_devices(a),
     )
+
+
+def _devices(a):
+    """--gpus/--replicas as flamingo caption reads them; () keeps the engine in this process."""
+    if a.gpus is None and a.replicas is None:
+        return ()
+    from flamingo_cli.data_parallel import plan_replicas
+
+    return tuple(plan_replicas(a.gpus, 1, a.replicas))
 
 
 def _report(mode, a, windows, audio_s, seconds, prompt_tokens, output_tokens, busy, start_s, **extra):
@@ -195,7 +206,81 @@ def cmd_flamingo(a):
         start_s,
         rows=sink.rows_written,
         workers=a.workers,
+        replicas=max(1, len(engine.config.devices)),
+        gpus=a.gpus,
     )
+
+
+class NullEngine:
+    """Answers every request at once (no model): what flamingo's feed can deliver by itself."""
+
+    def __init__(self, config=None):
+        self.config = config
+        self.versions, self.defaults = {}, None
+
+    def run(self, feed, sampling, on_step=None):
+        from flamingo_cli.engine import END
+        from flamingo_cli.records import Result
+
+        while (request := feed.get()) is not END:
+            yield Result(chunk=request.chunk, prompt=request.prompt, caption="", prompt_tokens=0, output_tokens=0)
+
+    def abort_all(self):
+        pass
+
+    def close(self):
+        pass
+
+
+def cmd_feed(a):
+    """The feed alone: decode pool -> chunks -> prompts -> (replica processes) -> sink, no model.
+
+    With --replicas N the requests travel to N replica processes running NullEngine, as they would to
+    N GPUs; without, the null engine runs in this process. The GPU work cannot go faster than this.
+    """
+    import shutil
+
+    from flamingo_cli.data_parallel import DataParallelEngine
+    from flamingo_cli.engine import EngineConfig, Sampling
+    from flamingo_cli.models import family_for
+    from flamingo_cli.pipeline import CaptionJob, Stats, run_pipeline
+    from flamingo_cli.prompts import PromptBuilder
+    from flamingo_cli.sink import Sink
+    from flamingo_cli.sources import iter_items
+
+    family = family_for("af3")
+    config = EngineConfig(model="null", family=family, max_chunk_s=600.0, max_in_flight=a.max_in_flight)
+    engine = DataParallelEngine(config, [None] * a.replicas, factory="bench:NullEngine") if a.replicas else NullEngine()
+    out = Path(a.out_dir)
+    shutil.rmtree(out, ignore_errors=True)
+    job = CaptionJob(
+        inputs=[a.dir],
+        prompts=PromptBuilder(family, None),
+        prompt="Describe the audio in detail.",
+        max_chunk_s=600.0,
+        sampling=Sampling(temperature=0.0, max_tokens=OUT_TOKENS),
+        workers=a.workers,
+        queue_size=a.queue_size,
+    )
+    stats = Stats()
+    try:
+        with Sink(out, "bench", {"bench": True}, model="null", task="bench") as sink:
+            t1 = time.perf_counter()
+            run_pipeline(job, iter_items([a.dir]), engine, sink, stats)
+            seconds = time.perf_counter() - t1
+    finally:
+        engine.close()
+    s = stats.snapshot()
+    return {
+        "mode": "feed",
+        "windows": s["windows_done"],
+        "seconds": round(seconds, 2),
+        "windows_per_s": round(s["windows_done"] / seconds, 1),
+        "x_realtime": round(s["audio_s_done"] / seconds, 1),
+        "workers": a.workers,
+        "replicas": a.replicas or 0,
+        "cpus": os.cpu_count(),
+    }
 
 
 def _predecoded(a, family):
@@ -304,7 +389,7 @@ def cmd_hf(a):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("mode", choices=["data", "ckpt", "ceiling", "flamingo", "hf"])
+    ap.add_argument("mode", choices=["data", "ckpt", "ceiling", "flamingo", "hf", "feed"])
     ap.add_argument("--dir", default="/tmp/bench-audio")
     ap.add_argument("--windows", type=int, default=2000)
     ap.add_argument("--kind", default="af3")
@@ -318,13 +403,20 @@ def main():
     ap.add_argument("--enforce-eager", action="store_true")
     ap.add_argument("--vllm-defaults-only", action="store_true")
     ap.add_argument("--workers", type=int, default=12)
+    ap.add_argument("--gpus", default=None, help="flamingo mode: as caption --gpus (one replica per GPU)")
+    ap.add_argument("--replicas", type=int, default=None)
     ap.add_argument("--queue-size", type=int, default=256)
     ap.add_argument("--max-in-flight", type=int, default=1024)
     ap.add_argument("--batch", type=lambda s: [int(x) for x in s.split(",")], default=[8, 32])
     a = ap.parse_args()
-    res = {"data": cmd_data, "ckpt": cmd_ckpt, "ceiling": cmd_ceiling, "flamingo": cmd_flamingo, "hf": cmd_hf}[a.mode](
-        a
-    )
+    res = {
+        "data": cmd_data,
+        "ckpt": cmd_ckpt,
+        "ceiling": cmd_ceiling,
+        "flamingo": cmd_flamingo,
+        "hf": cmd_hf,
+        "feed": cmd_feed,
+    }[a.mode](a)
     for r in res if isinstance(res, list) else [res]:
         line = json.dumps(r)
         print("RESULT " + line, flush=True)

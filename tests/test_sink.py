@@ -104,6 +104,10 @@ def test_schema_column_order_and_types(tmp_path: Path) -> None:
         "output_tokens",
         "error",
         "created_at",
+        "source_size",
+        "source_mtime_ns",
+        "source_sha256",
+        "source_version",
     ]
     assert SCHEMA.field("created_at").type == pa.timestamp("us", tz="UTC")
     assert SCHEMA.field("chunk_index").type == pa.int32()

@@ -1,0 +1,298 @@
+"""``flamingo inspect OUT``: what a result dataset holds, without loading a model.
+
+Reads ``OUT`` with ``pyarrow.dataset`` (hive partitioning: the ``run`` column), applies the sink's
+reading rule (``sink.current_rows``: the latest source version and the latest row per chunk, so a
+retried error does not count twice) and summarises: rows, items, chunks, errors grouped by reason (the
+file path taken out, numbers and quoted names folded, so "x.wav: empty file" and "y.wav: empty file"
+are one group), audio hours, tokens, the runs with their settings (from each part's key-value
+metadata, ``sink.read_metadata``) and a few sample captions. Captions are read only for the samples.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+# Columns read for the statistics (captions are not among them).
+_STAT_COLUMNS = [
+    "run",
+    "id",
+    "path",
+    "chunk_index",
+    "num_chunks",
+    "start_s",
+    "end_s",
+    "duration_s",
+    "prompt_tokens",
+    "output_tokens",
+    "error",
+    "created_at",
+    "source_version",
+]
+_QUOTED = re.compile(r"'[^']*'|\"[^\"]*\"")
+_NUMBER = re.compile(r"(?<![A-Za-z])\d+(?:\.\d+)?")
+_ABS_PATH = re.compile(r"(?:(?<=\s)|^)/[^\s;,()]+")
+
+
+class InspectError(Exception):
+    """OUT is not a flamingo result dataset (or cannot be read); the message says why."""
+
+
+def error_group(error: str, path: str | None) -> str:
+    """The reason of an error without what varies per file: its path, quoted names, numbers."""
+    text = error.strip()
+    if path:
+        if text.startswith(path + ": "):
+            text = text[len(path) + 2 :]
+        text = text.replace(path, "<path>")
+    text = _ABS_PATH.sub("<path>", text)
+    text = _QUOTED.sub("'…'", text)
+    text = _NUMBER.sub("N", text)
+    return text
+
+
+def _dataset(out: Path):
+    import pyarrow as pa
+    import pyarrow.dataset as ds
+
+    from flamingo_cli.sink import SCHEMA
+
+    schema = pa.schema([*SCHEMA, pa.field("run", pa.string())])
+    partitioning = ds.partitioning(pa.schema([pa.field("run", pa.string())]), flavor="hive")
+    return ds.dataset(str(out), format="parquet", schema=schema, partitioning=partitioning)
+
+
+def _runs(out: Path) -> list[tuple[str, list[Path]]]:
+    runs = []
+    for run_dir in sorted(p for p in out.glob("run=*") if p.is_dir()):
+        parts = sorted(p for p in run_dir.glob("part-*.parquet") if p.is_file())
+        runs.append((run_dir.name.split("=", 1)[1], parts))
+    return runs
+
+
+def _run_info(key: str, parts: list[Path]) -> dict[str, Any]:
+    import pyarrow.parquet as pq
+
+    from flamingo_cli.sink import SCHEMA, read_metadata
+
+    info: dict[str, Any] = {"run": key, "parts": len(parts)}
+    if not parts:
+        return info
+    meta: dict[str, Any] = {}
+    try:
+        meta = read_metadata(parts[-1])  # the latest part: engine versions are added after the first
+    except Exception as exc:  # a part written by something else, or without flamingo metadata
+        info["metadata_error"] = f"{type(exc).__name__}: {exc}"
+    identity = meta.get("identity") or {}
+    info.update(
+        {
+            "model": meta.get("model"),
+            "task": meta.get("task"),
+            "family": meta.get("family"),
+            "prompt": identity.get("prompt"),
+            "chunk_seconds": identity.get("chunk_seconds"),
+            "overlap": identity.get("overlap"),
+            "sampling": meta.get("sampling_effective") or identity.get("sampling"),
+            "flamingo_version": meta.get("flamingo_version"),
+            "versions": meta.get("versions"),
+            "argv": meta.get("argv"),
+        }
+    )
+    try:
+        names = pq.read_schema(parts[-1]).names
+        info["extra_columns"] = [n for n in names if n not in SCHEMA.names]
+    except Exception:
+        info["extra_columns"] = []
+    return info
+
+
+def _sum(values: Any) -> float:
+    import pyarrow.compute as pc
+
+    return pc.sum(values).as_py() or 0
+
+
+def _count(mask: Any) -> int:
+    import pyarrow.compute as pc
+
+    return int(pc.sum(pc.cast(mask, "int64")).as_py() or 0)
+
+
+def inspect_output(out: Path, samples: int = 3, max_groups: int = 20) -> dict[str, Any]:
+    """The summary of a result dataset as a JSON-ready dict."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    out = Path(out)
+    if not out.exists():
+        raise InspectError(f"{out}: no such directory")
+    if not out.is_dir():
+        raise InspectError(f"{out}: not a directory (inspect takes the --out folder of a caption run)")
+    runs = _runs(out)
+    if not runs:
+        raise InspectError(f"{out}: no run=<key> folders: not a flamingo output (or nothing written yet)")
+    try:
+        dataset = _dataset(out)
+        table = dataset.to_table(columns=_STAT_COLUMNS)
+    except (OSError, pa.ArrowException) as exc:
+        raise InspectError(f"{out}: cannot read the dataset: {exc}") from exc
+    rows_total = table.num_rows
+    try:
+        from flamingo_cli.sink import current_rows
+    except ImportError:  # an older sink: every row is current
+        current = table
+    else:
+        current = current_rows(table) if rows_total else table
+
+    err_mask = pc.is_valid(current["error"])
+    ok = current.filter(pc.invert(err_mask))
+    errors = current.filter(err_mask)
+    items = current.group_by(["run", "id"]).aggregate([("error", "count"), ("duration_s", "max")])
+    items_with_errors = _count(pc.greater(items["error_count"], 0)) if items.num_rows else 0
+    item_audio_s = _sum(items["duration_s_max"]) if items.num_rows else 0.0
+    captioned_s = _sum(pc.subtract(ok["end_s"], ok["start_s"])) if ok.num_rows else 0.0
+
+    groups: Counter[str] = Counter()
+    example: dict[str, str] = {}
+    for error, path in zip(errors["error"].to_pylist(), errors["path"].to_pylist(), strict=True):
+        key = error_group(error, path)
+        groups[key] += 1
+        example.setdefault(key, error)
+    by_reason = [{"reason": k, "count": n, "example": example[k]} for k, n in groups.most_common(max_groups)]
+    if len(groups) > max_groups:
+        rest = sum(n for _, n in groups.most_common()[max_groups:])
+        by_reason.append({"reason": f"({len(groups) - max_groups} other reasons)", "count": rest, "example": ""})
+
+    per_run_rows: dict[str, int] = {}
+    per_run_items: dict[str, int] = {}
+    created: dict[str, tuple[Any, Any]] = {}
+    if current.num_rows:
+        g = current.group_by("run").aggregate([([], "count_all"), ("created_at", "min"), ("created_at", "max")])
+        for run, n, lo, hi in zip(
+            g["run"].to_pylist(),
+            g["count_all"].to_pylist(),
+            g["created_at_min"].to_pylist(),
+            g["created_at_max"].to_pylist(),
+            strict=True,
+        ):
+            per_run_rows[run] = n
+            created[run] = (lo, hi)
+        g = items.group_by("run").aggregate([([], "count_all")])
+        per_run_items = dict(zip(g["run"].to_pylist(), g["count_all"].to_pylist(), strict=True))
+    run_docs = []
+    for key, parts in runs:
+        info = _run_info(key, parts)
+        info["rows"] = per_run_rows.get(key, 0)
+        info["items"] = per_run_items.get(key, 0)
+        lo, hi = created.get(key, (None, None))
+        info["first_row_at"] = lo.isoformat() if lo else None
+        info["last_row_at"] = hi.isoformat() if hi else None
+        run_docs.append(info)
+
+    sample_rows: list[dict[str, Any]] = []
+    if samples > 0 and ok.num_rows:
+        import pyarrow.dataset as ds
+
+        head = dataset.head(
+            samples,
+            columns=["run", "id", "chunk_index", "num_chunks", "start_s", "end_s", "caption"],
+            filter=ds.field("error").is_null() & ds.field("caption").is_valid(),
+        )
+        sample_rows = head.to_pylist()
+
+    def total(col: str) -> int:
+        return int(_sum(current[col])) if current.num_rows else 0
+
+    n_items = items.num_rows
+    return {
+        "out": str(out),
+        "rows": rows_total,
+        "rows_current": current.num_rows,
+        "rows_superseded": rows_total - current.num_rows,
+        "runs": len(runs),
+        "items": n_items,
+        "items_ok": n_items - items_with_errors,
+        "items_with_errors": items_with_errors,
+        "chunks_ok": ok.num_rows,
+        "chunk_errors": _count(pc.greater(errors["num_chunks"], 0)) if errors.num_rows else 0,
+        "item_errors": _count(pc.equal(errors["num_chunks"], 0)) if errors.num_rows else 0,
+        "errors_by_reason": by_reason,
+        "audio_hours_captioned": captioned_s / 3600,
+        "audio_hours_items": item_audio_s / 3600,
+        "prompt_tokens": total("prompt_tokens"),
+        "output_tokens": total("output_tokens"),
+        "run_details": run_docs,
+        "samples": sample_rows,
+    }
+
+
+def _span(first: str | None, last: str | None) -> str:
+    """ "2026-11-27 02:00 → 03:15" (the date again only when it changed); times are UTC."""
+    if not first or not last:
+        return ""
+    a, b = first[:16].replace("T", " "), last[:16].replace("T", " ")
+    return f"{a} → {b[11:] if a[:10] == b[:10] else b} UTC"
+
+
+def render(doc: dict[str, Any], console: Any) -> None:
+    """Print the summary as Rich tables."""
+    from rich.table import Table
+    from rich.text import Text
+
+    t = Table(title=f"flamingo inspect {doc['out']}", show_header=False, title_justify="left")
+    t.add_column(style="bold")
+    t.add_column(justify="right")
+    t.add_column(style="dim")
+    superseded = f"{doc['rows_superseded']:,} superseded (retried or re-captioned)" if doc["rows_superseded"] else ""
+    t.add_row("rows", f"{doc['rows']:,}", superseded)
+    t.add_row("runs", str(doc["runs"]), "")
+    t.add_row("items", f"{doc['items']:,}", f"{doc['items_ok']:,} ok, {doc['items_with_errors']:,} with errors")
+    t.add_row("chunks captioned", f"{doc['chunks_ok']:,}", "")
+    t.add_row(
+        "errors",
+        f"{doc['chunk_errors'] + doc['item_errors']:,}",
+        f"{doc['item_errors']:,} items unreadable, {doc['chunk_errors']:,} chunks failed",
+    )
+    items_h = f"items total {doc['audio_hours_items']:,.3f} h"
+    t.add_row("audio captioned", f"{doc['audio_hours_captioned']:,.3f} h", items_h)
+    t.add_row("tokens", f"{doc['prompt_tokens']:,} in", f"{doc['output_tokens']:,} generated")
+    console.print(t)
+
+    if doc["errors_by_reason"]:
+        e = Table("count", "reason", "example", title="errors by reason", title_justify="left")
+        for g in doc["errors_by_reason"]:
+            e.add_row(f"{g['count']:,}", g["reason"], Text(g["example"], style="dim"))
+        console.print(e)
+
+    r = Table("run", "model", "task", title="runs", title_justify="left")
+    for name in ("rows", "items", "parts"):
+        r.add_column(name, justify="right")
+    r.add_column("written")
+    for run in doc["run_details"]:
+        span = _span(run.get("first_row_at"), run.get("last_row_at"))
+        r.add_row(
+            run["run"],
+            str(run.get("model")),
+            str(run.get("task")),
+            f"{run.get('rows', 0):,}",
+            f"{run.get('items', 0):,}",
+            str(run.get("parts", 0)),
+            span,
+        )
+    console.print(r)
+    for run in doc["run_details"]:
+        if run.get("prompt"):
+            sampling = run.get("sampling") or {}
+            settings = ", ".join(f"{k}={v}" for k, v in sampling.items() if v is not None)
+            console.print(Text(f"run {run['run']}: prompt {run['prompt']!r}; {settings}", style="dim"), soft_wrap=True)
+
+    if doc["samples"]:
+        s = Table("id", "chunk", "caption", title="sample captions", title_justify="left", show_lines=True)
+        for row in doc["samples"]:
+            where = f"{row['chunk_index'] + 1}/{row['num_chunks']}"
+            if row.get("start_s") is not None:
+                where += f" ({row['start_s']:.0f}–{row['end_s']:.0f} s)"
+            s.add_row(str(row["id"]), where, Text(str(row["caption"])))
+        console.print(s)
