@@ -85,6 +85,20 @@ ReplicasOpt = Annotated[
     int | None,
     typer.Option("--replicas", help="Engine replicas (default: one per GPU group; 1 without GPUs)."),
 ]
+ExecutorOpt = Annotated[
+    str,
+    typer.Option(
+        "--executor",
+        help="local (this host's GPUs) or ray (a Ray cluster through ray.data.llm; needs the 'ray' extra).",
+    ),
+]
+RayAddressOpt = Annotated[
+    str | None, typer.Option("--ray-address", help="With --executor ray: the cluster (default $RAY_ADDRESS or local).")
+]
+RayReplicasOpt = Annotated[
+    str,
+    typer.Option("--ray-replicas", help="With --executor ray: engine replicas, N or MIN,MAX to let Ray autoscale."),
+]
 ShardOpt = Annotated[
     str | None,
     typer.Option(
@@ -246,6 +260,18 @@ def _devices(gpus: str, tensor_parallel_size: int, replicas: int | None) -> tupl
         raise Fail(ExitStatus.USAGE, str(exc)) from exc
 
 
+def _ray_settings(address: str | None, replicas: str):
+    from flamingo_cli.ray_data import RaySettings
+
+    try:
+        parts = [int(x) for x in replicas.split(",")]
+        if len(parts) not in (1, 2) or min(parts) < 1 or parts != sorted(parts):
+            raise ValueError
+    except ValueError as exc:
+        raise Fail(ExitStatus.USAGE, f"--ray-replicas {replicas!r}: expected N or MIN,MAX (≥ 1)") from exc
+    return RaySettings(address=address, num_replicas=parts[0] if len(parts) == 1 else (parts[0], parts[1]))
+
+
 def _dry_run(items, family, model_id, task, chunk_s, overlap, workers, out, key, as_json) -> None:
     """caption --dry-run: plan from file headers; never loads a model (nor torch/vLLM)."""
     from flamingo_cli.plan import make_plan, render, render_problems, rows_on_disk
@@ -323,6 +349,9 @@ def caption(
     gpus: GpusOpt = "all",
     replicas: ReplicasOpt = None,
     shard: ShardOpt = None,
+    executor: ExecutorOpt = "local",
+    ray_address: RayAddressOpt = None,
+    ray_replicas: RayReplicasOpt = "1",
     dtype: DtypeOpt = "auto",
     max_num_seqs: Annotated[int | None, typer.Option("--max-num-seqs", help="vLLM batch size cap.")] = None,
     max_num_batched_tokens: Annotated[int | None, typer.Option("--max-num-batched-tokens")] = None,
@@ -380,7 +409,10 @@ def caption(
     if dry_run:
         _dry_run(items(), family, model_id, preset.name, chunk_seconds, overlap, workers or 4, out, key, as_json)
         return
-    devices = _devices(gpus, tensor_parallel_size, replicas)
+    if executor not in ("local", "ray"):
+        raise Fail(ExitStatus.USAGE, f"--executor {executor!r}: expected local or ray")
+    ray_settings = _ray_settings(ray_address, ray_replicas) if executor == "ray" else None
+    devices = _devices(gpus, tensor_parallel_size, replicas) if executor == "local" else ()
     if workers is None:
         workers = max(4, min(4 * len(devices), os.cpu_count() or 4))
     run_info: dict[str, Any] = {"identity": identity, "argv": sys.argv[1:], "family": family.name}
@@ -438,11 +470,15 @@ def caption(
             out=out,
             run_key=key,
         )
-        with progress.engine_start():
-            engine = _start_engine(config)
-        reap_children_on_exit()  # vLLM's processes die with this one, even on SIGKILL / OOM kill
-        unblock_on_engine_death(engine)  # a dead engine process is exit 3, not a hang
-        sink.run_info.update({"versions": engine.versions, "sampling_effective": engine.effective_sampling(sampling)})
+        engine = None
+        if ray_settings is None:
+            with progress.engine_start():
+                engine = _start_engine(config)
+            reap_children_on_exit()  # vLLM's processes die with this one, even on SIGKILL / OOM kill
+            unblock_on_engine_death(engine)  # a dead engine process is exit 3, not a hang
+            sink.run_info.update(
+                {"versions": engine.versions, "sampling_effective": engine.effective_sampling(sampling)}
+            )
         job = CaptionJob(
             inputs=list(inputs),
             prompts=PromptBuilder(family, load_chat_template(model_id)),
@@ -465,16 +501,36 @@ def caption(
 
         try:
             graceful.set()
-            run_pipeline(
-                job,
-                items(),
-                engine,
-                progress.watch(sink, index, retry_failed),
-                stats,
-                index,
-                on_tick=tick,
-                stop_event=stop,
-            )
+            if ray_settings is not None:
+                from flamingo_cli.ray_data import RayNotInstalledError, run_ray_pipeline
+
+                try:
+                    run_ray_pipeline(
+                        job,
+                        items(),
+                        config,
+                        progress.watch(sink, index, retry_failed),
+                        stats,
+                        index,
+                        settings=ray_settings,
+                        chat_template=job.prompts.chat_template,
+                        on_tick=tick,
+                        stop_event=stop,
+                        run_info=sink.run_info,
+                    )
+                except RayNotInstalledError as exc:
+                    raise Fail(ExitStatus.USAGE, str(exc)) from exc
+            else:
+                run_pipeline(
+                    job,
+                    items(),
+                    engine,
+                    progress.watch(sink, index, retry_failed),
+                    stats,
+                    index,
+                    on_tick=tick,
+                    stop_event=stop,
+                )
         except EngineError as exc:
             if received:  # vLLM's engine process got the signal too (Ctrl-C, systemd stop) and quit
                 raise Fail(_signal_status(received[0]), "stopped; finished rows are saved") from exc
@@ -485,7 +541,7 @@ def caption(
             raise Fail(ExitStatus.INTERRUPTED, "interrupted; finished rows are saved") from exc
         finally:
             progress.close()
-            if received or stop.is_set():
+            if engine is not None and (received or stop.is_set()):
                 engine.abort_all()
     s = stats.snapshot()
     if received:

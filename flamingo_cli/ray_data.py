@@ -1,0 +1,788 @@
+"""Many hosts: caption through Ray Data, vLLM driven by ``ray.data.llm``, into the same Parquet.
+
+``flamingo caption`` runs one engine in one process. On a Ray cluster this module spreads the same work
+over every node, dynamically: flamingo's own stages (decode, chunking, prompts) run as Ray tasks,
+vLLM engine replicas run as Ray actors through ``ray.data.llm`` (``vLLMEngineProcessorConfig`` +
+``build_processor``, audio passed as ``multi_modal_data``), and the driver consumes the result stream
+and writes it through ``sink.Sink``: the same schema, run key, lock, atomic parts and exactly-once
+resume as ``flamingo caption``.
+
+    driver      sources.iter_items -> plan each item against the ResumeIndex (skip / finish / redo)
+    Ray tasks   audio.decode -> chunking.chunk_audio -> prompts.PromptBuilder   (one row per chunk)
+    Ray actors  vLLM (AsyncLLM) through ray.data.llm; N replicas, each on its own GPU(s) or CPUs
+    driver      rows -> Results -> Sink.write (begin_item first: source fingerprint and version)
+
+Rows that failed before the engine (decode errors, chunks too short for a sound token) carry
+ray.data.llm's per-row error marker ``__inference_error__``, which makes every processor stage pass them
+through untouched; the engine's own per-row failures come back the same way
+(``should_continue_on_error``), so one bad file or request never fails the job.
+
+Planning is a pass over all inputs in the driver before Ray starts (``ray.data.from_items`` needs the
+list): a stat per file, or a sha256 with ``content_hash``. Ray and vLLM are imported only when a run
+starts; workers on other hosts need flamingo, Ray and vLLM installed (or a ``runtime_env``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import logging
+import math
+import queue
+import sys
+import threading
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from functools import lru_cache, partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from flamingo_cli.audio import AudioDecodeError, decode
+from flamingo_cli.chunking import chunk_audio
+from flamingo_cli.engine import (
+    GPU_MAX_NUM_BATCHED_TOKENS,
+    EngineConfig,
+    EngineError,
+    Sampling,
+    _request_seed,
+    engine_versions,
+)
+from flamingo_cli.models import FAMILIES, WINDOW_S
+from flamingo_cli.pipeline import CaptionJob, Producer, ResultSink, Stats
+from flamingo_cli.prompts import PromptBuilder
+from flamingo_cli.quiet import QUIET_ENV, quiet_env
+from flamingo_cli.records import SAMPLE_RATE, AudioItem, Chunk, DecodedAudio, Result
+from flamingo_cli.sink import ResumeIndex, error_result
+from flamingo_cli.sources import Fingerprint, fingerprint
+
+# ray.data.llm's per-row error column: a row with it set skips every stage and its postprocess.
+ERROR_COLUMN = "__inference_error__"
+# The sampling parameters vLLM takes from a checkpoint's generation_config.json (ModelConfig's list).
+_GENERATION_PARAMS = ("repetition_penalty", "temperature", "top_k", "top_p", "min_p", "max_new_tokens")
+# What a prepared row carries besides the LLM inputs; the driver maps it back onto a Chunk.
+_CHUNK_KEYS = ("seq", "todo", "chunk_index", "num_chunks", "start_s", "end_s", "duration_s", "error")
+
+
+class RayNotInstalledError(RuntimeError):
+    """The Ray Data path was asked for but Ray is not installed (the ``ray`` extra)."""
+
+
+@dataclass(frozen=True)
+class RaySettings:
+    """Where and how wide the work runs on the Ray cluster."""
+
+    # ray.init(address=...): None = $RAY_ADDRESS or a new local cluster; "auto" = the cluster this host
+    # belongs to; "ray://head:10001" = Ray Client. Ignored when Ray is already initialised.
+    address: str | None = None
+    # vLLM engine replicas (Ray actors); a (min, max) pair lets Ray Data autoscale the pool.
+    num_replicas: int | tuple[int, int] = 1
+    batch_size: int = 16  # rows per engine call
+    max_concurrent_batches: int = 8  # calls in flight per replica, so vLLM's running batch stays full
+    use_gpu: bool | None = None  # None: GPU replicas if the cluster has GPUs, else CPU replicas
+    cpus_per_replica: float = 1.0  # CPU replicas only
+    decode_cpus: float = 1.0  # CPUs per decode task
+    accelerator_type: str | None = None  # e.g. "H100": replicas only on nodes with that accelerator
+    runtime_env: dict[str, Any] | None = None  # merged into the workers' runtime_env (env_vars, pip, ...)
+    num_cpus: int | None = None  # only when this call starts a local cluster
+    shutdown: bool | None = None  # ray.shutdown() at the end; None: only if this call started Ray
+
+
+@dataclass(slots=True)
+class _Pending:
+    """Driver-side state of one item sent to Ray: rows are written against it as they come back."""
+
+    item: AudioItem
+    source: Fingerprint | None
+    version: int
+    prompt: str
+    begun: bool = False
+
+
+# --- sampling: the same parameters VllmEngine.sampling_params builds, computed without an engine -----
+
+
+def generation_defaults(model: str) -> dict[str, Any]:
+    """The checkpoint's sampling defaults, as vLLM's ``LLM.get_default_sampling_params`` reads them.
+
+    Ray's engine stage builds ``SamplingParams`` from a plain dict per row (vLLM's neutral defaults
+    otherwise), so the generation_config defaults flamingo's own engine starts from are added here.
+    """
+    from transformers import AutoConfig, GenerationConfig
+
+    try:
+        config = GenerationConfig.from_pretrained(model).to_diff_dict()
+    except OSError:
+        try:
+            config = GenerationConfig.from_model_config(AutoConfig.from_pretrained(model)).to_diff_dict()
+        except OSError:
+            config = {}
+    params = {p: config[p] for p in _GENERATION_PARAMS if config.get(p) is not None}
+    if "max_new_tokens" in params:
+        params["max_tokens"] = params.pop("max_new_tokens")
+    return params
+
+
+def sampling_dict(model: str, sampling: Sampling) -> dict[str, Any]:
+    """Keyword arguments of ``vllm.SamplingParams`` for every request (before its per-request seed)."""
+    params = generation_defaults(model)
+    for name in ("temperature", "top_p", "top_k", "repetition_penalty"):
+        value = getattr(sampling, name)
+        if value is not None:
+            params[name] = value
+    params["max_tokens"] = sampling.max_tokens
+    params["ignore_eos"] = sampling.ignore_eos
+    return params
+
+
+def effective_sampling(params: dict[str, Any], seed: int) -> dict[str, Any]:
+    """What ``VllmEngine.effective_sampling`` reports, for the run metadata."""
+    try:
+        from vllm import SamplingParams
+
+        p = SamplingParams(**params)
+        values = {k: getattr(p, k) for k in ("temperature", "top_p", "top_k", "repetition_penalty", "max_tokens")}
+    except Exception:  # vLLM only on the workers: report the arguments as given
+        values = {k: params.get(k) for k in ("temperature", "top_p", "top_k", "repetition_penalty", "max_tokens")}
+    return {**values, "seed": seed, "ignore_eos": bool(params.get("ignore_eos"))}
+
+
+def stop_token_ids(model: str) -> frozenset[int]:
+    """Token ids that end a request as "stop" (the tokenizer's and generation_config's EOS ids).
+
+    Ray's engine stage returns the generated tokens but not vLLM's finish_reason; vLLM checks these ids
+    before the length cap, so a last token in this set means "stop" and a full budget otherwise means
+    "length".
+    """
+    ids: set[int] = set()
+    with contextlib.suppress(Exception):
+        from transformers import GenerationConfig
+
+        eos = GenerationConfig.from_pretrained(model).eos_token_id
+        ids.update([eos] if isinstance(eos, int) else (eos or []))
+    with contextlib.suppress(Exception):
+        from transformers import AutoTokenizer
+
+        eos = AutoTokenizer.from_pretrained(model).eos_token_id
+        if eos is not None:
+            ids.add(int(eos))
+    return frozenset(int(i) for i in ids)
+
+
+def engine_kwargs(config: EngineConfig, use_gpu: bool) -> dict[str, Any]:
+    """vLLM engine arguments, the same as ``VllmEngine`` passes to ``LLM`` (minus LLM-only ones)."""
+    kwargs: dict[str, Any] = dict(
+        max_model_len=config.max_model_len,
+        limit_mm_per_prompt={"audio": 1},
+        dtype=config.dtype,
+        gpu_memory_utilization=config.gpu_memory_utilization,
+        tensor_parallel_size=config.tensor_parallel_size,
+        enforce_eager=config.enforce_eager,
+        seed=config.seed,
+        mm_processor_cache_gb=0,  # each audio is captioned once: a multimodal cache only costs memory
+        disable_log_stats=not config.verbose,
+    )
+    if config.max_num_seqs:
+        kwargs["max_num_seqs"] = config.max_num_seqs
+    if config.max_num_batched_tokens:
+        kwargs["max_num_batched_tokens"] = config.max_num_batched_tokens
+    elif use_gpu:
+        kwargs["max_num_batched_tokens"] = GPU_MAX_NUM_BATCHED_TOKENS
+    kwargs.update(config.extra)
+    return kwargs
+
+
+# --- Ray-side functions (module level so workers import them by reference) -------------------------
+
+
+@lru_cache(maxsize=8)
+def _builder(family: str, chat_template: str | None) -> PromptBuilder:
+    return PromptBuilder(FAMILIES[family], chat_template)
+
+
+def _row(seq: int, todo: int, *, error: str | None = None, chunk: Chunk | None = None, **llm: Any) -> dict[str, Any]:
+    """One prepared row; every row has the same keys, so Ray's blocks keep one schema."""
+    nan = float("nan")
+    return {
+        "seq": seq,
+        "todo": todo,
+        "chunk_index": 0 if chunk is None else chunk.index,
+        "num_chunks": 0 if chunk is None else chunk.num_chunks,
+        "start_s": nan if chunk is None else chunk.start_s,
+        "end_s": nan if chunk is None else chunk.end_s,
+        "duration_s": nan if chunk is None else chunk.duration_s,
+        "error": error,
+        "text": llm.get("text"),
+        "audio": llm.get("audio"),
+        "seed": llm.get("seed", -1),
+    }
+
+
+def prepare_item(
+    row: dict[str, Any],
+    *,
+    family: str,
+    chat_template: str | None,
+    max_chunk_s: float,
+    chunk_s: float | None,
+    overlap_s: float,
+    seed: int | None,
+) -> list[dict[str, Any]]:
+    """In a Ray task: decode one item, cut it into chunks, render each chunk's prompt.
+
+    Returns one row per chunk still to caption (the driver sent the done ones as ``skip``), or one error
+    row when the file cannot be decoded or chunked; never raises for a bad file.
+    """
+    seq = int(row["seq"])
+    duration = row.get("duration")
+    item = AudioItem(
+        id=str(row["id"]),
+        path=str(row["path"]),
+        offset=float(row.get("offset") or 0.0),
+        duration=None if duration is None or (isinstance(duration, float) and math.isnan(duration)) else duration,
+    )
+    try:
+        decoded: DecodedAudio = decode(item)
+        chunks = chunk_audio(decoded, max_chunk_s, chunk_s, overlap_s)
+    except AudioDecodeError as exc:
+        return [_row(seq, 1, error=str(exc))]
+    except ValueError as exc:
+        return [_row(seq, 1, error=f"{item.path}: {exc}")]
+    except Exception as exc:
+        return [_row(seq, 1, error=f"{item.path}: unexpected decode error: {type(exc).__name__}: {exc}")]
+    skip = {int(i) for i in (row.get("skip") if row.get("skip") is not None else ())}
+    todo = [c for c in chunks if c.index not in skip]
+    builder = _builder(family, chat_template)
+    out = []
+    for chunk in todo:
+        if chunk.error:
+            out.append(_row(seq, len(todo), error=chunk.error, chunk=chunk))
+            continue
+        request = builder.request(chunk, str(row["prompt"]))
+        out.append(
+            _row(
+                seq,
+                len(todo),
+                chunk=chunk,
+                text=request.text,
+                audio=np.ascontiguousarray(chunk.samples, dtype=np.float32),
+                seed=-1 if seed is None else _request_seed(seed, request),
+            )
+        )
+    return out
+
+
+def to_engine_row(row: dict[str, Any], *, sampling: dict[str, Any]) -> dict[str, Any]:
+    """ray.data.llm preprocess: a prepared row -> prompt, audio and sampling for the vLLM stage."""
+    if row.get("error"):
+        return {ERROR_COLUMN: str(row["error"]), "audio": None}
+    params = dict(sampling)
+    if row.get("seed") is not None and int(row["seed"]) >= 0:
+        params["seed"] = int(row["seed"])
+    audio = np.asarray(row["audio"], dtype=np.float32)
+    return {
+        "prompt": row["text"],
+        "multimodal_data": {"audio": [(audio, SAMPLE_RATE)]},
+        "sampling_params": params,
+        "audio": None,  # the samples now travel in multimodal_data only
+        "text": None,
+    }
+
+
+def finish_reason(tokens: Sequence[int], max_tokens: int, stop_ids: frozenset[int]) -> str:
+    """vLLM's finish reason from the generated tokens: an EOS id first, then the length cap."""
+    if len(tokens) and int(tokens[-1]) in stop_ids:
+        return "stop"
+    return "length" if len(tokens) >= max_tokens else "stop"
+
+
+def from_engine_row(row: dict[str, Any], *, max_tokens: int, stop_ids: frozenset[int]) -> dict[str, Any]:
+    """ray.data.llm postprocess (successful rows only): keep what the sink needs, drop the rest."""
+    tokens = row.get("generated_tokens")
+    tokens = [] if tokens is None else [int(t) for t in tokens]
+    return {
+        **{k: row.get(k) for k in _CHUNK_KEYS},
+        "caption": row.get("generated_text"),
+        "finish_reason": finish_reason(tokens, max_tokens, stop_ids),
+        "prompt_tokens": row.get("num_input_tokens"),
+        "output_tokens": len(tokens),
+    }
+
+
+# --- driver ------------------------------------------------------------------------------------------
+
+
+def _plan(
+    job: CaptionJob,
+    items: Iterable[AudioItem],
+    sink: ResultSink,
+    stats: Stats,
+    index: ResumeIndex | None,
+    stop_event: threading.Event | None,
+) -> tuple[list[dict[str, Any]], dict[int, _Pending]]:
+    """Decide per item what Ray must do, with the regular pipeline's rules (its Producer's planner).
+
+    Items already complete are skipped, partly written ones send the chunks to skip, changed files get
+    a new source_version; items bad before decoding get their error row here.
+    """
+    planner = Producer(job, iter(()), queue.Queue(), sink, stats, index)
+    begin = getattr(sink, "begin_item", None)
+    rows: list[dict[str, Any]] = []
+    pending: dict[int, _Pending] = {}
+    for raw in items:
+        if stop_event is not None and stop_event.is_set():
+            break
+        item = planner._unique(raw)
+        with stats.lock:
+            stats.items_seen += 1
+        source = None if item.error else fingerprint(item.path, content_hash=job.content_hash)
+        plan = planner._plan(item, source)
+        if not plan.wanted:
+            with stats.lock:
+                stats.items_skipped += 1
+            continue
+        if item.error:
+            if begin is not None:
+                begin(item.id, plan.source, plan.version, 1)
+            sink.write(error_result(item, item.error))
+            with stats.lock:
+                stats.items_failed += 1
+            continue
+        with stats.lock:
+            stats.items_queued += 1
+        skip: set[int] = set()
+        if not plan.fresh and index is not None:
+            skip = index.done_chunks(item.id)
+            if job.retry_failed:
+                skip -= index.failed_chunks(item.id)
+        prompt = (item.prompt if job.use_row_prompts and item.prompt else None) or job.prompt
+        seq = len(rows)
+        rows.append(
+            {
+                "seq": seq,
+                "id": item.id,
+                "path": item.path,
+                "offset": float(item.offset),
+                "duration": None if item.duration is None else float(item.duration),
+                "prompt": prompt,
+                "skip": sorted(skip),
+            }
+        )
+        pending[seq] = _Pending(item, plan.source, plan.version, prompt)
+    stats.sources_exhausted = True
+    return rows, pending
+
+
+def _float(value: Any) -> float:
+    return float("nan") if value is None else float(value)
+
+
+def _result(row: dict[str, Any], entry: _Pending) -> Result:
+    """A row from Ray -> the Result the sink writes (the same fields the regular engine fills)."""
+    item = entry.item
+    error = row.get("error") or None
+    if int(row.get("num_chunks") or 0) == 0:
+        return error_result(item, str(error or "no chunks"))
+    chunk = Chunk(
+        item=item,
+        index=int(row["chunk_index"]),
+        num_chunks=int(row["num_chunks"]),
+        start_s=_float(row.get("start_s")),
+        end_s=_float(row.get("end_s")),
+        samples=None,
+        duration_s=_float(row.get("duration_s")),
+        error=error,
+    )
+    if error:  # failed before the engine: too short for a sound token
+        return Result(chunk=chunk, prompt=entry.prompt, error=error)
+    engine_error = row.get(ERROR_COLUMN) or ""
+    if engine_error:
+        return Result(chunk=chunk, prompt=entry.prompt, error=f"rejected by the engine: {engine_error}")
+    return Result(
+        chunk=chunk,
+        prompt=entry.prompt,
+        caption=row.get("caption"),
+        finish_reason=row.get("finish_reason"),
+        prompt_tokens=None if row.get("prompt_tokens") is None else int(row["prompt_tokens"]),
+        output_tokens=None if row.get("output_tokens") is None else int(row["output_tokens"]),
+    )
+
+
+def _runtime_env(config: EngineConfig, settings: RaySettings) -> dict[str, Any]:
+    env: dict[str, Any] = dict(settings.runtime_env or {})
+    env_vars = {"VLLM_CPU_KVCACHE_SPACE": str(int(max(1, config.cpu_kv_cache_gb)))}
+    if not config.verbose:
+        env_vars.update(QUIET_ENV)
+    env["env_vars"] = {**env_vars, **dict(env.get("env_vars") or {})}
+    return env
+
+
+def _init_ray(settings: RaySettings, verbose: bool) -> bool:
+    """Connect to (or start) Ray; True when this call started it."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    kwargs: dict[str, Any] = {
+        "address": settings.address,
+        "log_to_driver": verbose,
+        "logging_level": logging.INFO if verbose else logging.WARNING,
+    }
+    if settings.address is None and settings.num_cpus is not None:
+        kwargs["num_cpus"] = settings.num_cpus
+    if settings.address is None:
+        kwargs["include_dashboard"] = False
+    ray.init(**kwargs)
+    return True
+
+
+def _quiet_logs() -> None:
+    """Keep Ray's, Ray Data's and ray.data.llm's INFO lines off flamingo's terminal (before importing them).
+
+    ray.llm gives each module logger its own INFO handler unless ``ray.llm`` already has a handler; a
+    NullHandler there makes them inherit ``ray.llm``'s level instead. Loggers that already exist (a
+    second run in one process) are set directly.
+    """
+    llm = logging.getLogger("ray.llm")
+    if not llm.handlers:
+        llm.addHandler(logging.NullHandler())
+    for name in ("ray.data", "ray.llm", *list(logging.root.manager.loggerDict)):
+        if name.startswith(("ray.data", "ray.llm")):
+            logging.getLogger(name).setLevel(logging.ERROR)
+    # ray.data.llm calls ray.init() again, which resets the "ray" logger to INFO ("Calling ray.init()
+    # again..."); torch warns about CUDA_HOME on CPU hosts.
+    for name in ("ray._private.worker", "torch.utils.cpp_extension"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def _quiet_ray_data(verbose: bool) -> None:
+    """No Ray Data progress bars unless verbose (workers' logs stay in Ray's session folder)."""
+    from ray.data import DataContext
+
+    DataContext.get_current().enable_progress_bars = verbose
+    if not verbose:
+        _quiet_logs()  # Ray Data sets its loggers up when imported
+
+
+def _build_processor(config: Any, **kwargs: Any) -> Any:
+    """``ray.data.llm.build_processor`` (Ray >= 2.57), ``build_llm_processor`` before it."""
+    import ray.data.llm as rdl
+
+    build = getattr(rdl, "build_processor", None) or rdl.build_llm_processor
+    return build(config, **kwargs)
+
+
+def run_ray_pipeline(
+    job: CaptionJob,
+    items: Iterable[AudioItem],
+    config: EngineConfig,
+    sink: ResultSink,
+    stats: Stats | None = None,
+    index: ResumeIndex | None = None,
+    *,
+    settings: RaySettings | None = None,
+    chat_template: str | None = None,
+    on_result: Callable[[Result], None] | None = None,
+    on_tick: Callable[[], None] | None = None,
+    stop_event: threading.Event | None = None,
+    run_info: dict[str, Any] | None = None,
+) -> Stats:
+    """``pipeline.run_pipeline``'s Ray twin: caption ``items`` on a Ray cluster, write to ``sink``.
+
+    ``config`` sizes each vLLM replica exactly as ``flamingo caption`` sizes its one engine;
+    ``chat_template`` is the checkpoint's (``prompts.load_chat_template``), None for the family's
+    default. ``run_info`` (the Sink's metadata dict) gets the versions and the effective sampling.
+    Raises EngineError when the Ray job fails (engine start, lost actors); finished rows are kept.
+    """
+    settings = settings or RaySettings()
+    if importlib.util.find_spec("ray") is None:
+        raise RayNotInstalledError(
+            "Ray is not installed: install flamingo with the 'ray' extra (uv sync --extra gpu --extra ray)"
+        )
+    if not config.verbose:
+        quiet_env()  # vLLM and torch read it at import, in the driver as on the workers
+        _quiet_logs()
+    stats = stats or Stats()
+    rows, pending = _plan(job, items, sink, stats, index, stop_event)
+    params = sampling_dict(config.model, job.sampling)
+    seed = config.seed if job.sampling.seed is None else job.sampling.seed
+    if run_info is not None:
+        run_info.update(
+            {"versions": engine_versions(), "sampling_effective": effective_sampling(params, seed), "executor": "ray"}
+        )
+    if not rows or (stop_event is not None and stop_event.is_set()):
+        return stats
+
+    import ray
+
+    started = _init_ray(settings, config.verbose)
+    try:
+        _quiet_ray_data(config.verbose)
+        use_gpu = settings.use_gpu
+        if use_gpu is None:
+            use_gpu = ray.cluster_resources().get("GPU", 0) > 0
+        dataset = _dataset(job, config, settings, rows, params, seed, use_gpu, chat_template)
+        _consume(dataset, pending, sink, stats, on_result, on_tick, stop_event)
+    finally:
+        if settings.shutdown or (settings.shutdown is None and started):
+            ray.shutdown()
+    return stats
+
+
+def _dataset(
+    job: CaptionJob,
+    config: EngineConfig,
+    settings: RaySettings,
+    rows: list[dict[str, Any]],
+    params: dict[str, Any],
+    seed: int,
+    use_gpu: bool,
+    chat_template: str | None,
+) -> Any:
+    """The lazy Ray dataset: items -> prepared chunk rows -> ray.data.llm's vLLM processor -> rows."""
+    import ray
+    from ray.data.llm import vLLMEngineProcessorConfig
+
+    temperature = params.get("temperature", 1.0)
+    prepare = partial(
+        prepare_item,
+        family=config.family.name,
+        chat_template=chat_template,
+        max_chunk_s=job.max_chunk_s,
+        chunk_s=job.chunk_s,
+        overlap_s=job.overlap_s,
+        seed=seed if temperature and temperature > 0 else None,
+    )
+    processor_config = vLLMEngineProcessorConfig(
+        model_source=config.model,
+        engine_kwargs=engine_kwargs(config, use_gpu),
+        batch_size=settings.batch_size,
+        concurrency=settings.num_replicas,
+        max_concurrent_batches=settings.max_concurrent_batches,
+        accelerator_type=settings.accelerator_type,
+        # flamingo renders the prompts itself (the checkpoint's template) and vLLM detokenizes.
+        chat_template_stage=False,
+        tokenize_stage=False,
+        detokenize_stage=False,
+        should_continue_on_error=True,
+        log_engine_metrics=False,
+        runtime_env=_runtime_env(config, settings),
+        # A CPU replica must not ask Ray for a GPU (the vLLM stage's default for one engine).
+        placement_group_config=None if use_gpu else {"bundles": [{"CPU": settings.cpus_per_replica}]},
+    )
+    processor = _build_processor(
+        processor_config,
+        preprocess=partial(to_engine_row, sampling=params),
+        postprocess=partial(
+            from_engine_row, max_tokens=job.sampling.max_tokens, stop_ids=_stop_ids(config.model, params)
+        ),
+    )
+    dataset = ray.data.from_items(rows).flat_map(prepare, num_cpus=settings.decode_cpus)
+    return processor(dataset)
+
+
+def _stop_ids(model: str, params: dict[str, Any]) -> frozenset[int]:
+    return frozenset() if params.get("ignore_eos") else stop_token_ids(model)
+
+
+def _consume(
+    dataset: Any,
+    pending: dict[int, _Pending],
+    sink: ResultSink,
+    stats: Stats,
+    on_result: Callable[[Result], None] | None,
+    on_tick: Callable[[], None] | None,
+    stop_event: threading.Event | None,
+) -> None:
+    """Stream the dataset's rows into the sink as they finish (any order)."""
+    begin = getattr(sink, "begin_item", None)
+    remaining: dict[int, int] = {}
+    rows = iter(dataset.iter_rows())
+    while stop_event is None or not stop_event.is_set():
+        try:
+            row = next(rows)
+        except StopIteration:
+            break
+        except Exception as exc:
+            raise EngineError(
+                f"the Ray Data job failed: {type(exc).__name__}: {_last_line(exc)} (the replicas' own logs are in "
+                "the Ray session's logs folder, /tmp/ray/session_latest/logs on each node; verbose=True shows them)"
+            ) from exc
+        seq = int(row["seq"])
+        entry = pending.get(seq)
+        if entry is None:  # pragma: no cover - a row for an item already finished (retried task)
+            continue
+        if not entry.begun:
+            entry.begun = True
+            remaining[seq] = int(row.get("todo") or 1)
+            if begin is not None:
+                begin(entry.item.id, entry.source, entry.version, remaining[seq])
+        result = _result(row, entry)
+        sink.write(result)
+        _count(stats, result)
+        remaining[seq] -= 1
+        if remaining[seq] <= 0:
+            del remaining[seq], pending[seq]
+        if on_result:
+            on_result(result)
+        if on_tick:
+            on_tick()
+        flush_if_due = getattr(sink, "flush_if_due", None)
+        if flush_if_due is not None:
+            flush_if_due()
+    with contextlib.suppress(Exception):
+        rows.close()  # type: ignore[attr-defined]
+
+
+def _count(stats: Stats, result: Result) -> None:
+    chunk = result.chunk
+    with stats.lock:
+        if chunk.num_chunks == 0:
+            stats.items_failed += 1
+            return
+        stats.chunks_queued += 1
+        if result.error:
+            stats.chunks_failed += 1
+            return
+        span = chunk.end_s - chunk.start_s
+        stats.chunks_done += 1
+        stats.audio_s_queued += span
+        stats.audio_s_done += span
+        stats.windows_done += max(1, -(-round(span * 1000) // (WINDOW_S * 1000)))
+        stats.prompt_tokens += result.prompt_tokens or 0
+        stats.output_tokens += result.output_tokens or 0
+
+
+def _last_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[-1] if text else type(exc).__name__
+
+
+# --- one call for Python users -------------------------------------------------------------------------
+
+
+@dataclass
+class RayRun:
+    """What ``caption_with_ray`` did: the run key, its folder and the counters."""
+
+    run_key: str
+    run_dir: Path
+    stats: Stats
+    rows_written: int = 0
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def failed(self) -> bool:
+        s = self.stats
+        return bool(s.items_failed or s.chunks_failed)
+
+
+def run_identity(
+    model_id: str, task: str, prompt: str, sampling: Sampling, chunk_s: float | None, overlap_s: float
+) -> dict[str, Any]:
+    """What makes a run (hashed into the run key): the same fields ``flamingo caption`` hashes."""
+    return {
+        "model": model_id,
+        "task": task,
+        "prompt": prompt,
+        "sampling": sampling.identity(),
+        "chunk_seconds": chunk_s,
+        "overlap": overlap_s,
+    }
+
+
+def caption_with_ray(
+    inputs: Sequence[str | Path],
+    out: str | Path,
+    *,
+    model: str | None = None,
+    task: str = "caption",
+    prompt: str | None = None,
+    sampling: Sampling | None = None,
+    chunk_s: float | None = None,
+    overlap_s: float = 0.0,
+    extensions: Iterable[str] | None = None,
+    retry_failed: bool = False,
+    content_hash: bool = False,
+    rows_per_part: int = 1000,
+    dtype: str = "auto",
+    gpu_memory_utilization: float = 0.9,
+    tensor_parallel_size: int = 1,
+    max_num_seqs: int | None = None,
+    max_num_batched_tokens: int | None = None,
+    enforce_eager: bool = False,
+    cpu_kv_cache_gb: float = 2.0,
+    settings: RaySettings | None = None,
+    verbose: bool = False,
+    stop_event: threading.Event | None = None,
+) -> RayRun:
+    """Caption ``inputs`` on a Ray cluster into ``out`` as ``flamingo caption`` would (same run key).
+
+    ``model``/``task``/``prompt``/``sampling`` resolve as in the CLI: the task preset gives the model,
+    prompt and sampling defaults (``sampling=None``: the preset's, seed 0). Re-running the same call
+    captions only what ``out`` does not hold yet. A second writer on the same run raises LockedError.
+    """
+    from flamingo_cli.config import load_preset
+    from flamingo_cli.models import family_for, resolve_model_id
+    from flamingo_cli.prompts import load_chat_template
+    from flamingo_cli.sink import Sink, run_key
+    from flamingo_cli.sources import check_inputs, iter_items
+
+    preset = load_preset(task)
+    model_id = resolve_model_id(model or preset.model)
+    family = family_for(model_id)
+    prompt_text = prompt or preset.prompt
+    if sampling is None:
+        sampling = Sampling(**{"max_tokens": 512, **preset.sampling, "seed": 0})
+    check_inputs(inputs)
+    identity = run_identity(model_id, preset.name, prompt_text, sampling, chunk_s, overlap_s)
+    key = run_key(identity)
+    run_info: dict[str, Any] = {"identity": identity, "argv": sys.argv[1:], "family": family.name}
+    max_chunk_s = float(family.max_audio_s)
+    config = EngineConfig(
+        model=model_id,
+        family=family,
+        max_chunk_s=max_chunk_s,
+        max_tokens=sampling.max_tokens,
+        dtype=dtype,
+        gpu_memory_utilization=gpu_memory_utilization,
+        tensor_parallel_size=tensor_parallel_size,
+        max_num_seqs=max_num_seqs,
+        max_num_batched_tokens=max_num_batched_tokens,
+        enforce_eager=enforce_eager,
+        seed=0 if sampling.seed is None else sampling.seed,
+        cpu_kv_cache_gb=cpu_kv_cache_gb,
+        verbose=verbose,
+    )
+    job = CaptionJob(
+        inputs=[str(i) for i in inputs],
+        prompts=PromptBuilder(family),  # unused by the Ray path: prompts are built in Ray tasks
+        prompt=prompt_text,
+        max_chunk_s=max_chunk_s,
+        sampling=sampling,
+        chunk_s=chunk_s,
+        overlap_s=overlap_s,
+        extensions=extensions,
+        retry_failed=retry_failed,
+        content_hash=content_hash,
+    )
+    stats = Stats()
+    sink = Sink(
+        out, key, run_info, model=model_id, task=preset.name, rows_per_part=rows_per_part, retry_failed=retry_failed
+    )
+    with sink:
+        index = sink.load_index()
+        run_ray_pipeline(
+            job,
+            iter_items(list(inputs), extensions),
+            config,
+            sink,
+            stats,
+            index,
+            settings=settings,
+            chat_template=load_chat_template(model_id),
+            stop_event=stop_event,
+            run_info=sink.run_info,
+        )
+    return RayRun(run_key=key, run_dir=sink.run_dir, stats=stats, rows_written=sink.rows_written, info=sink.run_info)
