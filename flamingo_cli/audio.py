@@ -61,7 +61,7 @@ class _Resampled:
             return
         if not np.isfinite(block).all():
             raise AudioDecodeError(self.path, "audio contains NaN or infinite samples")
-        mono = block[:, 0] if block.shape[1] == 1 else block.mean(axis=1, dtype=np.float32)
+        mono = block[:, 0] if block.shape[1] == 1 else _downmix(block)
         self.frames_in += mono.shape[0]
         if self._stream is None:
             self._append(mono)
@@ -85,6 +85,17 @@ class _Resampled:
             self._buf = grown
         self._buf[self._n : need] = y
         self._n = need
+
+
+def _downmix(block: np.ndarray) -> np.ndarray:
+    """Mean over channels, column by column: block.mean(axis=1) on a (frames, 2) array is ~30x slower
+    (numpy reduces each 2-element row separately) and took ~40 % of a stereo file's decode time.
+    Bit-identical to block.mean(axis=1, dtype=np.float32) for 2 to 7 channels (checked)."""
+    mono = block[:, 0] + block[:, 1]
+    for c in range(2, block.shape[1]):
+        mono += block[:, c]
+    mono /= np.float32(block.shape[1])  # the division np.mean does (not a multiply by 1/n)
+    return mono
 
 
 def _fmt_s(seconds: float) -> str:

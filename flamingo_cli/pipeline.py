@@ -27,7 +27,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from flamingo_cli.audio import AudioDecodeError, decode
+from flamingo_cli.audio import AudioDecodeError, decode, probe_duration
 from flamingo_cli.chunking import chunk_audio
 from flamingo_cli.engine import END, Sampling
 from flamingo_cli.models import WINDOW_S
@@ -89,6 +89,10 @@ class CaptionJob:
     retry_failed: bool = False
     use_row_prompts: bool = True
     content_hash: bool = False  # detect changed files by sha256 instead of size + mtime
+    # Seconds of audio held ahead of the engine: decoded items waiting for the feed, and chunks waiting in
+    # it. Counts alone (workers * 2 items, queue_size requests) let 3-hour files pile up to GBs.
+    max_pending_audio_s: float = 3600.0
+    max_feed_audio_s: float = 3600.0
 
 
 @dataclass(slots=True)
@@ -106,6 +110,37 @@ class _Prepared:
     plan: _Plan
     decoded: DecodedAudio | None = None
     error: str | None = None
+
+
+# Files smaller than this decode to little (about a minute of MP3): no header read to size them.
+_PROBE_BYTES = 1 << 20
+
+
+def _span(request: Any) -> float:
+    return 0.0 if request is END else request.chunk.end_s - request.chunk.start_s
+
+
+class _Feed(queue.Queue):
+    """The requests waiting for the engine, bounded by count and by seconds of audio (never empty-refusing)."""
+
+    def __init__(self, maxsize: int, max_audio_s: float) -> None:
+        super().__init__(maxsize)
+        self.max_audio_s = max_audio_s
+        self.audio_s = 0.0
+
+    def _put(self, item: Any) -> None:
+        super()._put(item)
+        self.audio_s += _span(item)
+
+    def _get(self) -> Any:
+        item = super()._get()
+        self.audio_s -= _span(item)
+        return item
+
+    def _qsize(self) -> int:
+        n = super()._qsize()
+        # Over the audio budget the feed reports itself full, so put() waits until the engine takes some.
+        return max(n, self.maxsize) if n and self.audio_s >= self.max_audio_s else n
 
 
 def _windows(chunk: Chunk) -> int:
@@ -146,6 +181,15 @@ class Producer(threading.Thread):
             return item
         reason = item.error or f"duplicate id {item.id!r} ({item.path} and an earlier input)"
         return AudioItem(id=f"{item.id}#{count}", path=item.path, origin=item.origin, extra=item.extra, error=reason)
+
+    @staticmethod
+    def _audio_estimate(item: AudioItem, plan: _Plan | None) -> float:
+        """Seconds the item decodes to, from its header (0 for small files: not worth the read)."""
+        if item.duration is not None:
+            return float(item.duration)
+        if plan is not None and plan.source is not None and plan.source.size < _PROBE_BYTES:
+            return 0.0
+        return probe_duration(item.path) or 0.0
 
     def _plan(self, item: AudioItem, source: Fingerprint | None) -> _Plan:
         """Skip, finish or redo the item, from what the output holds and the file now."""
@@ -229,7 +273,8 @@ class Producer(threading.Thread):
             self._put(END)
 
     def _run(self) -> None:
-        pending: deque[tuple[AudioItem, Future]] = deque()
+        pending: deque[tuple[AudioItem, Future, float]] = deque()
+        pending_s = 0.0
         with ThreadPoolExecutor(max_workers=max(1, self.job.workers), thread_name_prefix="flamingo-decode") as pool:
             for item in self.items:
                 if self.stop_event.is_set():
@@ -252,18 +297,29 @@ class Producer(threading.Thread):
                     self._fail(item, item.error, plan)
                     continue
                 # With --hash the pool hashes, plans and decodes (hashing reads the whole file).
-                pending.append((item, pool.submit(self._prepare, item, plan)))
-                # Emit in input order; keep at most workers*2 decodes ahead of the engine.
-                while len(pending) >= max(2, self.job.workers * 2) or (pending and pending[0][1].done()):
-                    self._drain_one(pending)
+                est = self._audio_estimate(item, plan)
+                pending.append((item, pool.submit(self._prepare, item, plan), est))
+                pending_s += est
+                # Emit in input order; keep at most workers*2 decodes, and max_pending_audio_s of audio
+                # (one item always), ahead of the engine.
+                while (
+                    len(pending) >= max(2, self.job.workers * 2)
+                    or (len(pending) > 1 and pending_s > self.job.max_pending_audio_s)
+                    or (pending and pending[0][1].done())
+                ):
+                    pending_s -= self._drain_one(pending)
             while pending and not self.stop_event.is_set():
-                self._drain_one(pending)
-            for _, fut in pending:
+                pending_s -= self._drain_one(pending)
+            for _, fut, _ in pending:
                 fut.cancel()
 
-    def _drain_one(self, pending: deque[tuple[AudioItem, Future]]) -> None:
-        item, fut = pending.popleft()
-        prepared: _Prepared = fut.result()
+    def _drain_one(self, pending: deque[tuple[AudioItem, Future, float]]) -> float:
+        """Emit the oldest pending item; returns its audio estimate (now off the producer's books)."""
+        item, fut, est = pending.popleft()
+        self._emit_prepared(item, fut.result())
+        return est
+
+    def _emit_prepared(self, item: AudioItem, prepared: _Prepared) -> None:
         plan = prepared.plan
         if not plan.wanted:
             with self.stats.lock:
@@ -294,7 +350,7 @@ def run_pipeline(
 ) -> Stats:
     """Run one caption job to the end (or until ``stop_event``); returns the counters."""
     stats = stats or Stats()
-    feed: queue.Queue = queue.Queue(maxsize=max(1, job.queue_size))
+    feed: queue.Queue = _Feed(max(1, job.queue_size), job.max_feed_audio_s)
     producer = Producer(job, items, feed, sink, stats, index)
     if stop_event is not None:
         producer.stop_event = stop_event
