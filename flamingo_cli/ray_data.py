@@ -42,11 +42,11 @@ import numpy as np
 from flamingo_cli.audio import AudioDecodeError, decode
 from flamingo_cli.chunking import chunk_audio
 from flamingo_cli.engine import (
-    GPU_MAX_NUM_BATCHED_TOKENS,
     EngineConfig,
     EngineError,
     Sampling,
     _request_seed,
+    engine_kwargs,
     engine_versions,
 )
 from flamingo_cli.models import FAMILIES, WINDOW_S
@@ -168,29 +168,6 @@ def stop_token_ids(model: str) -> frozenset[int]:
         if eos is not None:
             ids.add(int(eos))
     return frozenset(int(i) for i in ids)
-
-
-def engine_kwargs(config: EngineConfig, use_gpu: bool) -> dict[str, Any]:
-    """vLLM engine arguments, the same as ``VllmEngine`` passes to ``LLM`` (minus LLM-only ones)."""
-    kwargs: dict[str, Any] = dict(
-        max_model_len=config.max_model_len,
-        limit_mm_per_prompt={"audio": 1},
-        dtype=config.dtype,
-        gpu_memory_utilization=config.gpu_memory_utilization,
-        tensor_parallel_size=config.tensor_parallel_size,
-        enforce_eager=config.enforce_eager,
-        seed=config.seed,
-        mm_processor_cache_gb=0,  # each audio is captioned once: a multimodal cache only costs memory
-        disable_log_stats=not config.verbose,
-    )
-    if config.max_num_seqs:
-        kwargs["max_num_seqs"] = config.max_num_seqs
-    if config.max_num_batched_tokens:
-        kwargs["max_num_batched_tokens"] = config.max_num_batched_tokens
-    elif use_gpu:
-        kwargs["max_num_batched_tokens"] = GPU_MAX_NUM_BATCHED_TOKENS
-    kwargs.update(config.extra)
-    return kwargs
 
 
 # --- Ray-side functions (module level so workers import them by reference) -------------------------
