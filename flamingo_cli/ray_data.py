@@ -28,6 +28,7 @@ import contextlib
 import importlib.util
 import logging
 import math
+import os
 import queue
 import sys
 import threading
@@ -395,8 +396,28 @@ def _runtime_env(config: EngineConfig, settings: RaySettings) -> dict[str, Any]:
     return env
 
 
+def _no_uv_worker_hook() -> None:
+    """Ray workers run this interpreter, not ``uv run``, unless RAY_ENABLE_UV_RUN_RUNTIME_ENV says so.
+
+    When the driver runs under ``uv run``, Ray (>= 2.43) by default starts every worker as ``uv run``
+    in a copy of the working directory, which syncs a fresh environment without the project's extras
+    (no ray, no vllm): the workers die at import and Ray waits for them forever. flamingo's nodes are
+    installed as the README says (same environment on every node), so the driver's own interpreter is
+    right. The constant is read at ray import time; set it on the module too in case ray came first.
+    """
+    if os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0") != "0":
+        return
+    try:
+        from ray._private import ray_constants
+
+        ray_constants.RAY_ENABLE_UV_RUN_RUNTIME_ENV = False
+    except (ImportError, AttributeError):  # a Ray without the hook: nothing to turn off
+        pass
+
+
 def _init_ray(settings: RaySettings, verbose: bool) -> bool:
     """Connect to (or start) Ray; True when this call started it."""
+    _no_uv_worker_hook()
     import ray
 
     if ray.is_initialized():

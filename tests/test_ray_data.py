@@ -4,8 +4,10 @@ AF3 checkpoint, rows and schema compared with what ``flamingo caption`` writes f
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -99,6 +101,36 @@ def test_finish_reason_and_sampling_follow_vllm(tiny_af3):
     }
 
 
+def test_workers_use_this_interpreter_under_uv_run(monkeypatch):
+    """Under ``uv run`` Ray would start workers as ``uv run`` in a copy of the working directory (a fresh
+    environment without ray or vllm; they die at import and the job hangs): flamingo turns that off."""
+    import ray._private.runtime_env.uv_runtime_env_hook as uv_hook
+    from ray._private import ray_constants, worker
+
+    from flamingo_cli.ray_data import _no_uv_worker_hook
+
+    uv_cmd = ["/usr/bin/uv", "run", "--no-sync", "pytest"]
+    monkeypatch.setattr(uv_hook, "_get_uv_run_cmdline", lambda: uv_cmd)
+    monkeypatch.setattr(ray_constants, "RAY_ENABLE_UV_RUN_RUNTIME_ENV", True)
+    monkeypatch.delenv("RAY_ENABLE_UV_RUN_RUNTIME_ENV", raising=False)
+    assert "py_executable" in worker._maybe_modify_runtime_env(None, False)  # what Ray does by default
+    _no_uv_worker_hook()
+    assert worker._maybe_modify_runtime_env(None, False) is None
+    assert os.environ["RAY_ENABLE_UV_RUN_RUNTIME_ENV"] == "0"  # and worker processes inherit it
+
+    # An operator who wants Ray's uv behaviour keeps it.
+    monkeypatch.setattr(ray_constants, "RAY_ENABLE_UV_RUN_RUNTIME_ENV", True)
+    monkeypatch.setenv("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "1")
+    _no_uv_worker_hook()
+    assert "py_executable" in worker._maybe_modify_runtime_env(None, False)
+
+
+def _raylet_errors() -> str:
+    """The tail of the newest local Ray session's raylet.err: why workers did not start, if they did not."""
+    log = Path(tempfile.gettempdir()) / "ray" / "session_latest" / "logs" / "raylet.err"
+    return log.read_text(errors="replace")[-3000:] if log.exists() else "(no raylet.err)"
+
+
 def _by_key(rows: list[dict]) -> dict[tuple[str, int], dict]:
     return {(r["id"], r["chunk_index"]): r for r in rows}
 
@@ -137,12 +169,15 @@ def test_ray_data_matches_flamingo_caption_then_resumes(corpus, tiny_af3, tmp_pa
     driver = tmp_path / "ray_driver.py"
     driver.write_text(RAY_DRIVER)
     t0 = time.monotonic()
-    proc = subprocess.run(
-        [sys.executable, str(driver), str(corpus), str(ray_out), str(tiny_af3)],
-        capture_output=True,
-        text=True,
-        timeout=420,
-    )
+    try:
+        proc = subprocess.run(
+            [sys.executable, str(driver), str(corpus), str(ray_out), str(tiny_af3)],
+            capture_output=True,
+            text=True,
+            timeout=420,
+        )
+    except subprocess.TimeoutExpired as exc:
+        pytest.fail(f"the Ray job did not finish in {exc.timeout} s; raylet.err:\n{_raylet_errors()}")
     ray_seconds = time.monotonic() - t0
     print(f"Ray Data path: {ray_seconds:.0f} s (Ray start, replica start, 5 chunks)")
     assert proc.returncode == 0, proc.stderr[-4000:]
