@@ -23,6 +23,7 @@ import queue
 import shutil
 import signal
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -111,6 +112,18 @@ def plan_replicas(gpus: str | None, tensor_parallel_size: int = 1, replicas: int
 # --- the worker process -----------------------------------------------------------------------------------
 
 
+def replica_threads(replicas: int, cpus: int | None = None) -> int:
+    """torch threads per replica process: a quarter of its share of the cores, 1 to 4.
+
+    Each replica's vLLM front-end runs the Whisper log-mel of every request with torch, which by default
+    takes a thread per core of the host: four replicas on 64 cores start 256 intra-op threads that
+    fight the decode pool and each other. A log-mel is small work: one thread is the cheapest per
+    window, a few keep its latency low; the rest of the cores decode.
+    """
+    cpus = cpus or os.cpu_count() or 1
+    return max(1, min(4, cpus // max(1, replicas) // 4))
+
+
 def _load(factory: str) -> Callable[[EngineConfig], Any]:
     module, _, name = factory.partition(":")
     return getattr(importlib.import_module(module), name)
@@ -138,6 +151,9 @@ def _worker_main(wid: int, devices: str | None, config: EngineConfig, factory: s
     except BaseException as exc:
         outbox.put(("error", wid, f"{type(exc).__name__}: {exc}"))
         return
+    torch = sys.modules.get("torch")  # loaded with vLLM; an engine without torch has no threads to cap
+    if torch is not None and config.replica_threads:
+        torch.set_num_threads(config.replica_threads)
     with contextlib.suppress(Exception):
         from flamingo_cli.env import unblock_on_engine_death
 
@@ -218,7 +234,8 @@ class DataParallelEngine:
         self.config = config
         self.devices = list(devices)
         # Each replica keeps the single engine's caps; the parent spreads requests over them.
-        self.replica_config = replace(config, devices=())
+        threads = config.replica_threads or replica_threads(len(self.devices))
+        self.replica_config = replace(config, devices=(), replica_threads=threads)
         self.factory = factory
         self._ctx = mp.get_context("spawn")  # never fork a process that may hold CUDA or threads
         self._outbox = self._ctx.Queue()

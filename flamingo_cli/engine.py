@@ -68,6 +68,9 @@ class EngineConfig:
     # more run data parallel in worker processes (flamingo_cli/data_parallel.py); () or one entry runs
     # the engine in this process.
     devices: tuple[str | None, ...] = ()
+    # torch's CPU threads in each data-parallel replica process (its vLLM front-end computes the log-mel
+    # of every request there); None: data_parallel.replica_threads() decides from the cores per replica.
+    replica_threads: int | None = None
 
     @property
     def max_model_len(self) -> int:

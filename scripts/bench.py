@@ -130,6 +130,7 @@ def _engine_config(a, family):
         enforce_eager=a.enforce_eager,
         max_in_flight=a.max_in_flight,
         devices=_devices(a),
+        replica_threads=a.replica_threads,
     )
 
 
@@ -170,7 +171,6 @@ def cmd_flamingo(a):
     from flamingo_cli.pipeline import CaptionJob, Stats, run_pipeline
     from flamingo_cli.prompts import PromptBuilder, load_chat_template
     from flamingo_cli.sink import Sink
-    from flamingo_cli.sources import iter_items
 
     family = family_for(a.ckpt)
     t0 = time.perf_counter()
@@ -190,7 +190,7 @@ def cmd_flamingo(a):
     stats = Stats()
     with Sink(out, "bench", {"bench": True}, model=a.ckpt, task="bench") as sink, GpuBusy() as gpu:
         t1 = time.perf_counter()
-        run_pipeline(job, iter_items([a.dir]), engine, sink, stats)
+        run_pipeline(job, _items(a), engine, sink, stats)
         seconds = time.perf_counter() - t1
     s = stats.snapshot()
     assert s["chunks_failed"] == 0 and s["items_failed"] == 0, s
@@ -208,6 +208,8 @@ def cmd_flamingo(a):
         workers=a.workers,
         replicas=max(1, len(engine.config.devices)),
         gpus=a.gpus,
+        replica_threads=getattr(engine, "replica_config", engine.config).replica_threads,
+        shard=a.shard,
     )
 
 
@@ -283,15 +285,22 @@ def cmd_feed(a):
     }
 
 
+def _items(a):
+    """The data folder's items, or shard --shard i/N of them (N GPUs each timing its own ceiling)."""
+    from flamingo_cli.sources import iter_items, parse_shard, select_shard
+
+    items = iter_items([a.dir])
+    return select_shard(items, *parse_shard(a.shard)) if a.shard else items
+
+
 def _predecoded(a, family):
     from concurrent.futures import ThreadPoolExecutor
 
     from flamingo_cli.audio import decode
     from flamingo_cli.chunking import chunk_audio
-    from flamingo_cli.sources import iter_items
 
     with ThreadPoolExecutor(os.cpu_count()) as pool:
-        decoded = list(pool.map(decode, iter_items([a.dir])))
+        decoded = list(pool.map(decode, _items(a)))
     return [c for d in decoded for c in chunk_audio(d, family.max_audio_s)]
 
 
@@ -338,7 +347,18 @@ def cmd_ceiling(a):
     ptok = sum(len(o.prompt_token_ids) for o in outs)
     otok = sum(len(o.outputs[0].token_ids) for o in outs)
     return _report(
-        "ceiling", a, windows, audio_s, seconds, ptok, otok, gpu.busy, start_s, vllm_defaults_only=a.vllm_defaults_only
+        "ceiling",
+        a,
+        windows,
+        audio_s,
+        seconds,
+        ptok,
+        otok,
+        gpu.busy,
+        start_s,
+        vllm_defaults_only=a.vllm_defaults_only,
+        shard=a.shard,
+        gpu=os.environ.get("CUDA_VISIBLE_DEVICES"),
     )
 
 
@@ -405,6 +425,8 @@ def main():
     ap.add_argument("--workers", type=int, default=12)
     ap.add_argument("--gpus", default=None, help="flamingo mode: as caption --gpus (one replica per GPU)")
     ap.add_argument("--replicas", type=int, default=None)
+    ap.add_argument("--replica-threads", type=int, default=None, help="torch threads per replica (None: auto)")
+    ap.add_argument("--shard", default=None, help="ceiling/flamingo: only shard i/N of --dir's items")
     ap.add_argument("--queue-size", type=int, default=256)
     ap.add_argument("--max-in-flight", type=int, default=1024)
     ap.add_argument("--batch", type=lambda s: [int(x) for x in s.split(",")], default=[8, 32])

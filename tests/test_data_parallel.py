@@ -10,12 +10,13 @@ from __future__ import annotations
 import os
 import queue
 import time
+from dataclasses import replace
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
-from flamingo_cli.data_parallel import DataParallelEngine, plan_replicas
+from flamingo_cli.data_parallel import DataParallelEngine, plan_replicas, replica_threads
 from flamingo_cli.engine import END, EngineConfig, EngineError, Sampling
 from flamingo_cli.models import family_for
 from flamingo_cli.records import AudioItem, Chunk, Request, Result
@@ -63,6 +64,22 @@ class EchoEngine:
         pass
 
 
+class TorchEchoEngine(EchoEngine):
+    """An engine that loads torch when built, as vLLM does: answers with the replica's torch threads."""
+
+    def __init__(self, config: EngineConfig) -> None:
+        import torch  # noqa: F401
+
+        super().__init__(config)
+
+    def run(self, feed: queue.Queue, sampling: Sampling, on_step=None):
+        import torch
+
+        for result in super().run(feed, sampling, on_step):
+            result.caption = str(torch.get_num_threads())
+            yield result
+
+
 def _config(**extra) -> EngineConfig:
     return EngineConfig(model="echo", family=family_for("af3"), max_chunk_s=600.0, max_in_flight=4, extra=extra)
 
@@ -108,6 +125,29 @@ def test_plan_replicas_without_gpus(monkeypatch: pytest.MonkeyPatch) -> None:
     assert plan_replicas("all", replicas=2) == [None, None]
     with pytest.raises(ValueError, match="visible GPU"):
         plan_replicas("0")
+
+
+def test_replica_threads_split_the_cores() -> None:
+    assert replica_threads(4, cpus=64) == 4  # an H100 x4 host: 4 torch threads per replica
+    assert replica_threads(8, cpus=64) == 2 and replica_threads(8, cpus=16) == 1
+    assert replica_threads(1, cpus=256) == 4 and replica_threads(3, cpus=1) == 1
+
+
+def test_replicas_cap_torch_threads() -> None:
+    """Each replica's torch uses its share of the cores, not one thread per core of the host."""
+    config = replace(_config(), replica_threads=None)
+    engine = DataParallelEngine(config, [None, None], factory=f"{__name__}:TorchEchoEngine")
+    try:
+        want = replica_threads(2)
+        assert engine.replica_config.replica_threads == want
+        assert {r.caption for r in engine.run(_feed(_requests(6)), Sampling())} == {str(want)}
+    finally:
+        engine.close()
+    engine = DataParallelEngine(replace(config, replica_threads=1), [None], factory=f"{__name__}:TorchEchoEngine")
+    try:
+        assert {r.caption for r in engine.run(_feed(_requests(2)), Sampling())} == {"1"}
+    finally:
+        engine.close()
 
 
 # --- dispatch -----------------------------------------------------------------------------------------------
