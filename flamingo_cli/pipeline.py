@@ -231,6 +231,9 @@ class Producer(threading.Thread):
         todo = [c for c in chunks if c.index not in done]
         if self._begin is not None:
             self._begin(item.id, plan.source, plan.version, len(todo))
+        # Chunks are views of the decoded array; with several, each request gets its own copy, so a
+        # chunk in flight holds its own seconds, not the whole (possibly 3-hour) track.
+        copy = len(chunks) > 1
         for chunk in todo:
             if chunk.error:
                 self.sink.write(Result(chunk=chunk, prompt=prompt, error=chunk.error))
@@ -240,6 +243,8 @@ class Producer(threading.Thread):
             with self.stats.lock:
                 self.stats.chunks_queued += 1
                 self.stats.audio_s_queued += chunk.end_s - chunk.start_s
+            if copy:
+                chunk.samples = chunk.samples.copy()
             if not self._put(job.prompts.request(chunk, prompt)):
                 return
 
