@@ -87,7 +87,7 @@ class Engine(Protocol):
     def close(self) -> None: ...
 
 
-def _request_seed(base: int, request: Request) -> int:
+def request_seed(base: int, request: Request) -> int:
     """A per-request seed from the run seed and the chunk key: sampling never depends on batching."""
     digest = hashlib.sha256(f"{base}\0{request.chunk.item.id}\0{request.chunk.index}".encode()).digest()
     return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
@@ -140,7 +140,7 @@ class VllmEngine:
         params.max_tokens = sampling.max_tokens
         params.ignore_eos = sampling.ignore_eos
         if request is not None and params.temperature > 0:
-            params.seed = _request_seed(self.config.seed if sampling.seed is None else sampling.seed, request)
+            params.seed = request_seed(self.config.seed if sampling.seed is None else sampling.seed, request)
         return params
 
     def effective_sampling(self, sampling: Sampling) -> dict[str, Any]:

@@ -147,6 +147,57 @@ def _windows(chunk: Chunk) -> int:
     return max(1, -(-round((chunk.end_s - chunk.start_s) * 1000) // (WINDOW_S * 1000)))
 
 
+class Planner:
+    """The per-item decisions every executor shares (this pipeline, the Ray path): unique ids, skip,
+    finish or redo from what the output holds, which chunks are left, which prompt. No I/O but a stat."""
+
+    def __init__(self, job: CaptionJob, index: ResumeIndex | None, stats: Stats) -> None:
+        self.job, self.index, self.stats = job, index, stats
+        self._seen_ids: dict[str, int] = {}
+
+    def unique(self, item: AudioItem) -> AudioItem:
+        """Two inputs may yield the same id; the second gets a suffix and an error row."""
+        count = self._seen_ids.get(item.id, 0)
+        self._seen_ids[item.id] = count + 1
+        if count == 0:
+            return item
+        reason = item.error or f"duplicate id {item.id!r} ({item.path} and an earlier input)"
+        return AudioItem(id=f"{item.id}#{count}", path=item.path, origin=item.origin, extra=item.extra, error=reason)
+
+    def plan(self, item: AudioItem, source: Fingerprint | None) -> _Plan:
+        """Skip, finish or redo the item, from what the output holds and the file now."""
+        index = self.index
+        if index is None or item.id not in index:
+            version = 0 if index is None else (index.version(item.id) or 0)
+            return _Plan(source, version, fresh=True)
+        version = index.version(item.id)
+        if index.source_recorded(item.id) and source_changed(
+            index.recorded_source(item.id), source, self.job.content_hash
+        ):
+            with self.stats.lock:
+                self.stats.items_changed += 1
+            return _Plan(source, (version or 0) + 1, fresh=True)
+        plan = _Plan(source, version or 0, fresh=False)
+        if self.job.retry_failed and self.index.is_failed(item.id):
+            return plan
+        plan.wanted = not index.is_done(item.id)
+        return plan
+
+    def done_chunks(self, item: AudioItem, plan: _Plan) -> set[int]:
+        """Chunk indexes already on disk for this version (failed ones count as not done with --retry-failed)."""
+        if plan.fresh or self.index is None:
+            return set()
+        done = self.index.done_chunks(item.id)
+        if self.job.retry_failed:
+            done -= self.index.failed_chunks(item.id)
+        return done
+
+    def prompt(self, item: AudioItem) -> str:
+        """The manifest row's own prompt where it has one (and row prompts are on), else the job's."""
+        job = self.job
+        return (item.prompt if job.use_row_prompts and item.prompt else None) or job.prompt
+
+
 class Producer(threading.Thread):
     """Sources -> decode pool -> chunks -> Requests on the feed; error rows straight to the sink."""
 
@@ -170,17 +221,8 @@ class Producer(threading.Thread):
         )
         self.stop_event = threading.Event()
         self.error: BaseException | None = None
-        self._seen_ids: dict[str, int] = {}
+        self.planner = Planner(job, index, stats)
         self._begin = getattr(sink, "begin_item", None)
-
-    def _unique(self, item: AudioItem) -> AudioItem:
-        """Two inputs may yield the same id; the second gets a suffix and an error row."""
-        count = self._seen_ids.get(item.id, 0)
-        self._seen_ids[item.id] = count + 1
-        if count == 0:
-            return item
-        reason = item.error or f"duplicate id {item.id!r} ({item.path} and an earlier input)"
-        return AudioItem(id=f"{item.id}#{count}", path=item.path, origin=item.origin, extra=item.extra, error=reason)
 
     @staticmethod
     def _audio_estimate(item: AudioItem, plan: _Plan | None) -> float:
@@ -190,25 +232,6 @@ class Producer(threading.Thread):
         if plan is not None and plan.source is not None and plan.source.size < _PROBE_BYTES:
             return 0.0
         return probe_duration(item.path) or 0.0
-
-    def _plan(self, item: AudioItem, source: Fingerprint | None) -> _Plan:
-        """Skip, finish or redo the item, from what the output holds and the file now."""
-        index = self.index
-        if index is None or item.id not in index:
-            version = 0 if index is None else (index.version(item.id) or 0)
-            return _Plan(source, version, fresh=True)
-        version = index.version(item.id)
-        if index.source_recorded(item.id) and source_changed(
-            index.recorded_source(item.id), source, self.job.content_hash
-        ):
-            with self.stats.lock:
-                self.stats.items_changed += 1
-            return _Plan(source, (version or 0) + 1, fresh=True)
-        plan = _Plan(source, version or 0, fresh=False)
-        if self.job.retry_failed and index.is_failed(item.id):
-            return plan
-        plan.wanted = not index.is_done(item.id)
-        return plan
 
     def _put(self, obj: Any) -> bool:
         while not self.stop_event.is_set():
@@ -222,12 +245,8 @@ class Producer(threading.Thread):
     def _emit(self, item: AudioItem, decoded: DecodedAudio, plan: _Plan) -> None:
         job = self.job
         chunks = chunk_audio(decoded, job.max_chunk_s, job.chunk_s, job.overlap_s)
-        prompt = (item.prompt if job.use_row_prompts and item.prompt else None) or job.prompt
-        done: set[int] = set()
-        if not plan.fresh and self.index is not None:
-            done = self.index.done_chunks(item.id)
-            if job.retry_failed:
-                done -= self.index.failed_chunks(item.id)
+        prompt = self.planner.prompt(item)
+        done = self.planner.done_chunks(item, plan)
         todo = [c for c in chunks if c.index not in done]
         if self._begin is not None:
             self._begin(item.id, plan.source, plan.version, len(todo))
@@ -258,7 +277,7 @@ class Producer(threading.Thread):
     def _prepare(self, item: AudioItem, plan: _Plan | None) -> _Prepared:
         """In a pool thread: (with --hash) fingerprint and plan the item, then decode it if wanted."""
         if plan is None:
-            plan = self._plan(item, fingerprint(item.path, content_hash=True))
+            plan = self.planner.plan(item, fingerprint(item.path, content_hash=True))
             if not plan.wanted:
                 return _Prepared(plan)
         try:
@@ -284,15 +303,15 @@ class Producer(threading.Thread):
             for item in self.items:
                 if self.stop_event.is_set():
                     break
-                item = self._unique(item)
+                item = self.planner.unique(item)
                 with self.stats.lock:
                     self.stats.items_seen += 1
                 plan: _Plan | None = None
                 if item.error:  # bad before decoding (missing file, bad manifest row): nothing to stat
-                    plan = self._plan(item, None)
+                    plan = self.planner.plan(item, None)
                 elif not self.job.content_hash:
                     # The stat comes before the decode: a file changed in between is redone next run.
-                    plan = self._plan(item, fingerprint(item.path))
+                    plan = self.planner.plan(item, fingerprint(item.path))
                 if plan is not None and not plan.wanted:
                     with self.stats.lock:
                         self.stats.items_skipped += 1

@@ -29,7 +29,6 @@ import importlib.util
 import logging
 import math
 import os
-import queue
 import sys
 import threading
 from collections.abc import Callable, Iterable, Sequence
@@ -46,12 +45,12 @@ from flamingo_cli.engine import (
     EngineConfig,
     EngineError,
     Sampling,
-    _request_seed,
     engine_kwargs,
     engine_versions,
+    request_seed,
 )
 from flamingo_cli.models import FAMILIES, WINDOW_S
-from flamingo_cli.pipeline import CaptionJob, Producer, ResultSink, Stats
+from flamingo_cli.pipeline import CaptionJob, Planner, ResultSink, Stats
 from flamingo_cli.prompts import PromptBuilder
 from flamingo_cli.quiet import QUIET_ENV, quiet_env
 from flamingo_cli.records import SAMPLE_RATE, AudioItem, Chunk, DecodedAudio, Result
@@ -245,7 +244,7 @@ def prepare_item(
                 chunk=chunk,
                 text=request.text,
                 audio=np.ascontiguousarray(chunk.samples, dtype=np.float32),
-                seed=-1 if seed is None else _request_seed(seed, request),
+                seed=-1 if seed is None else request_seed(seed, request),
             )
         )
     return out
@@ -299,23 +298,23 @@ def _plan(
     index: ResumeIndex | None,
     stop_event: threading.Event | None,
 ) -> tuple[list[dict[str, Any]], dict[int, _Pending]]:
-    """Decide per item what Ray must do, with the regular pipeline's rules (its Producer's planner).
+    """Decide per item what Ray must do, with the regular pipeline's rules (its Planner).
 
     Items already complete are skipped, partly written ones send the chunks to skip, changed files get
     a new source_version; items bad before decoding get their error row here.
     """
-    planner = Producer(job, iter(()), queue.Queue(), sink, stats, index)
+    planner = Planner(job, index, stats)
     begin = getattr(sink, "begin_item", None)
     rows: list[dict[str, Any]] = []
     pending: dict[int, _Pending] = {}
     for raw in items:
         if stop_event is not None and stop_event.is_set():
             break
-        item = planner._unique(raw)
+        item = planner.unique(raw)
         with stats.lock:
             stats.items_seen += 1
         source = None if item.error else fingerprint(item.path, content_hash=job.content_hash)
-        plan = planner._plan(item, source)
+        plan = planner.plan(item, source)
         if not plan.wanted:
             with stats.lock:
                 stats.items_skipped += 1
@@ -329,12 +328,8 @@ def _plan(
             continue
         with stats.lock:
             stats.items_queued += 1
-        skip: set[int] = set()
-        if not plan.fresh and index is not None:
-            skip = index.done_chunks(item.id)
-            if job.retry_failed:
-                skip -= index.failed_chunks(item.id)
-        prompt = (item.prompt if job.use_row_prompts and item.prompt else None) or job.prompt
+        skip = planner.done_chunks(item, plan)
+        prompt = planner.prompt(item)
         seq = len(rows)
         rows.append(
             {
