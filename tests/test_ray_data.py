@@ -17,32 +17,14 @@ import pytest
 from conftest import ENGINE_ARGS, make_audio, read_rows, run_cli
 
 from flamingo_cli.engine import Sampling
+from flamingo_cli.sink import SCHEMA
 
 # Ray's own modules raise pydantic deprecation warnings on import; they are not flamingo's.
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
-# Compared column by column; created_at differs by design, captions are compared separately.
-COMPARED = [
-    "id",
-    "path",
-    "chunk_index",
-    "num_chunks",
-    "start_s",
-    "end_s",
-    "duration_s",
-    "model",
-    "task",
-    "prompt",
-    "finish_reason",
-    "prompt_tokens",
-    "output_tokens",
-    "error",
-    "source_size",
-    "source_mtime_ns",
-    "source_sha256",
-    "source_version",
-    "run",
-]
+# Compared column by column: every core column (sink.SCHEMA) and the hive column; created_at differs by
+# design, captions are compared separately.
+COMPARED = [name for name in SCHEMA.names if name not in ("created_at", "caption")] + ["run"]
 
 
 @pytest.fixture(scope="module")
