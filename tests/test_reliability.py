@@ -131,11 +131,16 @@ def visible_parts_readable(out: Path, checked: dict[Path, int] | None = None) ->
     ``checked`` remembers parts already read whole (parts never change once visible).
     """
     checked = {} if checked is None else checked
-    for part in out.glob("run=*/part-*.parquet"):
+    # One listing (a writer may still be adding parts): what the dataset reader found is what is checked.
+    dataset = ds.dataset(out, partitioning="hive", format="parquet")
+    files = [Path(f) for f in dataset.files]
+    strays = [f for f in files if not (f.name.startswith("part-") and f.suffix == ".parquet")]
+    assert not strays, strays  # never a temp file or anything half-made
+    for part in files:
         if part not in checked:
             checked[part] = pq.read_table(part).num_rows
-    table = ds.dataset(out, partitioning="hive", format="parquet").to_table(columns=["id"])
-    assert table.num_rows == sum(checked.values())
+    table = dataset.to_table(columns=["id"])
+    assert table.num_rows == sum(checked[f] for f in files)
     return table.num_rows
 
 
