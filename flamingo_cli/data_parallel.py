@@ -112,18 +112,6 @@ def plan_replicas(gpus: str | None, tensor_parallel_size: int = 1, replicas: int
 # --- the worker process -----------------------------------------------------------------------------------
 
 
-def replica_threads(replicas: int, cpus: int | None = None) -> int:
-    """torch threads per replica process: a quarter of its share of the cores, 1 to 4.
-
-    Each replica's vLLM front-end runs the Whisper log-mel of every request with torch, which by default
-    takes a thread per core of the host: four replicas on 64 cores start 256 intra-op threads that
-    fight the decode pool and each other. A log-mel is small work: one thread is the cheapest per
-    window, a few keep its latency low; the rest of the cores decode.
-    """
-    cpus = cpus or os.cpu_count() or 1
-    return max(1, min(4, cpus // max(1, replicas) // 4))
-
-
 def _load(factory: str) -> Callable[[EngineConfig], Any]:
     module, _, name = factory.partition(":")
     return getattr(importlib.import_module(module), name)
@@ -234,8 +222,7 @@ class DataParallelEngine:
         self.config = config
         self.devices = list(devices)
         # Each replica keeps the single engine's caps; the parent spreads requests over them.
-        threads = config.replica_threads or replica_threads(len(self.devices))
-        self.replica_config = replace(config, devices=(), replica_threads=threads)
+        self.replica_config = replace(config, devices=())
         self.factory = factory
         self._ctx = mp.get_context("spawn")  # never fork a process that may hold CUDA or threads
         self._outbox = self._ctx.Queue()

@@ -68,8 +68,10 @@ class EngineConfig:
     # more run data parallel in worker processes (flamingo_cli/data_parallel.py); () or one entry runs
     # the engine in this process.
     devices: tuple[str | None, ...] = ()
-    # torch's CPU threads in each data-parallel replica process (its vLLM front-end computes the log-mel
-    # of every request there); None: data_parallel.replica_threads() decides from the cores per replica.
+    # torch's CPU threads in each data-parallel replica process, where its vLLM front-end computes every
+    # request's log-mel (21-29 ms of CPU per 30-s window, one thread); None keeps torch's default, one per
+    # core of the host in every replica. A cap is a candidate fix for multi-GPU scaling, not yet measured
+    # on GPUs, so it is not the default (BENCHMARKS.md, "Scale-out").
     replica_threads: int | None = None
 
     @property

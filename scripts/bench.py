@@ -425,7 +425,7 @@ def main():
     ap.add_argument("--workers", type=int, default=12)
     ap.add_argument("--gpus", default=None, help="flamingo mode: as caption --gpus (one replica per GPU)")
     ap.add_argument("--replicas", type=int, default=None)
-    ap.add_argument("--replica-threads", type=int, default=None, help="torch threads per replica (None: auto)")
+    ap.add_argument("--replica-threads", type=int, default=None, help="torch threads per replica (default: torch's)")
     ap.add_argument("--shard", default=None, help="ceiling/flamingo: only shard i/N of --dir's items")
     ap.add_argument("--queue-size", type=int, default=256)
     ap.add_argument("--max-in-flight", type=int, default=1024)
