@@ -136,6 +136,8 @@ def visible_parts_readable(out: Path, checked: dict[Path, int] | None = None) ->
     files = [Path(f) for f in dataset.files]
     strays = [f for f in files if not (f.name.startswith("part-") and f.suffix == ".parquet")]
     assert not strays, strays  # never a temp file or anything half-made
+    if not files:  # killed before its first part: nothing visible, and no schema to project
+        return 0
     for part in files:
         if part not in checked:
             checked[part] = pq.read_table(part).num_rows
