@@ -201,7 +201,10 @@ def _expected_keys(n_items: int) -> set[tuple[str, int]]:
 
 
 def _unique_keys(out: Path) -> list[tuple[str, int]]:
-    table = ds.dataset(out, format="parquet", partitioning="hive").to_table(columns=["id", "chunk_index"])
+    dataset = ds.dataset(out, format="parquet", partitioning="hive")
+    if not dataset.files:  # killed before its first part
+        return []
+    table = dataset.to_table(columns=["id", "chunk_index"])
     keys = list(zip(table["id"].to_pylist(), table["chunk_index"].to_pylist(), strict=True))
     assert len(keys) == len(set(keys)), "a key was written twice"
     return keys

@@ -43,9 +43,10 @@ def kill_corpus(tmp_path_factory) -> tuple[Path, dict[str, int]]:
 
 
 def _keys(out: Path) -> Counter:
-    if not out.exists():
+    dataset = ds.dataset(out, partitioning="hive", format="parquet") if out.exists() else None
+    if dataset is None or not dataset.files:  # nothing written yet
         return Counter()
-    t = ds.dataset(out, partitioning="hive", format="parquet").to_table(columns=["id", "chunk_index"])
+    t = dataset.to_table(columns=["id", "chunk_index"])
     return Counter(zip(t["id"].to_pylist(), t["chunk_index"].to_pylist(), strict=True))
 
 
