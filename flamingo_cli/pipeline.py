@@ -178,7 +178,7 @@ class Planner:
                 self.stats.items_changed += 1
             return _Plan(source, (version or 0) + 1, fresh=True)
         plan = _Plan(source, version or 0, fresh=False)
-        if self.job.retry_failed and self.index.is_failed(item.id):
+        if self.job.retry_failed and index.is_failed(item.id):
             return plan
         plan.wanted = not index.is_done(item.id)
         return plan
@@ -211,14 +211,7 @@ class Producer(threading.Thread):
         index: ResumeIndex | None,
     ) -> None:
         super().__init__(name="flamingo-producer", daemon=True)
-        self.job, self.items, self.feed, self.sink, self.stats, self.index = (
-            job,
-            items,
-            feed,
-            sink,
-            stats,
-            index,
-        )
+        self.job, self.items, self.feed, self.sink, self.stats = job, items, feed, sink, stats
         self.stop_event = threading.Event()
         self.error: BaseException | None = None
         self.planner = Planner(job, index, stats)
