@@ -20,29 +20,13 @@ from typing import Any, Protocol
 
 from flamingo_cli.models import TOKENS_PER_WINDOW, WINDOW_S, ModelFamily
 from flamingo_cli.quiet import engine_log_path, log_tail, quiet_env, redirect_fds, remove_quietly
-from flamingo_cli.records import SAMPLE_RATE, Request, Result
+from flamingo_cli.records import SAMPLE_RATE, Request, Result, Sampling
 
 END = None  # put on a feed to say no more requests will come
 
 
 class EngineError(Exception):
     """The engine could not start or died; the run's finished rows are kept."""
-
-
-@dataclass(frozen=True)
-class Sampling:
-    """Sampling overrides; None means "the checkpoint's generation_config decides"."""
-
-    temperature: float | None = None
-    top_p: float | None = None
-    top_k: int | None = None
-    repetition_penalty: float | None = None
-    max_tokens: int = 512
-    seed: int | None = None
-    ignore_eos: bool = False
-
-    def identity(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 @dataclass(frozen=True)

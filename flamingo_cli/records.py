@@ -7,7 +7,7 @@ sources -> AudioItem -> audio -> DecodedAudio -> chunking -> Chunk -> prompts ->
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
@@ -86,3 +86,20 @@ class Result:
     error: str | None = None
     prompt_token_ids: list[int] | None = None  # what the engine saw (for parity checks; not written)
     token_ids: list[int] | None = None  # what it generated
+    reasoning: str | None = None  # think models: the text inside <think> … </think>
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """Sampling overrides; None means "the checkpoint's generation_config decides"."""
+
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    repetition_penalty: float | None = None
+    max_tokens: int = 512
+    seed: int | None = None
+    ignore_eos: bool = False
+
+    def identity(self) -> dict[str, Any]:
+        return asdict(self)
