@@ -2,10 +2,148 @@
 entry point (pyproject.toml). vLLM calls ``register()`` before it resolves a checkpoint's architecture.
 
 Kept small: only what vLLM 0.24's in-tree Audio Flamingo classes lack or must do differently.
+Nothing here imports torch or vLLM at module level: ``register()`` names classes by string, so vLLM
+imports them only in the process that builds the model.
 """
 
 from __future__ import annotations
 
+import os
+from typing import Any
+
+# ---------------------------------------------------------------------------------------------------
+# Encoder trimming (issue 14): AF3 / MF audio tower on each window's valid mel frames only.
+#
+# Every 30-s Whisper window reaches the model as 3000 mel frames; a shorter window is padded and its
+# padded frames are masked as attention keys. So the valid outputs depend only on the valid frames and
+# the few padded frames the two convolutions (kernel 3, the second with stride 2) read: conv2 output j
+# reads conv1 outputs 2j-1..2j+1, which read mel frames 2j-2..2j+2. Running each window on those frames
+# alone, windows of similar length batched together, gives the same valid outputs up to floating-point
+# order at a fraction of the cost (a 10-s clip: ~1/3). Off with FLAMINGO_TRIM_ENCODER=0, or per engine
+# through the config override TRIM_OVERRIDE (flamingo's --no-trim-encoder).
+# ---------------------------------------------------------------------------------------------------
+
+TRIM_ENV = "FLAMINGO_TRIM_ENCODER"
+TRIM_OVERRIDE = "flamingo_trim_encoder"  # hf_overrides key: False keeps vLLM's untrimmed encoder
+# A group's fixed cost in encoder positions (kernel launches of 32 layers): windows are batched with
+# the next longer ones unless the padding that adds costs more than running a separate group.
+GROUP_OVERHEAD_POSITIONS = 256
+
+ARCHITECTURES = {
+    "AudioFlamingo3ForConditionalGeneration": "flamingo_cli.vllm_plugin:TrimmedAudioFlamingo3",
+    "MusicFlamingoForConditionalGeneration": "flamingo_cli.vllm_plugin:TrimmedMusicFlamingo",
+}
+
+
+def trim_enabled(hf_config: Any = None) -> bool:
+    """Trimming is on unless the env or the engine's config override turns it off."""
+    if os.environ.get(TRIM_ENV, "1").strip().lower() in ("0", "false", "no", "off"):
+        return False
+    return bool(getattr(hf_config, TRIM_OVERRIDE, True))
+
+
+def conv_lengths(mel_lengths):
+    """Positions after conv2 (stride 2) for ``mel_lengths`` valid mel frames."""
+    return (mel_lengths - 1) // 2 + 1
+
+
+def plan_groups(lengths: list[int], overhead: int = GROUP_OVERHEAD_POSITIONS) -> list[list[int]]:
+    """Split window indices into groups run together, each padded to its longest window.
+
+    Minimises sum(group size x longest length) + overhead x groups over contiguous runs of the
+    windows sorted by length (optimal for this cost; O(n^2) for the few hundred windows of a batch).
+    """
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    n = len(order)
+    best = [0.0] + [float("inf")] * n  # best[k]: cost of the k shortest windows
+    cut = [0] * (n + 1)
+    for end in range(1, n + 1):
+        longest = lengths[order[end - 1]]
+        for start in range(end):
+            cost = best[start] + (end - start) * longest + overhead
+            if cost < best[end]:
+                best[end], cut[end] = cost, start
+    groups, end = [], n
+    while end > 0:
+        groups.append(order[cut[end] : end])
+        end = cut[end]
+    return groups[::-1]
+
+
+def encode_trimmed(tower, features, mel_lengths, overhead: int = GROUP_OVERHEAD_POSITIONS):
+    """vLLM's AF3 encoder output (N, positions/2, d) with every window run on its valid frames only.
+
+    ``tower`` is vLLM's ``AudioFlamingo3Encoder`` (Whisper convs + HF encoder layers + pool + norm),
+    ``features`` (N, mel, frames) the padded log-mel, ``mel_lengths`` (N,) its valid frame counts.
+    Positions past a window's valid outputs are left zero: callers keep only the valid ones.
+    """
+    import torch
+    from torch.nn import functional as F
+
+    n, _, frames = features.shape
+    full = conv_lengths(frames)
+    valid = conv_lengths(mel_lengths.to(torch.long)).clamp(min=0, max=full)
+    out = features.new_zeros(n, full // 2, tower.layer_norm.normalized_shape[0])
+    for group in plan_groups(valid.tolist(), overhead):
+        idx = torch.tensor(group, device=features.device)
+        lens = valid[idx]
+        longest = int(lens.max())
+        if longest == 0:
+            continue
+        # conv2 output longest-1 reads mel frames up to 2*longest; the frame after is never read.
+        x = features[idx, :, : min(frames, 2 * longest + 1)]
+        x = F.gelu(tower.conv1(x))
+        x = F.gelu(tower.conv2(x))[:, :, :longest].transpose(1, 2)
+        x = (x + tower.embed_positions.weight[:longest]).to(x.dtype)
+        mask = None  # windows of one length need none (and sdpa may then take its flash kernel)
+        if bool((lens < longest).any()):
+            pad = torch.arange(longest, device=x.device)[None, :] >= lens[:, None]
+            mask = torch.zeros(len(group), 1, 1, longest, dtype=x.dtype, device=x.device)
+            mask = mask.masked_fill(pad[:, None, None, :], float("-inf")).expand(-1, 1, longest, longest)
+        for layer in tower.layers:
+            x = layer(x, mask)
+            x = x[0] if isinstance(x, tuple) else x
+        x = tower.avg_pooler(x.transpose(1, 2)).transpose(1, 2)
+        out[idx, : x.shape[1]] = tower.layer_norm(x).to(out.dtype)
+    return out
+
+
+def _trimming_class(base: type) -> type:
+    """``base`` (vLLM's AF3 or MF class) with its audio tower run trimmed when enabled."""
+
+    class Trimmed(base):
+        def __init__(self, *, vllm_config, prefix: str = ""):
+            super().__init__(vllm_config=vllm_config, prefix=prefix)
+            self.flamingo_trim = trim_enabled(vllm_config.model_config.hf_config)
+
+        def _encode_audio_features(self, input_features, feature_attention_mask):
+            if not self.flamingo_trim:
+                return super()._encode_audio_features(input_features, feature_attention_mask)
+            weight = self.audio_tower.conv1.weight
+            features = input_features.to(dtype=weight.dtype, device=weight.device)
+            return encode_trimmed(self.audio_tower, features, feature_attention_mask.sum(-1).to(weight.device))
+
+    Trimmed.__doc__ = f"vLLM's {base.__name__} whose audio tower runs on valid frames (flamingo)."
+    return Trimmed
+
+
+def __getattr__(name: str):
+    """The model classes, built on first use in the process that loads the model (imports vLLM)."""
+    if name == "TrimmedAudioFlamingo3":
+        from vllm.model_executor.models.audioflamingo3 import AudioFlamingo3ForConditionalGeneration as base
+    elif name == "TrimmedMusicFlamingo":
+        from vllm.model_executor.models.musicflamingo import MusicFlamingoForConditionalGeneration as base
+    else:
+        raise AttributeError(name)
+    cls = _trimming_class(base)
+    cls.__module__, cls.__name__, cls.__qualname__ = __name__, name, name  # picklable by name
+    globals()[name] = cls
+    return cls
+
 
 def register() -> None:
     """Register flamingo's model classes with vLLM's ModelRegistry (idempotent; cheap when unused)."""
+    from vllm import ModelRegistry
+
+    for arch, target in ARCHITECTURES.items():
+        ModelRegistry.register_model(arch, target)
