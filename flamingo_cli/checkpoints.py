@@ -148,8 +148,19 @@ def _hub_key(key: str) -> str | None:
     return None  # non-persistent buffers (MF rotary tables) are not saved
 
 
-def build_checkpoint(kind: str, out: str | Path, size: str = "tiny", dtype: str = "float32", seed: int = 0) -> Path:
-    """Write a random-weight AF3 ('af3') or MF ('mf') checkpoint to ``out`` and return its path."""
+def build_checkpoint(
+    kind: str,
+    out: str | Path,
+    size: str = "tiny",
+    dtype: str = "float32",
+    seed: int = 0,
+    lm_head_std: float | None = None,
+) -> Path:
+    """Write a random-weight AF3 ('af3') or MF ('mf') checkpoint to ``out`` and return its path.
+
+    ``lm_head_std`` sharpens the output layer (default: 0.5 tiny, 0.02 full): quality comparisons
+    (fp8 vs bf16) need logits with a spread, or every greedy step is a near-tie.
+    """
     import torch
     from safetensors.torch import save_file
     from transformers import (
@@ -227,7 +238,9 @@ def build_checkpoint(kind: str, out: str | Path, size: str = "tiny", dtype: str 
     model = model.to(torch_dtype)
     # Tiny models get a sharper output layer: with near-flat logits every greedy step is a near-tie
     # and exact-parity tests would only measure rounding noise.
-    _init_random(model, seed, lm_head_std=0.5 if size == "tiny" else 0.02)
+    if lm_head_std is None:
+        lm_head_std = 0.5 if size == "tiny" else 0.02
+    _init_random(model, seed, lm_head_std=lm_head_std)
 
     state = {}
     for key, tensor in model.state_dict().items():
@@ -240,7 +253,16 @@ def build_checkpoint(kind: str, out: str | Path, size: str = "tiny", dtype: str 
     generation.save_pretrained(out)
     processor.save_pretrained(out)
     (out / "flamingo_checkpoint.json").write_text(
-        json.dumps({"random_weights": True, "kind": kind, "size": size, "dtype": dtype, "seed": seed})
+        json.dumps(
+            {
+                "random_weights": True,
+                "kind": kind,
+                "size": size,
+                "dtype": dtype,
+                "seed": seed,
+                "lm_head_std": lm_head_std,
+            }
+        )
     )
     return out
 

@@ -109,6 +109,24 @@ ShardOpt = Annotated[
 ]
 DtypeOpt = Annotated[str, typer.Option("--dtype", help="auto, bfloat16, float16 or float32.")]
 VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Show vLLM's own logs.")]
+QuantOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--quantization",
+        help="fp8: quantise the language model's weights to FP8 at load (GPU; faster on Hopper, "
+        "small quality cost, see PARITY.md). Off by default.",
+    ),
+]
+KvCacheOpt = Annotated[
+    str, typer.Option("--kv-cache-dtype", help="auto (the model dtype) or fp8: half the KV-cache memory.")
+]
+TrimOpt = Annotated[
+    bool,
+    typer.Option(
+        "--trim-encoder/--no-trim-encoder",
+        help="Run the audio encoder on each window's audio only, not its 30-s padding (exact; default).",
+    ),
+]
 
 
 def _job_settings(task: str, model: str | None, prompt: str | None):
@@ -145,10 +163,18 @@ def _sampling(preset, max_tokens, temperature, top_p, top_k, repetition_penalty,
     return Sampling(**s)
 
 
-def _engine_config(model_id, family, max_chunk_s, sampling, **kw):
-    from flamingo_cli.engine import EngineConfig
+def _engine_config(model_id, family, max_chunk_s, sampling, local: bool = True, **kw):
+    from flamingo_cli.engine import EngineConfig, EngineOptionError, check_options
 
-    return EngineConfig(model=model_id, family=family, max_chunk_s=max_chunk_s, max_tokens=sampling.max_tokens, **kw)
+    config = EngineConfig(model=model_id, family=family, max_chunk_s=max_chunk_s, max_tokens=sampling.max_tokens, **kw)
+    if config.quantization is not None or config.kv_cache_dtype != "auto":
+        from flamingo_cli.engine import _has_cuda
+
+        try:  # before any model loads; a Ray cluster's GPUs are not this host's, so only the names there
+            check_options(config, use_gpu=_has_cuda() or not local)
+        except EngineOptionError as exc:
+            raise Fail(ExitStatus.USAGE, str(exc)) from exc
+    return config
 
 
 def _start_engine(config):
@@ -356,6 +382,9 @@ def caption(
     max_num_seqs: Annotated[int | None, typer.Option("--max-num-seqs", help="vLLM batch size cap.")] = None,
     max_num_batched_tokens: Annotated[int | None, typer.Option("--max-num-batched-tokens")] = None,
     enforce_eager: Annotated[bool, typer.Option("--enforce-eager", help="No CUDA graphs / compile.")] = False,
+    quantization: QuantOpt = None,
+    kv_cache_dtype: KvCacheOpt = "auto",
+    trim_encoder: TrimOpt = True,
     ignore_eos: Annotated[bool, typer.Option("--ignore-eos", hidden=True)] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
     verbose: VerboseOpt = False,
@@ -458,6 +487,10 @@ def caption(
             seed=seed,
             verbose=verbose,
             devices=devices,
+            quantization=quantization,
+            kv_cache_dtype=kv_cache_dtype,
+            trim_encoder=trim_encoder,
+            local=executor == "local",
         )
         progress = Progress(
             _env,

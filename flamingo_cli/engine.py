@@ -11,6 +11,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import hashlib
+import math
 import os
 import queue
 import time
@@ -57,12 +58,24 @@ class EngineConfig:
     # core of the host in every replica. A cap is a candidate fix for multi-GPU scaling, not yet measured
     # on GPUs, so it is not the default (BENCHMARKS.md, "Scale-out").
     replica_threads: int | None = None
+    # Run the audio tower on each window's valid frames (flamingo_cli/vllm_plugin.py): exact up to
+    # float rounding (PARITY.md), so on by default; False runs vLLM's untrimmed encoder.
+    trim_encoder: bool = True
+    # FP8 fast paths, a quality trade the user chooses (PARITY.md has the measured deltas): weights
+    # quantised at load time ("fp8"; the language model only, vLLM's audio tower stays in its dtype)
+    # and the KV cache ("fp8" = e4m3). Checked by ``check_options`` before a model loads.
+    quantization: str | None = None
+    kv_cache_dtype: str = "auto"
+
+    @property
+    def windows(self) -> int:
+        """30-s encoder windows of the longest chunk."""
+        return max(1, math.ceil(round(self.max_chunk_s, 3) / WINDOW_S))
 
     @property
     def max_model_len(self) -> int:
         """Audio tokens of the longest chunk (+ MF's BOS/EOS) + prompt text + generated tokens."""
-        windows = -(-int(self.max_chunk_s) // WINDOW_S)
-        return windows * TOKENS_PER_WINDOW + 2 + self.prompt_budget + self.max_tokens
+        return self.windows * TOKENS_PER_WINDOW + 2 + self.prompt_budget + self.max_tokens
 
 
 class Engine(Protocol):
@@ -231,13 +244,36 @@ class VllmEngine:
 
 
 GPU_MAX_NUM_BATCHED_TOKENS = 32768
+QUANTIZATIONS = ("fp8",)
+KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3", "fp8_e5m2")
+
+
+class EngineOptionError(ValueError):
+    """An engine option that cannot work here; raised before any model loads (a usage error)."""
+
+
+def check_options(config: EngineConfig, use_gpu: bool) -> None:
+    """Reject FP8 options vLLM 0.24 cannot run on this machine, with the reason, before loading."""
+    if config.quantization is not None and config.quantization not in QUANTIZATIONS:
+        raise EngineOptionError(f"--quantization {config.quantization!r}: expected one of {', '.join(QUANTIZATIONS)}")
+    if config.kv_cache_dtype not in KV_CACHE_DTYPES:
+        raise EngineOptionError(
+            f"--kv-cache-dtype {config.kv_cache_dtype!r}: expected one of {', '.join(KV_CACHE_DTYPES)}"
+        )
+    if config.quantization and not use_gpu:
+        raise EngineOptionError(
+            f"--quantization {config.quantization} needs a CUDA GPU (FP8 matmuls pay on Hopper or newer); "
+            "vLLM's CPU backend has no FP8 weight path"
+        )
 
 
 def engine_kwargs(config: EngineConfig, use_gpu: bool) -> dict[str, Any]:
     """vLLM engine arguments for ``config`` (all but ``model``): one place for the local and Ray paths."""
+    check_options(config, use_gpu)
     kwargs: dict[str, Any] = dict(
         max_model_len=config.max_model_len,
-        limit_mm_per_prompt={"audio": 1},
+        # One audio per prompt; vLLM sizes its profiling run and encoder cache by the longest chunk.
+        limit_mm_per_prompt={"audio": {"count": 1, "length": config.windows * WINDOW_S * SAMPLE_RATE}},
         dtype=config.dtype,
         gpu_memory_utilization=config.gpu_memory_utilization,
         tensor_parallel_size=config.tensor_parallel_size,
@@ -247,6 +283,14 @@ def engine_kwargs(config: EngineConfig, use_gpu: bool) -> dict[str, Any]:
         mm_processor_cache_gb=0,
         disable_log_stats=not config.verbose,
     )
+    if config.quantization:
+        kwargs["quantization"] = config.quantization
+    if config.kv_cache_dtype != "auto":
+        kwargs["kv_cache_dtype"] = config.kv_cache_dtype
+    if not config.trim_encoder:
+        from flamingo_cli.vllm_plugin import TRIM_OVERRIDE
+
+        kwargs["hf_overrides"] = {TRIM_OVERRIDE: False}
     if config.max_num_seqs:
         kwargs["max_num_seqs"] = config.max_num_seqs
     if config.max_num_batched_tokens:

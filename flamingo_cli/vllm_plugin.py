@@ -115,6 +115,10 @@ def _trimming_class(base: type) -> type:
         def __init__(self, *, vllm_config, prefix: str = ""):
             super().__init__(vllm_config=vllm_config, prefix=prefix)
             self.flamingo_trim = trim_enabled(vllm_config.model_config.hf_config)
+            from vllm.logger import init_logger
+
+            state = "trimmed to each window's valid frames" if self.flamingo_trim else "untrimmed (opted out)"
+            init_logger(__name__).info("flamingo: %s audio tower runs %s", base.__name__, state)
 
         def _encode_audio_features(self, input_features, feature_attention_mask):
             if not self.flamingo_trim:

@@ -108,7 +108,9 @@ def cmd_ckpt(a):
     from flamingo_cli.checkpoints import build_checkpoint
 
     t0 = time.perf_counter()
-    build_checkpoint(a.kind, a.out, size="full", dtype="bfloat16")
+    build_checkpoint(
+        a.kind, a.out, size=a.size, dtype="bfloat16" if a.size == "full" else "float32", lm_head_std=a.lm_head_std
+    )
     return {"mode": "ckpt", "kind": a.kind, "seconds": round(time.perf_counter() - t0, 1)}
 
 
@@ -407,9 +409,389 @@ def cmd_hf(a):
     return list(results.values())
 
 
+# --- suite: one engine per variant, every workload timed through it (issue 14 / 15 lease) -------------
+
+PEAK_BF16_TFLOPS = {"H200": 989.4, "H100": 989.4}  # dense BF16 spec (SXM); the MFU base
+VARIANTS = ("raw", "flamingo", "untrimmed", "fp8", "fp8kv", "replica")
+
+
+def cmd_clips(a):
+    """--count files of --seconds each (MP3/FLAC, mixed rates and channels) under --dir."""
+    root = Path(a.dir)
+    root.mkdir(parents=True, exist_ok=True)
+    kinds = [(".mp3", 44100, 2), (".flac", 48000, 1), (".mp3", 22050, 1), (".flac", 16000, 2), (".flac", 44100, 2)]
+    jobs = [(str(root / f"{i:05d}{kinds[i % 5][0]}"), a.seconds, *kinds[i % 5][1:], i) for i in range(a.count)]
+    t0 = time.perf_counter()
+    with ProcessPoolExecutor(os.cpu_count()) as pool:
+        list(pool.map(_write_one, jobs, chunksize=8))
+    return {
+        "mode": "clips",
+        "dir": a.dir,
+        "files": a.count,
+        "seconds_each": a.seconds,
+        "s": round(time.perf_counter() - t0, 1),
+    }
+
+
+def _durations(folder):
+    """Each file's length in 16 kHz samples (what the model sees after resampling), sorted by name."""
+    import soundfile as sf
+
+    from flamingo_cli.sources import iter_items
+
+    out = []
+    for item in iter_items([folder]):
+        info = sf.info(item.path)
+        out.append(round(info.frames * 16000 / info.samplerate))
+    return out
+
+
+def needed_tflop(ckpt, samples, prompt_tokens, output_tokens, cap_s):
+    """FLOPs the model needs for a workload: encoder on each window's valid frames (trimmed), the
+    projector, LM prefill and decode with causal attention. From the checkpoint's config.json."""
+    cfg = json.loads((Path(ckpt) / "config.json").read_text())
+    au, tx = cfg["audio_config"], cfg["text_config"]
+    d, f, el = au["hidden_size"], au["intermediate_size"], au["num_hidden_layers"]
+    mel = au.get("num_mel_bins", 128)
+    h, i_, ll = tx["hidden_size"], tx["intermediate_size"], tx["num_hidden_layers"]
+    kv = tx["num_key_value_heads"] * (h // tx["num_attention_heads"])
+    vocab = tx["vocab_size"]
+    enc = 0.0
+    chunks = []
+    for n in samples:  # flamingo chunks at the model's cap; raw vLLM gets the same chunks
+        while n > 0:
+            chunks.append(min(n, int(cap_s * 16000)))
+            n -= chunks[-1]
+    for n in chunks:
+        for w in range(0, n, 480000):
+            frames = min(3000, -(-min(480000, n - w) // 160))
+            pos = (frames - 1) // 2 + 1
+            tok = (pos - 2) // 2 + 1
+            enc += 2 * 3 * (mel * d * frames + d * d * pos)  # conv1, conv2
+            enc += el * (pos * (8 * d * d + 4 * d * f) + 4 * d * pos * pos)
+            enc += 2 * (d * h + h * h) * max(tok, 0)  # projector
+    reqs = max(1, len(chunks))
+    p, o = prompt_tokens / reqs, output_tokens / reqs
+    per_tok = 2 * ll * (h * (h + 2 * kv) + h * h + 3 * h * i_)
+    lm = (prompt_tokens + output_tokens) * per_tok + output_tokens * 2 * h * vocab
+    lm += reqs * 4 * ll * h * (p * p / 2 + o * p + o * o / 2)  # causal attention
+    return (enc + lm) / 1e12
+
+
+def _suite_config(a, family, cap_s):
+    from dataclasses import replace
+
+    cfg = _engine_config(a, family)
+    return replace(
+        cfg,
+        max_chunk_s=cap_s,
+        max_tokens=a.out_tokens,
+        devices=(),
+        quantization="fp8" if a.variant == "fp8" else None,
+        kv_cache_dtype="fp8" if a.variant == "fp8kv" else "auto",
+        trim_encoder=a.variant != "untrimmed",
+        dtype="auto" if _on_cpu() else "bfloat16",
+    )
+
+
+def _on_cpu():
+    import torch
+
+    return not torch.cuda.is_available()
+
+
+def _workloads(a):
+    out = []
+    for spec in a.workloads.split(","):
+        name, folder = spec.split("=", 1)
+        out.append((name, folder))
+    return out
+
+
+def cmd_suite(a):
+    """One engine (--variant) through every --workloads folder, each timed after a warm-up.
+
+    raw: vLLM's LLM(model=ckpt) with its defaults (bf16, flamingo's plugin off via its env switch),
+    LLM.generate over pre-decoded arrays. flamingo/untrimmed/fp8/fp8kv: flamingo's pipeline from the
+    files on disk. replica: flamingo through one data-parallel replica process (issue 15).
+    """
+    from flamingo_cli.models import family_for
+
+    family = family_for(a.ckpt)
+    workloads = _workloads(a)
+    samples = {name: _durations(folder) for name, folder in workloads}
+    cap_s = float(min(family.max_audio_s, max(-(-max(s) // 16000) for s in samples.values())))
+    peak = a.peak_tflops
+    results = []
+    t0 = time.perf_counter()
+    if a.variant == "raw":
+        os.environ["FLAMINGO_TRIM_ENCODER"] = "0"  # the in-tree encoder: what vLLM alone runs
+        from vllm import LLM
+
+        llm = LLM(model=a.ckpt, **({"max_model_len": 8192} if _on_cpu() else {}))
+        engine = None
+    else:
+        engine = _suite_engine(a, family, cap_s)
+        llm = getattr(engine, "llm", None)
+    start_s = time.perf_counter() - t0
+    try:
+        for name, folder in workloads:
+            if a.variant == "raw":
+                r = _raw_workload(a, llm, family, folder)
+            else:
+                r = _flamingo_workload(a, engine, family, folder, name)
+            tflop = needed_tflop(a.ckpt, samples[name], r["prompt_tokens"], r["output_tokens"], family.max_audio_s)
+            r.update(
+                mode="suite",
+                variant=a.variant,
+                workload=name,
+                model=family.name,
+                out_tokens=a.out_tokens,
+                engine_start_s=round(start_s, 1),
+                tflop_needed=round(tflop, 1),
+                mfu_needed=round(tflop / r["seconds"] / peak, 3) if peak else None,
+                peak_tflops=peak,
+                max_chunk_s=cap_s,
+                device=_device_name(),
+            )
+            results.append(r)
+            print("RESULT " + json.dumps(r), flush=True)
+            if a.results:
+                with open(a.results, "a") as fh:
+                    fh.write(json.dumps(r) + "\n")
+        if a.quality_dir and a.variant in ("flamingo", "fp8", "fp8kv"):
+            q = _quality(a, llm if llm is not None else engine.llm, family, workloads)
+            results.append(q)
+            print("RESULT " + json.dumps(q), flush=True)
+            if a.results:
+                with open(a.results, "a") as fh:
+                    fh.write(json.dumps(q) + "\n")
+    finally:
+        if engine is not None:
+            engine.close()
+        elif llm is not None:
+            with contextlib.suppress(Exception):
+                llm.llm_engine.engine_core.shutdown()
+    return []  # already printed and written one by one (a later failure keeps the earlier rows)
+
+
+def _suite_engine(a, family, cap_s):
+    config = _suite_config(a, family, cap_s)
+    if a.variant == "replica":
+        from flamingo_cli.data_parallel import DataParallelEngine
+
+        return DataParallelEngine(config, ["0" if not _on_cpu() else None])
+    from flamingo_cli.engine import get_engine
+
+    return get_engine(config)
+
+
+def _device_name():
+    try:
+        import torch
+
+        return torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+    except Exception:
+        return "unknown"
+
+
+def _raw_workload(a, llm, family, folder):
+    import math
+
+    from vllm import SamplingParams
+
+    from flamingo_cli.prompts import PromptBuilder, load_chat_template
+
+    a.dir, a.shard = folder, None
+    chunks = _predecoded(a, family)
+    text = PromptBuilder(family, load_chat_template(a.ckpt)).text("Describe the audio in detail.")
+    sp = SamplingParams(temperature=0.0, max_tokens=a.out_tokens, ignore_eos=True)
+    prompts = [{"prompt": text, "multi_modal_data": {"audio": (c.samples, 16000)}} for c in chunks]
+    llm.generate(prompts[: a.warmup], sp, use_tqdm=False)
+    with GpuBusy() as gpu:
+        t1 = time.perf_counter()
+        outs = llm.generate(prompts, sp, use_tqdm=False)
+        seconds = time.perf_counter() - t1
+    windows = sum(math.ceil(round(c.end_s - c.start_s, 3) / 30) for c in chunks)
+    return _row(windows, len(chunks), seconds, gpu, outs=outs)
+
+
+def _row(windows, requests, seconds, gpu, outs=None, prompt_tokens=0, output_tokens=0):
+    if outs is not None:
+        prompt_tokens = sum(len(o.prompt_token_ids) for o in outs)
+        output_tokens = sum(len(o.outputs[0].token_ids) for o in outs)
+    return {
+        "windows": windows,
+        "requests": requests,
+        "seconds": round(seconds, 2),
+        "windows_per_s": round(windows / seconds, 2),
+        "requests_per_s": round(requests / seconds, 2),
+        "output_tok_s": round(output_tokens / seconds),
+        "prompt_tokens": prompt_tokens,
+        "output_tokens": output_tokens,
+        "gpu_busy_pct": round(gpu.busy, 1) if gpu.busy is not None else None,
+        "gpu_samples": len(gpu.samples),
+    }
+
+
+def _flamingo_workload(a, engine, family, folder, name):
+    import itertools
+    import shutil
+
+    from flamingo_cli.engine import Sampling
+    from flamingo_cli.pipeline import CaptionJob, Stats, run_pipeline
+    from flamingo_cli.prompts import PromptBuilder, load_chat_template
+    from flamingo_cli.sink import Sink
+    from flamingo_cli.sources import iter_items
+
+    job = CaptionJob(
+        inputs=[folder],
+        prompts=PromptBuilder(family, load_chat_template(a.ckpt)),
+        prompt="Describe the audio in detail.",
+        max_chunk_s=float(family.max_audio_s),
+        sampling=Sampling(temperature=0.0, max_tokens=a.out_tokens, ignore_eos=True),
+        workers=a.workers,
+        queue_size=a.queue_size,
+    )
+    for phase in ("warmup", "timed"):
+        out = Path(a.out_dir) / f"{a.variant}-{name}-{phase}"
+        shutil.rmtree(out, ignore_errors=True)
+        items = iter_items([folder])
+        if phase == "warmup":
+            items = itertools.islice(items, a.warmup)
+        stats = Stats()
+        with Sink(out, "bench", {"bench": True}, model=a.ckpt, task="bench") as sink, GpuBusy() as gpu:
+            t1 = time.perf_counter()
+            run_pipeline(job, items, engine, sink, stats)
+            seconds = time.perf_counter() - t1
+        s = stats.snapshot()
+        assert s["chunks_failed"] == 0 and s["items_failed"] == 0, s
+    return _row(
+        s["windows_done"],
+        s["chunks_done"],
+        seconds,
+        gpu,
+        prompt_tokens=s["prompt_tokens"],
+        output_tokens=s["output_tokens"],
+    )
+
+
+def _quality(a, llm, family, workloads):
+    """Greedy agreement and teacher-forced log-prob deltas against the bf16 run (--variant flamingo).
+
+    bf16 writes its greedy tokens and its log-probs of them (scored as a prompt, prefill numerics);
+    a later fp8 run scores the same token sequences and generates its own greedy tokens.
+    """
+    from vllm import SamplingParams
+
+    from flamingo_cli.prompts import PromptBuilder, load_chat_template
+
+    chunks = []
+    for _, folder in workloads:
+        a.dir, a.shard = folder, None
+        chunks += [c for c in _predecoded(a, family)][: a.quality_n // len(workloads) or 1]
+    text = PromptBuilder(family, load_chat_template(a.ckpt)).text("Describe the audio in detail.")
+    audio = [{"audio": (c.samples, 16000)} for c in chunks]
+    greedy = SamplingParams(temperature=0.0, max_tokens=a.quality_tokens)
+    gen = llm.generate([{"prompt": text, "multi_modal_data": m} for m in audio], greedy, use_tqdm=False)
+    tokens = [list(o.outputs[0].token_ids) for o in gen]
+    qdir = Path(a.quality_dir)
+    qdir.mkdir(parents=True, exist_ok=True)
+    ref_path = qdir / f"{family.name}-bf16.json"
+    ref = json.loads(ref_path.read_text())["tokens"] if a.variant != "flamingo" else tokens
+    base = llm.get_tokenizer().encode(text)
+    score = SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=0)
+    scored = llm.generate(
+        [{"prompt_token_ids": base + list(t), "multi_modal_data": m} for t, m in zip(ref, audio, strict=True)],
+        score,
+        use_tqdm=False,
+    )
+    logprobs = []
+    for t, o in zip(ref, scored, strict=True):
+        tail = o.prompt_logprobs[len(o.prompt_logprobs) - len(t) :]
+        logprobs.append([float(pl[tok].logprob) for pl, tok in zip(tail, t, strict=True)])
+    row = {
+        "mode": "quality",
+        "variant": a.variant,
+        "model": family.name,
+        "sequences": len(tokens),
+        "steps": a.quality_tokens,
+    }
+    if a.variant == "flamingo":
+        ref_path.write_text(json.dumps({"tokens": tokens, "logprobs": logprobs}))
+        row["written"] = str(ref_path)
+        row["mean_logprob"] = round(sum(map(sum, logprobs)) / max(1, sum(map(len, logprobs))), 4)
+        return row
+    ref_lp = json.loads(ref_path.read_text())["logprobs"]
+    deltas = sorted(abs(x - y) for u, v in zip(logprobs, ref_lp, strict=True) for x, y in zip(u, v, strict=True))
+    first = [
+        next((i for i, (x, y) in enumerate(zip(t, r, strict=False)) if x != y), None)
+        for t, r in zip(tokens, ref, strict=True)
+    ]
+    row.update(
+        teacher_forced_abs_dlogp_mean=round(sum(deltas) / len(deltas), 5),
+        teacher_forced_abs_dlogp_p50=round(deltas[len(deltas) // 2], 5),
+        teacher_forced_abs_dlogp_p99=round(deltas[int(len(deltas) * 0.99)], 5),
+        teacher_forced_abs_dlogp_max=round(deltas[-1], 5),
+        greedy_identical_sequences=sum(f is None for f in first),
+        greedy_token_agreement=round(
+            sum(x == y for t, r in zip(tokens, ref, strict=True) for x, y in zip(t, r, strict=False))
+            / sum(map(len, ref)),
+            4,
+        ),
+        greedy_first_mismatch_median=sorted(f for f in first if f is not None)[
+            len([f for f in first if f is not None]) // 2
+        ]
+        if any(f is not None for f in first)
+        else None,
+        ref_mean_logprob=round(sum(map(sum, ref_lp)) / max(1, sum(map(len, ref_lp))), 4),
+    )
+    return row
+
+
+def cmd_report(a):
+    """Markdown table from --results: each variant's windows/s and its ratio to raw vLLM per workload."""
+    rows = [json.loads(line) for line in Path(a.results).read_text().splitlines() if line.strip()]
+    speed = [r for r in rows if r.get("mode") == "suite"]
+    lines = [
+        "| model | workload | variant | windows/s | req/s | x raw vLLM | GPU busy % | MFU (needed FLOPs) | start s |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in speed:
+        raw = next(
+            (x for x in speed if x["variant"] == "raw" and x["workload"] == r["workload"] and x["model"] == r["model"]),
+            None,
+        )
+        ratio = f"{r['windows_per_s'] / raw['windows_per_s']:.2f}" if raw else "-"
+        lines.append(
+            f"| {r['model']} | {r['workload']} ({r['out_tokens']} tok) | {r['variant']} | {r['windows_per_s']} | "
+            f"{r['requests_per_s']} | {ratio} | {r['gpu_busy_pct']} | {r['mfu_needed']} | {r['engine_start_s']} |"
+        )
+    for r in rows:
+        if r.get("mode") == "quality":
+            lines.append(
+                f"\nquality {r['model']} {r['variant']}: "
+                + json.dumps({k: v for k, v in r.items() if k not in ("mode",)})
+            )
+    print("\n".join(lines))
+    return []
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("mode", choices=["data", "ckpt", "ceiling", "flamingo", "hf", "feed"])
+    ap.add_argument("mode", choices=["data", "ckpt", "ceiling", "flamingo", "hf", "feed", "clips", "suite", "report"])
+    ap.add_argument("--seconds", type=float, default=10.0, help="clips: length of each file")
+    ap.add_argument("--count", type=int, default=1000, help="clips: number of files")
+    ap.add_argument("--size", default="full", help="ckpt: full or tiny")
+    ap.add_argument("--lm-head-std", type=float, default=None, help="ckpt: sharpen the output layer (quality runs)")
+    ap.add_argument("--variant", choices=VARIANTS, default="flamingo", help="suite: which engine")
+    ap.add_argument("--workloads", default="10s=/tmp/bench-10s,30s=/tmp/bench-30s,5min=/tmp/bench-5min")
+    ap.add_argument("--out-tokens", type=int, default=OUT_TOKENS)
+    ap.add_argument("--warmup", type=int, default=16)
+    ap.add_argument("--quality-dir", default=None, help="suite: also measure fp8-vs-bf16 quality, files here")
+    ap.add_argument("--quality-n", type=int, default=48)
+    ap.add_argument("--quality-tokens", type=int, default=64)
+    ap.add_argument("--peak-tflops", type=float, default=989.4, help="dense BF16 peak for MFU (H100/H200 SXM)")
     ap.add_argument("--dir", default="/tmp/bench-audio")
     ap.add_argument("--windows", type=int, default=2000)
     ap.add_argument("--kind", default="af3")
@@ -438,6 +820,9 @@ def main():
         "flamingo": cmd_flamingo,
         "hf": cmd_hf,
         "feed": cmd_feed,
+        "clips": cmd_clips,
+        "suite": cmd_suite,
+        "report": cmd_report,
     }[a.mode](a)
     for r in res if isinstance(res, list) else [res]:
         line = json.dumps(r)

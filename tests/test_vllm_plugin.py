@@ -110,3 +110,20 @@ def test_plugin_registers_flamingo_classes_for_both_architectures():
         cls = ModelRegistry._try_load_model_cls(arch)  # loads the lazily registered class
         assert f"{cls.__module__}:{cls.__name__}" == target
         assert hasattr(cls, "_processor_factory")  # vLLM's multimodal processor is inherited
+
+
+def test_trimming_opt_outs(monkeypatch):
+    from types import SimpleNamespace
+
+    from flamingo_cli.engine import EngineConfig, engine_kwargs
+    from flamingo_cli.models import AF3
+    from flamingo_cli.vllm_plugin import TRIM_ENV, TRIM_OVERRIDE, trim_enabled
+
+    assert trim_enabled(SimpleNamespace()) and trim_enabled(None)
+    assert not trim_enabled(SimpleNamespace(**{TRIM_OVERRIDE: False}))
+    config = EngineConfig(model="m", family=AF3, max_chunk_s=30.0)
+    assert "hf_overrides" not in engine_kwargs(config, use_gpu=False)  # on by default: the checkpoint's config as is
+    off = engine_kwargs(EngineConfig(model="m", family=AF3, max_chunk_s=30.0, trim_encoder=False), use_gpu=False)
+    assert off["hf_overrides"] == {TRIM_OVERRIDE: False}
+    monkeypatch.setenv(TRIM_ENV, "0")
+    assert not trim_enabled(None)

@@ -1,0 +1,42 @@
+"""Engine options that reach vLLM: FP8 switches checked before a model loads, sizes from the longest chunk."""
+
+from __future__ import annotations
+
+import pytest
+
+from flamingo_cli.engine import EngineConfig, EngineOptionError, check_options, engine_kwargs
+from flamingo_cli.models import AF3, MF
+
+
+def _config(**kw) -> EngineConfig:
+    return EngineConfig(model="m", family=AF3, max_chunk_s=30.0, **kw)
+
+
+def test_fp8_is_off_by_default_and_passed_through_when_asked():
+    kwargs = engine_kwargs(_config(), use_gpu=True)
+    assert "quantization" not in kwargs and "kv_cache_dtype" not in kwargs
+    kwargs = engine_kwargs(_config(quantization="fp8", kv_cache_dtype="fp8"), use_gpu=True)
+    assert kwargs["quantization"] == "fp8" and kwargs["kv_cache_dtype"] == "fp8"
+
+
+def test_fp8_weights_on_cpu_is_a_usage_error_naming_the_reason():
+    with pytest.raises(EngineOptionError, match="needs a CUDA GPU"):
+        check_options(_config(quantization="fp8"), use_gpu=False)
+    check_options(_config(kv_cache_dtype="fp8"), use_gpu=False)  # vLLM's CPU attention has an FP8 KV cache
+
+
+@pytest.mark.parametrize(("field", "value"), [("quantization", "int3"), ("kv_cache_dtype", "fp4")])
+def test_unknown_fp8_option_values_are_rejected(field, value):
+    with pytest.raises(EngineOptionError, match=value):
+        check_options(_config(**{field: value}), use_gpu=True)
+
+
+@pytest.mark.parametrize(("seconds", "windows"), [(10.0, 1), (30.0, 1), (30.5, 2), (300.0, 10), (600.0, 20)])
+def test_engine_is_sized_by_the_longest_chunk(seconds, windows):
+    config = EngineConfig(model="m", family=AF3, max_chunk_s=seconds, max_tokens=128)
+    kwargs = engine_kwargs(config, use_gpu=False)
+    assert config.windows == windows
+    assert kwargs["max_model_len"] == windows * 750 + 2 + config.prompt_budget + 128
+    # vLLM's memory profiling and encoder cache take the longest chunk's audio, not the model's cap.
+    assert kwargs["limit_mm_per_prompt"] == {"audio": {"count": 1, "length": windows * 30 * 16000}}
+    assert EngineConfig(model="m", family=MF, max_chunk_s=1200.0).windows == 40
