@@ -66,6 +66,10 @@ class EngineConfig:
     # and the KV cache ("fp8" = e4m3). Checked by ``check_options`` before a model loads.
     quantization: str | None = None
     kv_cache_dtype: str = "auto"
+    # Where vLLM's front-end computes each request's log-mel (the HF feature extractor's ``device``):
+    # None = on the CPU thread that also drives the engine; "cuda" = torch's STFT on the GPU. Not yet
+    # measured on a GPU (scripts/gpu_lease.sh, variant gpumel), so not the default.
+    mel_device: str | None = None
 
     @property
     def windows(self) -> int:
@@ -287,6 +291,8 @@ def engine_kwargs(config: EngineConfig, use_gpu: bool) -> dict[str, Any]:
         kwargs["quantization"] = config.quantization
     if config.kv_cache_dtype != "auto":
         kwargs["kv_cache_dtype"] = config.kv_cache_dtype
+    if config.mel_device:
+        kwargs["mm_processor_kwargs"] = {"device": config.mel_device}
     if not config.trim_encoder:
         from flamingo_cli.vllm_plugin import TRIM_OVERRIDE
 

@@ -412,7 +412,7 @@ def cmd_hf(a):
 # --- suite: one engine per variant, every workload timed through it (issue 14 / 15 lease) -------------
 
 PEAK_BF16_TFLOPS = {"H200": 989.4, "H100": 989.4}  # dense BF16 spec (SXM); the MFU base
-VARIANTS = ("raw", "flamingo", "untrimmed", "fp8", "fp8kv", "replica")
+VARIANTS = ("raw", "flamingo", "untrimmed", "fp8", "fp8kv", "replica", "gpumel")
 
 
 def cmd_clips(a):
@@ -490,6 +490,7 @@ def _suite_config(a, family, cap_s):
         quantization="fp8" if a.variant == "fp8" else None,
         kv_cache_dtype="fp8" if a.variant == "fp8kv" else "auto",
         trim_encoder=a.variant != "untrimmed",
+        mel_device=("cpu" if _on_cpu() else "cuda") if a.variant == "gpumel" else None,
         dtype="auto" if _on_cpu() else "bfloat16",
     )
 

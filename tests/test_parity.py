@@ -32,16 +32,23 @@ def _cases(kind: str) -> list[Case]:
     return out
 
 
+def _engine(ckpt: str):
+    from flamingo_cli.engine import EngineConfig, get_engine
+    from flamingo_cli.models import family_for
+
+    family = family_for(ckpt)
+    # The same engine options as the CLI tests (--max-tokens 8): one shared engine per model.
+    return get_engine(EngineConfig(model=ckpt, family=family, max_chunk_s=float(family.max_audio_s), max_tokens=8))
+
+
 @pytest.fixture(scope="module", params=["af3", "mf"])
 def parity(request, tiny_af3, tiny_mf):
-    from flamingo_cli.engine import EngineConfig, get_engine
     from flamingo_cli.models import family_for
     from flamingo_cli.prompts import PromptBuilder, load_chat_template
 
     ckpt = str(tiny_af3 if request.param == "af3" else tiny_mf)
     family = family_for(ckpt)
-    # The same engine options as the CLI tests (--max-tokens 8): one shared engine per model.
-    engine = get_engine(EngineConfig(model=ckpt, family=family, max_chunk_s=float(family.max_audio_s), max_tokens=8))
+    engine = _engine(ckpt)
     builder = PromptBuilder(family, load_chat_template(ckpt))
     pairs = make_chunks(_cases(request.param), family.max_audio_s)
     got = run_vllm(engine, builder, pairs, STEPS)
@@ -95,6 +102,19 @@ def test_greedy_tokens_identical_except_at_near_ties(parity):
     assert all(len(r.vllm_tokens) == STEPS for r in ok)
     assert all(r.margin_chosen < NEAR_TIE for r in mism), [(r.case, r.first_mismatch, r.margin_chosen) for r in mism]
     assert len(mism) <= len(ok) // 5, [(r.case, r.first_mismatch, r.margin_chosen) for r in mism]
+
+
+def test_the_engine_ran_flamingos_trimmed_audio_tower(parity, tiny_af3, tiny_mf):
+    """So the greedy parity above is that of the trimmed encoder (flamingo's default), not vLLM's own."""
+    from vllm import ModelRegistry
+
+    kind, family, _, _ = parity
+    engine = _engine(str(tiny_af3 if kind == "af3" else tiny_mf))  # the fixture's, from the engine cache
+    model_config = engine.llm.llm_engine.model_config
+    # vLLM resolves the class the same way in its engine process (which loads the same plugins).
+    cls, arch = ModelRegistry.resolve_model_cls(model_config.architectures, model_config)
+    assert arch == family.architecture and cls.__module__ == "flamingo_cli.vllm_plugin", cls
+    assert getattr(model_config.hf_config, "flamingo_trim_encoder", True) is True  # trimming not opted out
 
 
 def test_audio_shorter_than_one_token_is_an_error_not_a_crash(parity):

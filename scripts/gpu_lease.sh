@@ -1,0 +1,117 @@
+#!/usr/bin/env bash
+# One H200 lease for issues 14 and 15 (one-GPU part): every step writes JSON under $OUT, has its own
+# time limit, and may fail without stopping the rest; steps run in order of importance and a step that
+# would overrun the lease's budget is skipped (recorded as such).
+#
+#   GPU:  bash scripts/gpu_lease.sh            (device setup as /work/shared/device/README.md; ~19 min)
+#   CPU smoke test with tiny checkpoints:  SMOKE=1 OUT=/tmp/lease-smoke bash scripts/gpu_lease.sh
+#
+# $OUT/results.jsonl  one JSON row per (variant, workload) and per quality comparison (bench.py suite)
+# $OUT/steps.jsonl    one row per step: name, exit status (124 = hit its limit), seconds, skipped
+# $OUT/report.md      the table for BENCHMARKS.md (bench.py report); $OUT/logs/<step>.log each step's log
+set -u
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/lease-out}
+SMOKE=${SMOKE:-0}
+BUDGET_S=${BUDGET_S:-1140}   # the whole script, setup included (the lease has ~20 device minutes)
+STEP_S=${STEP_S:-530}        # no command longer than ~9 min
+mkdir -p "$OUT/logs"
+export VLLM_USE_FLASHINFER_SAMPLER=0
+PY=${PY:-python}
+if [[ $SMOKE == 1 ]]; then
+  PY=${PY_SMOKE:-/work/main/.venv/bin/python}
+  export PYTHONPATH=$PWD
+  export VLLM_CPU_KVCACHE_SPACE=${VLLM_CPU_KVCACHE_SPACE:-2}
+  SITE=$(mktemp -d)   # the entry point below, kept away from the shared venv
+  export PYTHONPATH=$SITE:$PYTHONPATH
+  N10=6; N30=4; N5=1; NMF=3; SIZE=tiny; AF3=/tmp/lease-smoke-af3; MF=/tmp/lease-smoke-mf; DATA=/tmp/lease-smoke-data
+  QN=4; QTOK=8; WARM=2; MFTOK=16; TOK=8
+else
+  SITE=/tmp/site
+  export PYTHONPATH=$SITE:$PWD
+  N10=1200; N30=900; N5=60; NMF=240; SIZE=full; AF3=/tmp/af3-full; MF=/tmp/mf-full; DATA=/tmp
+  QN=48; QTOK=64; WARM=16; MFTOK=512; TOK=128
+fi
+START=$(date +%s)
+DEADLINE=$((START + BUDGET_S))
+B="$PY scripts/bench.py"
+RES=$OUT/results.jsonl
+
+# step NAME EXPECTED_S CMD...: skipped when EXPECTED_S no longer fits the budget; killed (with every
+# process it started, its own process group) at STEP_S.
+step() {
+  local name=$1 expect=$2
+  shift 2
+  local now t0 rc
+  now=$(date +%s)
+  if ((now + expect > DEADLINE)); then
+    echo "{\"step\": \"$name\", \"skipped\": true, \"left_s\": $((DEADLINE - now))}" >>"$OUT/steps.jsonl"
+    echo "== $name: skipped (needs ~${expect}s, $((DEADLINE - now))s left)"
+    return 0
+  fi
+  echo "== $name (expect ~${expect}s, limit ${STEP_S}s)"
+  t0=$(date +%s)
+  setsid timeout -k 15 "$STEP_S" "$@" >"$OUT/logs/$name.log" 2>&1 &
+  local pid=$!
+  wait "$pid"
+  rc=$?
+  kill -KILL -- -"$pid" 2>/dev/null # leftover engine processes never hold the GPU for the next step
+  sleep 2
+  echo "{\"step\": \"$name\", \"rc\": $rc, \"seconds\": $(($(date +%s) - t0))}" >>"$OUT/steps.jsonl"
+  echo "   rc=$rc in $(($(date +%s) - t0))s; last lines:"
+  grep -v "^RESULT" "$OUT/logs/$name.log" | tail -n 3 | cut -c1-200
+}
+
+# vLLM finds flamingo's plugin through an installed entry point; flamingo runs from its source tree
+# here, so give that tree one (a dist-info beside the carried packages).
+mkdir -p "$SITE/flamingo_plugin-0.dist-info"
+printf 'Metadata-Version: 2.1\nName: flamingo-plugin\nVersion: 0\n' >"$SITE/flamingo_plugin-0.dist-info/METADATA"
+printf '[vllm.general_plugins]\nflamingo = flamingo_cli.vllm_plugin:register\n' \
+  >"$SITE/flamingo_plugin-0.dist-info/entry_points.txt"
+$PY - <<'EOF' >"$OUT/env.json" || echo '{"plugin": "MISSING"}' >"$OUT/env.json"
+import json, importlib.metadata as md
+eps = [e.value for e in md.entry_points(group="vllm.general_plugins")]
+assert "flamingo_cli.vllm_plugin:register" in eps, eps
+v = {n: md.version(n) for n in ("torch", "transformers")}
+try:
+    v["vllm"] = md.version("vllm")
+except md.PackageNotFoundError:
+    v["vllm"] = md.version("vllm-cpu")
+print(json.dumps({"plugin": eps, **v}))
+EOF
+cat "$OUT/env.json"
+
+# --- setup (host CPU): audio and random-weight checkpoints ------------------------------------------
+step data 60 bash -c "$B clips --dir $DATA/bench-10s --seconds 10 --count $N10 && \
+  $B clips --dir $DATA/bench-30s --seconds 30 --count $N30 && \
+  $B clips --dir $DATA/bench-5min --seconds 300 --count $N5 && \
+  $B clips --dir $DATA/bench-mf --seconds 30 --count $NMF"
+# AF3 with a sharpened output layer (logit spread ~6, not flat): the same checkpoint times every
+# variant and measures fp8's quality deltas. Speed does not depend on the output layer's values.
+[[ -f $AF3/config.json ]] || step ckpt-af3 40 $B ckpt --kind af3 --size $SIZE --out $AF3 --lm-head-std 0.1
+[[ -f $MF/config.json ]] || step ckpt-mf 40 $B ckpt --kind mf --size $SIZE --out $MF
+
+W="10s=$DATA/bench-10s,30s=$DATA/bench-30s,5min=$DATA/bench-5min"
+S="$B suite --ckpt $AF3 --workloads $W --out-tokens $TOK --warmup $WARM --results $RES --out-dir $OUT/bench-out"
+Q="--quality-dir $OUT/quality --quality-n $QN --quality-tokens $QTOK"
+MFS="$B suite --ckpt $MF --workloads mf30s=$DATA/bench-mf --out-tokens $MFTOK --warmup $WARM --results $RES --out-dir $OUT/bench-out"
+
+# --- issue 14: AF3, 128 tokens, three workloads per engine; then MF, 512 tokens ---------------------
+step af3-raw 200 $S --variant raw
+step af3-flamingo 230 $S --variant flamingo $Q
+step af3-fp8 230 $S --variant fp8 $Q
+step mf-raw 120 $MFS --variant raw
+step mf-flamingo 120 $MFS --variant flamingo
+step mf-fp8 120 $MFS --variant fp8
+# --- issue 15 (one GPU): the same 30-s workload through one data-parallel replica process ----------
+step af3-replica 150 $B suite --ckpt "$AF3" --workloads "30s=$DATA/bench-30s" --out-tokens $TOK --warmup $WARM \
+  --results "$RES" --out-dir "$OUT/bench-out" --variant replica
+# --- if time is left: log-mel on the GPU (front-end CPU), FP8 KV cache, the untrimmed encoder --------
+step af3-gpumel 150 $B suite --ckpt "$AF3" --workloads "10s=$DATA/bench-10s,30s=$DATA/bench-30s" --out-tokens $TOK \
+  --warmup $WARM --results "$RES" --out-dir "$OUT/bench-out" --variant gpumel
+step af3-fp8kv 200 $S --variant fp8kv $Q
+step af3-untrimmed 200 $S --variant untrimmed
+
+$PY scripts/bench.py report --results "$RES" >"$OUT/report.md" 2>"$OUT/logs/report.log" || true
+cat "$OUT/report.md"
+echo "total $(($(date +%s) - START))s"
