@@ -3,8 +3,14 @@
 # time limit, and may fail without stopping the rest; steps run in order of importance and a step that
 # would overrun the lease's budget is skipped (recorded as such).
 #
-#   GPU:  bash scripts/gpu_lease.sh            (device setup as /work/shared/device/README.md; ~19 min)
+#   GPU, in three commands of < 10 min on one warm machine (device setup as /work/shared/device/README.md):
+#     ONLY='af3-raw|af3-flamingo' bash scripts/gpu_lease.sh      # + setup (audio, checkpoints): ~8 min
+#     ONLY='af3-fp8|mf-raw|mf-flamingo' bash scripts/gpu_lease.sh                           # ~7.5 min
+#     ONLY='mf-fp8|af3-replica|af3-gpumel|af3-fp8kv|af3-untrimmed' bash scripts/gpu_lease.sh  # what fits
+#   Audio, checkpoints, the bf16 quality reference and the results accumulate under /tmp between commands;
+#   each command copies the cumulative results and report to its $OUT.
 #   CPU smoke test with tiny checkpoints:  SMOKE=1 OUT=/tmp/lease-smoke bash scripts/gpu_lease.sh
+#   ONLY='af3-raw|af3-fp8' runs only the measurement steps whose names match (setup steps always run).
 #
 # $OUT/results.jsonl  one JSON row per (variant, workload) and per quality comparison (bench.py suite)
 # $OUT/steps.jsonl    one row per step: name, exit status (124 = hit its limit), seconds, skipped
@@ -13,7 +19,7 @@ set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/lease-out}
 SMOKE=${SMOKE:-0}
-BUDGET_S=${BUDGET_S:-1140}   # the whole script, setup included (the lease has ~20 device minutes)
+BUDGET_S=${BUDGET_S:-560}    # this command, setup included (a device command may run 600 s)
 STEP_S=${STEP_S:-530}        # no command longer than ~9 min
 mkdir -p "$OUT/logs"
 export VLLM_USE_FLASHINFER_SAMPLER=0
@@ -25,17 +31,18 @@ if [[ $SMOKE == 1 ]]; then
   SITE=$(mktemp -d)   # the entry point below, kept away from the shared venv
   export PYTHONPATH=$SITE:$PYTHONPATH
   N10=6; N30=4; N5=1; NMF=3; SIZE=tiny; AF3=/tmp/lease-smoke-af3; MF=/tmp/lease-smoke-mf; DATA=/tmp/lease-smoke-data
-  QN=4; QTOK=8; WARM=2; MFTOK=16; TOK=8
+  QN=4; QTOK=8; WARM=2; MFTOK=16; TOK=8; KEEP=/tmp/lease-smoke-keep
 else
   SITE=/tmp/site
   export PYTHONPATH=$SITE:$PWD
-  N10=1200; N30=900; N5=60; NMF=240; SIZE=full; AF3=/tmp/af3-full; MF=/tmp/mf-full; DATA=/tmp
-  QN=48; QTOK=64; WARM=16; MFTOK=512; TOK=128
+  N10=1000; N30=750; N5=50; NMF=200; SIZE=full; AF3=/tmp/af3-sharp-full; MF=/tmp/mf-full; DATA=/tmp
+  QN=48; QTOK=64; WARM=8; MFTOK=512; TOK=128; KEEP=/tmp/lease-keep
 fi
 START=$(date +%s)
 DEADLINE=$((START + BUDGET_S))
 B="$PY scripts/bench.py"
-RES=$OUT/results.jsonl
+mkdir -p "$KEEP"
+RES=$KEEP/results.jsonl # cumulative over the commands of one lease; copied to $OUT at the end
 
 # step NAME EXPECTED_S CMD...: skipped when EXPECTED_S no longer fits the budget; killed (with every
 # process it started, its own process group) at STEP_S.
@@ -43,6 +50,9 @@ step() {
   local name=$1 expect=$2
   shift 2
   local now t0 rc
+  if [[ -n ${ONLY:-} && $name != data && $name != ckpt-* && ! $name =~ ^(${ONLY})$ ]]; then
+    return 0
+  fi
   now=$(date +%s)
   if ((now + expect > DEADLINE)); then
     echo "{\"step\": \"$name\", \"skipped\": true, \"left_s\": $((DEADLINE - now))}" >>"$OUT/steps.jsonl"
@@ -83,7 +93,7 @@ EOF
 cat "$OUT/env.json"
 
 # --- setup (host CPU): audio and random-weight checkpoints ------------------------------------------
-step data 60 bash -c "$B clips --dir $DATA/bench-10s --seconds 10 --count $N10 && \
+[[ $(ls "$DATA/bench-mf" 2>/dev/null | wc -l) == "$NMF" ]] || step data 60 bash -c "$B clips --dir $DATA/bench-10s --seconds 10 --count $N10 && \
   $B clips --dir $DATA/bench-30s --seconds 30 --count $N30 && \
   $B clips --dir $DATA/bench-5min --seconds 300 --count $N5 && \
   $B clips --dir $DATA/bench-mf --seconds 30 --count $NMF"
@@ -93,9 +103,9 @@ step data 60 bash -c "$B clips --dir $DATA/bench-10s --seconds 10 --count $N10 &
 [[ -f $MF/config.json ]] || step ckpt-mf 40 $B ckpt --kind mf --size $SIZE --out $MF
 
 W="10s=$DATA/bench-10s,30s=$DATA/bench-30s,5min=$DATA/bench-5min"
-S="$B suite --ckpt $AF3 --workloads $W --out-tokens $TOK --warmup $WARM --results $RES --out-dir $OUT/bench-out"
-Q="--quality-dir $OUT/quality --quality-n $QN --quality-tokens $QTOK"
-MFS="$B suite --ckpt $MF --workloads mf30s=$DATA/bench-mf --out-tokens $MFTOK --warmup $WARM --results $RES --out-dir $OUT/bench-out"
+S="$B suite --ckpt $AF3 --workloads $W --out-tokens $TOK --warmup $WARM --results $RES --out-dir $KEEP/bench-out"
+Q="--quality-dir $KEEP/quality --quality-n $QN --quality-tokens $QTOK"
+MFS="$B suite --ckpt $MF --workloads mf30s=$DATA/bench-mf --out-tokens $MFTOK --warmup $WARM --results $RES --out-dir $KEEP/bench-out"
 
 # --- issue 14: AF3, 128 tokens, three workloads per engine; then MF, 512 tokens ---------------------
 step af3-raw 200 $S --variant raw
@@ -106,13 +116,15 @@ step mf-flamingo 120 $MFS --variant flamingo
 step mf-fp8 120 $MFS --variant fp8
 # --- issue 15 (one GPU): the same 30-s workload through one data-parallel replica process ----------
 step af3-replica 150 $B suite --ckpt "$AF3" --workloads "30s=$DATA/bench-30s" --out-tokens $TOK --warmup $WARM \
-  --results "$RES" --out-dir "$OUT/bench-out" --variant replica
+  --results "$RES" --out-dir "$KEEP/bench-out" --variant replica
 # --- if time is left: log-mel on the GPU (front-end CPU), FP8 KV cache, the untrimmed encoder --------
 step af3-gpumel 150 $B suite --ckpt "$AF3" --workloads "10s=$DATA/bench-10s,30s=$DATA/bench-30s" --out-tokens $TOK \
-  --warmup $WARM --results "$RES" --out-dir "$OUT/bench-out" --variant gpumel
+  --warmup $WARM --results "$RES" --out-dir "$KEEP/bench-out" --variant gpumel
 step af3-fp8kv 200 $S --variant fp8kv $Q
 step af3-untrimmed 200 $S --variant untrimmed
 
+cp "$RES" "$OUT/results.jsonl" 2>/dev/null
+cp -r "$KEEP/quality" "$OUT/" 2>/dev/null
 $PY scripts/bench.py report --results "$RES" >"$OUT/report.md" 2>"$OUT/logs/report.log" || true
 cat "$OUT/report.md"
 echo "total $(($(date +%s) - START))s"
