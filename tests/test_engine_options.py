@@ -40,3 +40,15 @@ def test_engine_is_sized_by_the_longest_chunk(seconds, windows):
     # vLLM's memory profiling and encoder cache take the longest chunk's audio, not the model's cap.
     assert kwargs["limit_mm_per_prompt"] == {"audio": {"count": 1, "length": windows * 30 * 16000}}
     assert EngineConfig(model="m", family=MF, max_chunk_s=1200.0).windows == 40
+
+
+def test_cli_fp8_on_a_cpu_host_is_a_usage_error_before_any_model_loads(tmp_path, tiny_af3):
+    import torch
+    from conftest import make_audio, run_cli
+
+    if torch.cuda.is_available():
+        pytest.skip("this host has a GPU: fp8 is allowed")
+    make_audio(tmp_path / "in" / "a.wav", 2.0)
+    res = run_cli(["caption", tmp_path / "in", "--out", tmp_path / "out", "--model", tiny_af3, "--quantization", "fp8"])
+    assert res.status == 2, res.stderr
+    assert "--quantization fp8 needs a CUDA GPU" in res.stderr

@@ -33,7 +33,8 @@ def _cases(kind: str) -> list[Case]:
 
 
 def _engine(ckpt: str):
-    from flamingo_cli.engine import EngineConfig, get_engine
+    from flamingo_cli.engine import EngineConfig
+    from flamingo_cli.launch import get_engine
     from flamingo_cli.models import family_for
 
     family = family_for(ckpt)
