@@ -52,3 +52,16 @@ def test_cli_fp8_on_a_cpu_host_is_a_usage_error_before_any_model_loads(tmp_path,
     res = run_cli(["caption", tmp_path / "in", "--out", tmp_path / "out", "--model", tiny_af3, "--quantization", "fp8"])
     assert res.status == 2, res.stderr
     assert "--quantization fp8 needs a CUDA GPU" in res.stderr
+
+
+def test_spec_carries_the_speed_options_to_the_engine(tmp_path, tiny_af3):
+    from flamingo_cli.spec import CaptionSpec
+
+    spec = CaptionSpec.build([str(tmp_path)], tmp_path / "out", model=str(tiny_af3))
+    config = spec.engine_config()
+    assert config.trim_encoder and config.quantization is None and config.kv_cache_dtype == "auto"
+    spec = CaptionSpec.build(
+        [str(tmp_path)], tmp_path / "out", model=str(tiny_af3), trim_encoder=False, kv_cache_dtype="fp8"
+    )
+    config = spec.engine_config()
+    assert not config.trim_encoder and config.kv_cache_dtype == "fp8"
