@@ -88,7 +88,7 @@ def encode_trimmed(tower, features, mel_lengths, overhead: int = GROUP_OVERHEAD_
         idx = torch.tensor(group, device=features.device)
         lens = valid[idx]
         longest = int(lens.max())
-        if longest == 0:
+        if longest < 2:  # no pooled output: a window's last 10 ms give no sound token (vLLM counts 0)
             continue
         # conv2 output longest-1 reads mel frames up to 2*longest; the frame after is never read.
         x = features[idx, :, : min(frames, 2 * longest + 1)]
@@ -103,8 +103,9 @@ def encode_trimmed(tower, features, mel_lengths, overhead: int = GROUP_OVERHEAD_
         for layer in tower.layers:
             x = layer(x, mask)
             x = x[0] if isinstance(x, tuple) else x
-        x = tower.avg_pooler(x.transpose(1, 2)).transpose(1, 2)
-        out[idx, : x.shape[1]] = tower.layer_norm(x).to(out.dtype)
+        x = tower.layer_norm(tower.avg_pooler(x.transpose(1, 2)).transpose(1, 2))
+        keep = torch.arange(x.shape[1], device=x.device)[None, :] < (lens // 2)[:, None]  # valid outputs
+        out[idx, : x.shape[1]] = (x * keep[:, :, None]).to(out.dtype)
     return out
 
 

@@ -13,7 +13,7 @@ import pytest
 from flamingo_cli.parity import Case
 from flamingo_cli.vllm_plugin import ARCHITECTURES, encode_trimmed, plan_groups
 
-SECONDS = [1.0, 10.0, 29.99, 30.0, 31.0, 600.0]
+SECONDS = [1.0, 10.0, 29.99, 30.0, 31.0, 600.0, 30.01]  # 30.01 s: a 160-sample tail, 1 frame
 
 
 def test_groups_cover_every_window_once_and_batch_equal_lengths():
@@ -64,18 +64,19 @@ def test_trimmed_encoder_equals_untrimmed_on_valid_outputs(tower_and_features):
 
     tower, features, mask = tower_and_features
     lengths = mask.sum(-1)
-    # 1 s, 10 s, 29.99 s are short windows; 31 s ends in a 1-s tail; 600 s is 20 full windows.
-    assert sorted(set(lengths.tolist())) == [100, 1000, 2999, 3000]
+    # 1 s, 10 s, 29.99 s are short windows; 31 s ends in a 1-s tail; 600 s is 20 full windows; 30.01 s
+    # ends in one frame, which yields no sound token (and runs alone: nothing to pool).
+    assert sorted(set(lengths.tolist())) == [1, 100, 1000, 2999, 3000]
     with torch.inference_mode():
         ref = _untrimmed(tower, features, mask)
         got = encode_trimmed(tower, features, lengths)
     assert got.shape == ref.shape == (features.shape[0], 750, tower.layer_norm.normalized_shape[0])
     valid = (lengths - 1) // 2 + 1
     valid = (valid - 2) // 2 + 1  # post-pool outputs, as vLLM counts the sound tokens
+    assert sorted(set(valid.tolist())) == [0, 25, 250, 750]
     for i, n in enumerate(valid.tolist()):
-        assert n > 0
-        diff = (got[i, :n] - ref[i, :n]).abs().max().item()
-        assert diff < 2e-5 * max(1.0, ref[i, :n].abs().max().item()), (i, n, diff)
+        diff = (got[i, :n] - ref[i, :n]).abs().max().item() if n else 0.0
+        assert diff < 2e-5 * max(1.0, ref[i, :n].abs().max().item() if n else 0.0), (i, n, diff)
         assert not got[i, n:].any()  # outputs past the valid ones are never filled
 
 
@@ -87,7 +88,7 @@ def test_trimmed_encoder_is_independent_of_batch_company(tower_and_features):
     lengths = mask.sum(-1)
     with torch.inference_mode():
         together = encode_trimmed(tower, features, lengths)
-        for i in (0, 1, 2, len(lengths) - 1):
+        for i in (0, 1, 2, len(lengths) - 2, len(lengths) - 1):
             alone = encode_trimmed(tower, features[i : i + 1], lengths[i : i + 1])
             assert torch.allclose(alone[0], together[i], atol=2e-5), i
 
