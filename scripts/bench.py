@@ -550,7 +550,7 @@ def cmd_suite(a):
                 model=family.name,
                 out_tokens=a.out_tokens,
                 engine_start_s=round(start_s, 1),
-                tflop_needed=round(tflop, 1),
+                tflop_needed=round(tflop, 3),
                 mfu_needed=round(tflop / r["seconds"] / peak, 3) if peak else None,
                 peak_tflops=peak,
                 max_chunk_s=cap_s,
