@@ -93,7 +93,7 @@ def _segment_seconds(item: AudioItem, total: float) -> float | None:
 
 
 def _probe(item: AudioItem) -> float | None:
-    return probe_duration(item.path)
+    return probe_duration(item)
 
 
 def make_plan(

@@ -218,6 +218,7 @@ def prepare_item(
         path=str(row["path"]),
         offset=float(row.get("offset") or 0.0),
         duration=None if duration is None or (isinstance(duration, float) and math.isnan(duration)) else duration,
+        data=row.get("data"),
     )
     try:
         decoded: DecodedAudio = decode(item)
@@ -313,7 +314,7 @@ def _plan(
         item = planner.unique(raw)
         with stats.lock:
             stats.items_seen += 1
-        source = None if item.error else fingerprint(item.path, content_hash=job.content_hash)
+        source = None if item.error else fingerprint(item, content_hash=job.content_hash)
         plan = planner.plan(item, source)
         if not plan.wanted:
             with stats.lock:
@@ -336,6 +337,7 @@ def _plan(
                 "seq": seq,
                 "id": item.id,
                 "path": item.path,
+                "data": item.data,  # embedded audio (dataset rows, tar members); None for files and URLs
                 "offset": float(item.offset),
                 "duration": None if item.duration is None else float(item.duration),
                 "prompt": prompt,
