@@ -38,6 +38,8 @@ from flamingo_cli.remote import is_url, open_binary, redact
 BLOCK_SECONDS = 30
 RESAMPLE_QUALITY = "HQ"  # == librosa res_type="soxr_hq"
 _INT16_SCALE = np.float32(1.0 / 32768.0)  # librosa's buf_to_float for audioread's 16-bit PCM
+# Ranged-read size for remote objects: a segment costs its own bytes plus about one block (the header's).
+REMOTE_BLOCK_BYTES = 2 << 20
 
 
 class AudioDecodeError(Exception):
@@ -155,7 +157,7 @@ def shown_path(item: AudioItem) -> str:
 def _open_url(url: str, shown: str) -> IO[bytes]:
     """The object as a seekable file (ranged reads), with the cheap clear failures first."""
     try:
-        f = open_binary(url)
+        f = open_binary(url, block_size=REMOTE_BLOCK_BYTES)
     except FileNotFoundError:
         raise AudioDecodeError(shown, "file not found") from None
     except PermissionError:

@@ -375,7 +375,11 @@ def probe_hf(shown: str, spec: str) -> None:
 
 def iter_hf(shown: str, spec: str) -> Iterator[AudioItem]:
     target, _ = _hf_target(spec)
-    local_base = None if remote.is_url(target) else os.path.abspath(target if os.path.isdir(target) else ".")
+    # Where relative audio paths in rows resolve: the dataset folder (or the Parquet/Arrow file's folder).
+    if remote.is_url(target):
+        local_base = None
+    else:
+        local_base = os.path.abspath(target if os.path.isdir(target) else os.path.dirname(target) or ".")
     seen: dict[str, str] = {}
     for split, ds in _load_hf(shown, spec).items():
         ds, column = _prepared(shown, ds)

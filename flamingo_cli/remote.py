@@ -79,15 +79,14 @@ def basename(url: str) -> str:
 
 
 def open_binary(url: str, block_size: int | None = None) -> IO[bytes]:
-    """A seekable binary file object; reads are ranged (S3 GET Range), so a segment never downloads
-    the whole object. Raises FileNotFoundError / PermissionError / OSError."""
-    import fsspec
-
-    kwargs = {} if block_size is None else {"block_size": block_size}
-    try:
-        return fsspec.open(url, "rb", **kwargs).open()
-    except ImportError as e:
-        raise OSError(f"this store needs an extra package ({e}); pip install 'flamingo-cli[remote]'") from e
+    """A seekable binary file object; reads are ranged (S3 GET Range) in ``block_size`` blocks, so a
+    segment never downloads the whole object. Raises FileNotFoundError / PermissionError / OSError."""
+    fs, path = url_to_fs(url)
+    if "::" in url:  # chained (tar://member::s3://…): the member reads through the outer file
+        f = fs.open(path, "rb")
+        f._flamingo_fs = fs  # the archive filesystem owns the outer file: keep it alive with the member
+        return f
+    return fs.open(path, "rb", **({} if block_size is None else {"block_size": block_size}))
 
 
 def info(url: str) -> dict[str, Any]:
