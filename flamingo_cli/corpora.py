@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import gzip
 import json
+import math
 import os
 import posixpath
 import tarfile
@@ -92,9 +93,10 @@ def _sidecars(found: Mapping[str, bytes]) -> dict[str, Any]:
     return extra
 
 
-def iter_webdataset(shown: str, path: str, exts: tuple[str, ...]) -> Iterator[AudioItem]:
+def iter_webdataset(shown: str, path: str, exts: tuple[str, ...], with_data: bool = True) -> Iterator[AudioItem]:
     """One pass over the shard (no index, no seeks: works on any stream); a sample's members are
-    consecutive, so one sample's bytes at a time are held."""
+    consecutive, so one sample's bytes at a time are held. ``with_data=False`` skips the audio bytes
+    (ids and sidecars only: for counting)."""
     audio_exts = {e.lstrip(".") for e in exts}
     shard = path if remote.is_url(path) else os.path.abspath(path)
     key: str | None = None
@@ -106,7 +108,11 @@ def iter_webdataset(shown: str, path: str, exts: tuple[str, ...]) -> Iterator[Au
         for ext in sorted(names):
             member = names[ext]
             yield AudioItem(
-                id=member, path=f"tar://{member}::{shard}", origin=f"{shown}:{member}", extra=extra, data=group[ext]
+                id=member,
+                path=f"tar://{member}::{shard}",
+                origin=f"{shown}:{member}",
+                extra=extra,
+                data=group[ext] if with_data else None,
             )
 
     try:
@@ -122,7 +128,7 @@ def iter_webdataset(shown: str, path: str, exts: tuple[str, ...]) -> Iterator[Au
                 wanted = ext in audio_exts or ext.rsplit(".", 1)[-1] in audio_exts
                 if not wanted and ext not in _SIDECARS:
                     continue
-                f = tf.extractfile(member)
+                f = tf.extractfile(member) if with_data or not wanted else None
                 group[ext] = f.read() if f is not None else b""
                 if wanted:
                     names[ext] = member.name
@@ -373,49 +379,80 @@ def probe_hf(shown: str, spec: str) -> None:
         _prepared(shown, ds)
 
 
-def iter_hf(shown: str, spec: str) -> Iterator[AudioItem]:
+def _seconds(value: Any, name: str) -> float | None:
+    """An offset/duration cell: None when absent; ValueError with a row-ready message when bad."""
+    if value is None:
+        return None
+    try:
+        x = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} is not a number: {value!r}") from None
+    if not math.isfinite(x) or x < 0 or (name == "duration" and x == 0):
+        raise ValueError(f"{name} must be a finite number {'> 0' if name == 'duration' else '>= 0'}: {value!r}")
+    return x
+
+
+def _hf_item(shown: str, row: Mapping[str, Any], column: str, where: str, base: str, with_data: bool) -> AudioItem:
+    """One dataset row: its bytes (or its path, resolved against the dataset's folder) and its columns."""
+    origin, path = f"{shown}:{where}", f"{shown}#{where}"
+    item_id = _text(row.get("id")) or where
+    extra = {k: v for k, v in row.items() if k != column and k not in _KNOWN}
+    audio = row.get(column) or {}
+    data, audio_path = audio.get("bytes"), audio.get("path")
+    if data is None and audio_path:
+        path = _resolve(base, audio_path)
+    elif audio_path:
+        path = f"{path}:{audio_path}"
+    error = None
+    offset = duration = None
+    if with_data and data is None and not audio_path:
+        error = "row has no audio"
+    else:
+        try:
+            offset = _seconds(row.get("offset"), "offset")
+            duration = _seconds(row.get("duration"), "duration")
+        except ValueError as e:
+            error = str(e)
+    return AudioItem(
+        id=item_id,
+        path=path,
+        offset=offset or 0.0,
+        duration=duration,
+        prompt=_text(row.get("prompt")),
+        extra=extra,
+        origin=origin,
+        error=error,
+        data=None if error else data,
+    )
+
+
+def iter_hf(shown: str, spec: str, with_data: bool = True) -> Iterator[AudioItem]:
+    """Rows in split order, then row order. ``with_data=False`` leaves the audio column unread (ids and
+    metadata only: for counting)."""
     target, _ = _hf_target(spec)
     # Where relative audio paths in rows resolve: the dataset folder (or the Parquet/Arrow file's folder).
     if remote.is_url(target):
-        local_base = None
+        base = remote.parent(target.rstrip("/") + "/x")
     else:
-        local_base = os.path.abspath(target if os.path.isdir(target) else os.path.dirname(target) or ".")
+        base = os.path.abspath(target if os.path.isdir(target) else os.path.dirname(target) or ".")
     seen: dict[str, str] = {}
     for split, ds in _load_hf(shown, spec).items():
         ds, column = _prepared(shown, ds)
+        if not with_data:
+            ds = ds.remove_columns([column])
         for n, row in enumerate(ds):
-            origin = f"{shown}:{split}/{n}"
-            item_id = _text(row.get("id")) or f"{split}/{n}"
-            extra = {k: v for k, v in row.items() if k != column and k not in _KNOWN}
-            audio = row.get(column) or {}
-            data, path = audio.get("bytes"), audio.get("path")
-            shown_path = f"{shown}#{split}/{n}"
-            if item_id in seen:
-                yield AudioItem(
-                    id=item_id, path=shown_path, origin=origin, extra=extra,
-                    error=f"duplicate id {item_id!r} (first at {seen[item_id]})",
-                )  # fmt: skip
-                continue
-            seen[item_id] = f"{split}/{n}"
-            if data is None and not path:
-                yield AudioItem(id=item_id, path=shown_path, origin=origin, extra=extra, error="row has no audio")
-                continue
-            if data is None:
-                base = local_base if local_base is not None else remote.parent(target.rstrip("/") + "/x")
-                shown_path = _resolve(base, path)
-            elif path:
-                shown_path = f"{shown}#{split}/{n}:{path}"
-            offset, duration = row.get("offset"), row.get("duration")
-            yield AudioItem(
-                id=item_id,
-                path=shown_path,
-                offset=float(offset or 0.0),
-                duration=None if duration is None else float(duration),
-                prompt=_text(row.get("prompt")),
-                extra=extra,
-                origin=origin,
-                data=data,
-            )
+            where = f"{split}/{n}"
+            item = _hf_item(shown, row, column, where, base, with_data)
+            if item.id in seen:
+                item = AudioItem(
+                    id=item.id,
+                    path=item.path,
+                    origin=item.origin,
+                    extra=item.extra,
+                    error=f"duplicate id {item.id!r} (first at {seen[item.id]})",
+                )
+            seen.setdefault(item.id, where)
+            yield item
 
 
 def hf_kind(spec: str) -> bool:

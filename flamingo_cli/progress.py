@@ -183,7 +183,7 @@ class _InputCounter(threading.Thread):
 
         try:
             n = 0
-            found = iter_items(self.inputs, self.extensions)
+            found = iter_items(self.inputs, self.extensions, with_data=False)  # ids only: no audio bytes
             for _ in select_shard(found, *self.shard) if self.shard else found:
                 if self.stop.is_set():
                     return

@@ -173,8 +173,12 @@ def check_inputs(inputs: Iterable[str | Path]) -> None:
             raise SourceError(f"{_shown(raw)}: cannot read ({remote.redact(str(e)) or type(e).__name__})") from e
 
 
-def iter_items(inputs: Sequence[str | Path], extensions: Collection[str] | None = None) -> Iterator[AudioItem]:
-    """Yield AudioItems for every input in order; `extensions` filters directory scans only."""
+def iter_items(
+    inputs: Sequence[str | Path], extensions: Collection[str] | None = None, with_data: bool = True
+) -> Iterator[AudioItem]:
+    """Yield AudioItems for every input in order; `extensions` filters folder scans and shard members.
+
+    ``with_data=False`` is for counting: dataset inputs leave their audio bytes unread (``data`` None)."""
     exts = _normalise_extensions(extensions)
     for raw in inputs:
         path = _input_path(raw)
@@ -182,9 +186,9 @@ def iter_items(inputs: Sequence[str | Path], extensions: Collection[str] | None 
         kind = _kind(raw, path)
         try:
             if kind == "hf":
-                yield from corpora.iter_hf(shown, path)
+                yield from corpora.iter_hf(shown, path, with_data)
             elif kind == "wds":
-                yield from corpora.iter_webdataset(shown, path, exts)
+                yield from corpora.iter_webdataset(shown, path, exts, with_data)
             elif kind == "lhotse":
                 yield from corpora.iter_lhotse(shown, path)
             elif kind == "dir":

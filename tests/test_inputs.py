@@ -121,6 +121,32 @@ def test_s3_fingerprint_sees_a_new_upload(s3_bucket: str) -> None:  # noqa: F811
     assert source_changed(first, fingerprint(url))
 
 
+def test_http_manifest_and_audio(tmp_path: Path) -> None:
+    """http(s) is read-only: a manifest and its relative audio paths, served by a local HTTP server."""
+    import functools
+    import http.server
+    import threading
+
+    make_audio(tmp_path / "site" / "audio" / "a.wav", 0.5)
+    (tmp_path / "site" / "lists").mkdir()
+    (tmp_path / "site" / "lists" / "m.csv").write_text("path,offset,duration\n../audio/a.wav,0.1,0.2\n")
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path / "site"))
+    handler.log_message = lambda *a: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        base = f"http://127.0.0.1:{server.server_address[1]}"
+        check_inputs([f"{base}/lists/m.csv"])
+        (item,) = iter_items([f"{base}/lists/m.csv"])
+        assert (item.id, item.path) == ("../audio/a.wav@0.1", f"{base}/audio/a.wav")
+        assert audio.decode(item).samples.shape == (3200,)
+        assert fingerprint(item).size == (tmp_path / "site" / "audio" / "a.wav").stat().st_size
+        with pytest.raises(SourceError, match="input not found"):
+            check_inputs([f"{base}/lists/none.csv"])
+    finally:
+        server.shutdown()
+
+
 # --- WebDataset -------------------------------------------------------------------------------------------
 
 
@@ -155,6 +181,9 @@ def test_webdataset_shards_local_gz_and_remote(tmp_path: Path, s3_bucket: str) -
     # The path is a real fsspec URL to the member.
     with remote.open_binary(first.path) as f:
         assert f.read() == first.data
+
+    counted = list(iter_items([plain, gz], with_data=False))  # the progress counter's walk: no audio bytes
+    assert [i.id for i in counted] == [i.id for i in items] and all(i.data is None for i in counted)
 
     s3fs_client().put(str(plain), f"{s3_bucket}/shards/shard-000.tar")
     remote_items = list(iter_items([f"s3://{s3_bucket}/shards/shard-000.tar"]))
@@ -195,6 +224,7 @@ def test_hf_datasets_save_to_disk_parquet_and_paths(tmp_path: Path) -> None:
     assert [dict(i.extra) for i in items] == [{"speaker": "spk0"}, {"speaker": "spk1"}, {"speaker": "spk0"}]
     assert audio.decode(items[1]).duration_s == pytest.approx(0.3)
     assert [i.id for i in iter_items([f"hf:{saved}#test"])] == ["utt10"]
+    assert [(i.id, i.data) for i in iter_items([saved], with_data=False)] == [(i.id, None) for i in items]
 
     folder = tmp_path / "pq" / "data"
     folder.mkdir(parents=True)
