@@ -324,7 +324,10 @@ def _data_files(target: str) -> tuple[str, str] | None:
 
 def _load_hf(shown: str, spec: str) -> dict[str, Any]:
     """split -> Dataset or IterableDataset (streaming for files and hub ids: nothing is converted or cached)."""
-    import datasets
+    try:
+        import datasets
+    except ImportError as e:
+        raise CorpusError(f"{shown}: HF dataset inputs need `datasets`: pip install 'flamingo-cli[datasets]'") from e
 
     target, split = _hf_target(spec)
     try:

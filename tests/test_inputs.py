@@ -249,6 +249,14 @@ def test_hf_datasets_save_to_disk_parquet_and_paths(tmp_path: Path) -> None:
         check_inputs([tmp_path / "noaudio"])
 
 
+def test_hf_dataset_folder_on_s3(tmp_path: Path, s3_bucket: str) -> None:  # noqa: F811
+    """A save_to_disk folder uploaded to S3 is detected there and read through fsspec."""
+    hf_dataset(2).save_to_disk(str(tmp_path / "ds"))
+    s3fs_client().put(str(tmp_path / "ds"), f"{s3_bucket}/ds", recursive=True)
+    items = list(iter_items([f"s3://{s3_bucket}/ds"]))
+    assert [(i.id, i.data) for i in items] == [(i.id, i.data) for i in iter_items([tmp_path / "ds"])]
+
+
 def test_embedded_items_fingerprint_by_content() -> None:
     a = AudioItem(id="x", path="ds#train/0", data=wav_bytes(0.2, 1))
     b = AudioItem(id="x", path="ds#train/0", data=wav_bytes(0.2, 2))  # same size, other bytes
