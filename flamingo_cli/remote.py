@@ -113,6 +113,7 @@ def walk_files(url: str) -> Iterator[tuple[str, str]]:
     fs, root = url_to_fs(url)
     root = root.rstrip("/")
     scheme = url.partition("://")[0]
+    fs.invalidate_cache(root)  # a fresh listing each run (a long-lived process may hold an old one)
     listed = fs.find(root, withdirs=False)
     rels = []
     for p in listed:

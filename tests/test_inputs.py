@@ -316,6 +316,10 @@ def test_caption_every_input_kind_end_to_end(fake: FakeEngine, s3_bucket: str, t
 
     inputs = [f"s3://{s3_bucket}/audio", f"s3://{s3_bucket}/lists/m.csv", hf_dir, shard, tmp_path / "cuts.jsonl.gz"]
     out = tmp_path / "out"
+    plan = run_cli(["caption", *inputs, "--out", out, "--dry-run", "--json", *FAKE_ARGS])
+    assert plan.status == 0, plan.stderr
+    doc = json.loads(plan.stdout)
+    assert (doc["files"], doc["readable"], doc["source_errors"]) == (8, 8, 0)
     res = run_cli(["caption", *inputs, "--out", out, *FAKE_ARGS])
     assert res.status == 0, res.stderr
     rows = {r["id"]: r for r in read_rows(out)}
