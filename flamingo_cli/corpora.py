@@ -329,6 +329,7 @@ def _load_hf(shown: str, spec: str) -> dict[str, Any]:
     except ImportError as e:
         raise CorpusError(f"{shown}: HF dataset inputs need `datasets`: pip install 'flamingo-cli[datasets]'") from e
 
+    datasets.disable_progress_bars()  # its bars would tear flamingo's own display
     target, split = _hf_target(spec)
     try:
         if is_saved_dataset(target):
