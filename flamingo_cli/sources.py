@@ -30,6 +30,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from flamingo_cli import corpora, remote
+from flamingo_cli.errors import UsageError
 from flamingo_cli.records import AudioItem
 
 DEFAULT_EXTENSIONS: frozenset[str] = frozenset(
@@ -45,7 +46,7 @@ _PARQUET_BATCH_ROWS = 4096
 _JSONL_PROBE_LINES = 1000
 
 
-class SourceError(Exception):
+class SourceError(UsageError):
     """A usage-level input problem (missing input, unreadable manifest); the message names the file."""
 
 
