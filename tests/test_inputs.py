@@ -264,6 +264,16 @@ def test_embedded_items_fingerprint_by_content() -> None:
     assert fa.size == fb.size and source_changed(fa, fb) and not source_changed(fa, fingerprint(a))
 
 
+def test_ray_task_decodes_embedded_audio() -> None:
+    """--executor ray: the row sent to a Ray task carries the item's bytes (the task body, without Ray)."""
+    from flamingo_cli.ray_data import prepare_item
+
+    row = {"seq": 0, "id": "utt0", "path": "ds#train/0", "data": wav_bytes(2.0), "offset": 0.5, "duration": None}
+    kwargs = dict(family="af3", chat_template=None, max_chunk_s=600.0, chunk_s=None, overlap_s=0.0, seed=None)
+    (chunk,) = prepare_item({**row, "prompt": "Say.", "skip": []}, **kwargs)
+    assert chunk["error"] is None and len(chunk["audio"]) == 24000
+
+
 # --- lhotse ----------------------------------------------------------------------------------------------
 
 
