@@ -319,7 +319,12 @@ def _dry_run(items, family, model_id, task, chunk_s, overlap, workers, out, key,
 @app.command()
 def caption(
     inputs: Annotated[list[str], typer.Argument(help="Folders, audio files or manifests (txt/csv/tsv/jsonl/parquet).")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder (Parquet dataset).")],
+    out: Annotated[
+        str,
+        typer.Option(
+            "--out", "-o", help="Output folder (Parquet dataset): a local path or s3://bucket/prefix (object store)."
+        ),
+    ],
     task: Annotated[str, typer.Option("--task", "-t", "--config", help="Task preset name or TOML path.")] = "caption",
     model: ModelOpt = None,
     prompt: PromptOpt = None,
@@ -371,7 +376,14 @@ def caption(
     from flamingo_cli.progress import Progress
     from flamingo_cli.prompts import PromptBuilder, load_chat_template
     from flamingo_cli.sink import LockedError, OutputError, Sink, run_key
-    from flamingo_cli.sources import SourceError, check_inputs, iter_items, parse_shard, select_shard
+    from flamingo_cli.sources import (
+        SourceError,
+        check_inputs,
+        declared_columns,
+        iter_items,
+        parse_shard,
+        select_shard,
+    )
 
     preset, model_id, family, prompt_text = _job_settings(task, model, prompt)
     try:
@@ -428,6 +440,7 @@ def caption(
             rows_per_part=rows_per_part,
             retry_failed=retry_failed,
             shard=shard_spec,
+            columns=declared_columns(inputs),
         )
     except OutputError as exc:  # checked before the model loads: a bad --out costs nothing
         raise Fail(ExitStatus.LOCKED if isinstance(exc, LockedError) else ExitStatus.USAGE, str(exc)) from exc

@@ -65,11 +65,10 @@ def _dataset(out: Path):
 
 
 def _runs(out: Path) -> list[tuple[str, list[Path]]]:
-    runs = []
-    for run_dir in sorted(p for p in out.glob("run=*") if p.is_dir()):
-        parts = sorted(p for p in run_dir.glob("part-*.parquet") if p.is_file())
-        runs.append((run_dir.name.split("=", 1)[1], parts))
-    return runs
+    """(run key, its complete parts in sequence order): the layout as sink.py defines it."""
+    from flamingo_cli import sink
+
+    return [(key, [Path(p) for p in sink.part_files(out, key)]) for key in sink.runs(out)]
 
 
 def _run_info(key: str, parts: list[Path]) -> dict[str, Any]:

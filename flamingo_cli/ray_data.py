@@ -720,7 +720,7 @@ def caption_with_ray(
     from flamingo_cli.models import family_for, resolve_model_id
     from flamingo_cli.prompts import load_chat_template
     from flamingo_cli.sink import Sink, run_key
-    from flamingo_cli.sources import check_inputs, iter_items
+    from flamingo_cli.sources import check_inputs, declared_columns, iter_items
 
     preset = load_preset(task)
     model_id = resolve_model_id(model or preset.model)
@@ -762,7 +762,14 @@ def caption_with_ray(
     )
     stats = Stats()
     sink = Sink(
-        out, key, run_info, model=model_id, task=preset.name, rows_per_part=rows_per_part, retry_failed=retry_failed
+        out,
+        key,
+        run_info,
+        model=model_id,
+        task=preset.name,
+        rows_per_part=rows_per_part,
+        retry_failed=retry_failed,
+        columns=declared_columns(list(inputs)),
     )
     with sink:
         index = sink.load_index()
