@@ -475,20 +475,28 @@ def _local(out: str | Path) -> Path:
     return Path(text[len("file://") :] if text.startswith("file://") else text)
 
 
+# Commit-log entries are created once and never changed or deleted: a process caches them by URL.
+_LOG_CACHE: dict[str, dict[str, Any]] = {}
+
+
 def _read_log(store: objstore.Store, folder: str) -> list[dict[str, Any]]:
     """One commit log's entries in order (each a small JSON object under <seq:010d>.json)."""
     entries = []
     for name in store.listdir(folder):
         if not name.endswith(".json"):
             continue
-        got = store.read(f"{folder}/{name}")
-        if got is None:
-            continue
-        try:
-            entry = json.loads(got[0])
-        except ValueError as exc:
-            raise OutputError(f"{store.url(folder)}/{name}: commit record is not JSON: {exc}") from exc
-        entry["_seq"] = int(name.split(".", 1)[0])
+        url = store.url(f"{folder}/{name}")
+        entry = _LOG_CACHE.get(url)
+        if entry is None:
+            got = store.read(f"{folder}/{name}")
+            if got is None:
+                continue
+            try:
+                entry = json.loads(got[0])
+            except ValueError as exc:
+                raise OutputError(f"{url}: commit record is not JSON: {exc}") from exc
+            entry["_seq"] = int(name.split(".", 1)[0])
+            _LOG_CACHE[url] = entry
         entries.append(entry)
     return entries
 

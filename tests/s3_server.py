@@ -19,8 +19,11 @@ import pytest
 def s3_server() -> Iterator[str]:
     pytest.importorskip("moto.server", reason="moto[server] is a dev dependency")
     pytest.importorskip("s3fs", reason="s3fs is a dev dependency")
+    import logging
+
     from moto.server import ThreadedMotoServer
 
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one log line per request otherwise
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
