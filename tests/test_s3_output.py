@@ -18,13 +18,16 @@ from pathlib import Path
 
 import pyarrow.dataset as ds
 import pytest
+import s3_server as s3
 from conftest import make_audio
-from s3_server import s3_bucket, s3_env, s3_server, subprocess_env  # noqa: F401  (fixtures)
 
 from flamingo_cli import sink as sink_mod
 from flamingo_cli.records import AudioItem, Chunk, Result
 from flamingo_cli.sink import LockedError, OutputError, Sink
 
+# The local S3 server's fixtures (tests/s3_server.py), used here by name.
+s3_server, s3_env, s3_bucket = s3.s3_server, s3.s3_env, s3.s3_bucket
+subprocess_env = s3.subprocess_env
 TESTS = Path(__file__).parent
 REPO = TESTS.parent
 KEY = "abcdef123456"
