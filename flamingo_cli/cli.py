@@ -755,6 +755,34 @@ def inspect_cmd(
         render(doc, _report_console())
 
 
+@app.command("export")
+def export_cmd(
+    out: Annotated[str, typer.Argument(help="The --out folder (or s3:// URL) of caption runs.")],
+    to: Annotated[str, typer.Option("--to", help="Where to write: a file (parquet, jsonl) or a new folder (hf).")],
+    fmt: Annotated[
+        str, typer.Option("--format", "-f", help="parquet, jsonl or hf (datasets.load_from_disk).")
+    ] = "parquet",
+    run: Annotated[str | None, typer.Option("--run", help="Only this run key (default: every run).")] = None,
+) -> None:
+    """Write the current rows (one per chunk, superseded ones left out) and a real `run` column, for any reader."""
+    from flamingo_cli.sink import EXPORT_FORMATS, OutputError, export, runs
+
+    if fmt not in EXPORT_FORMATS:
+        raise Fail(ExitStatus.USAGE, f"--format {fmt!r}: expected one of {', '.join(EXPORT_FORMATS)}")
+    try:
+        keys = runs(out)
+    except OutputError as exc:
+        raise Fail(ExitStatus.USAGE, str(exc)) from exc
+    if not keys or (run is not None and run not in keys):
+        what = f"no run {run}" if run is not None else "no run=<key> folders"
+        raise Fail(ExitStatus.USAGE, f"{out}: {what}: not a flamingo output (or nothing written yet)")
+    try:
+        rows = export(out, to, fmt, run=run)
+    except OutputError as exc:
+        raise Fail(ExitStatus.OUTPUT, str(exc)) from exc
+    _env.info(f"{rows} current rows of {out} → {to} ({fmt})")
+
+
 @app.command()
 def doctor(
     model: Annotated[
