@@ -1,16 +1,48 @@
-"""The output side: the one owner of the Parquet schema, the part files and the resume index.
+"""The output side: the one owner of the Parquet schema, the part files, the lock, the resume index and
+the output layout (``runs``, ``part_files``, ``rows_on_disk``, ``read_run``, ``read_output``,
+``export``: plan, inspect, the demo and the tests read the layout through these).
 
 Layout: ``OUT/run=<run_key>/part-<seq:06d>-<8 hex>.parquet`` (hive style, so
-``pyarrow.dataset.dataset(OUT, partitioning="hive")`` exposes ``run`` as a column).
+``pyarrow.dataset.dataset(OUT, partitioning="hive")`` exposes ``run`` as a column). OUT is a local
+folder or an ``s3://bucket/prefix`` URL; any other URL scheme is refused (see Object stores).
 
-Exactly-once, crash-safe writing:
+Exactly-once, crash-safe writing (local folders):
 
 * a part is written to ``OUT/run=<key>/.tmp/<name>.tmp``, fsynced, ``os.replace``-d into place and the
   directory fsynced, so a reader never sees a half-written part (pyarrow, duckdb and pandas skip
   paths starting with ``.`` or ``_``); leftovers in ``.tmp`` from a crash are deleted on open;
 * one ``Sink`` per run at a time: an exclusive ``flock`` on ``OUT/run=<key>/.lock`` makes a second
-  one (say an overlapping cron job) fail with ``OutputError`` instead of writing duplicates;
+  one (say an overlapping cron job) fail with ``LockedError`` instead of writing duplicates;
 * ``write()`` drops an (id, chunk_index) that is already on disk or already written by this sink.
+
+Object stores (S3 and S3-compatible servers through s3fs; ``objstore.py``) have no rename and no
+flock. The same guarantees come from conditional writes (``If-None-Match: *`` create-if-absent and
+``If-Match: <etag>`` replace-if-unchanged), checked at open with a probe (a store that ignores them
+is refused). Under ``OUT/run=<key>/_flamingo/``:
+
+* ``lease-<slot>.json`` (slot ``all``, or ``s<i>of<n>`` for ``--shard i/n``): the lock. Created
+  if absent; a live one (``expires_at`` ahead) refuses the second writer (``LockedError``, exit 5);
+  an expired one (its writer died) is taken over by replace-if-unchanged, so of two takers one wins.
+  The holder renews it every third of its lifetime (``FLAMINGO_LEASE_SECONDS``, default 60). A whole
+  run and the shards of it exclude each other (each checks the other's lease after taking its own).
+* ``log-<slot>/<seq:010d>.json``: the commit log, each entry created-if-absent at the next seq. A
+  writer opens with ``{"kind": "open", "epoch": E}`` (E one above the log's highest); each part is
+  committed by ``{"kind": "part", "epoch": E, "part": name}``. A part entry counts only under the
+  latest epoch opened before it, so a writer paused past its lease (a zombie) is fenced out: its
+  next commit meets the new writer's ``open`` entry and it stops with ``LockedError``.
+* a part is PUT once under a unique key in ``staging/`` (a PUT is atomic), committed in the log,
+  then copied to ``run=<key>/<name>`` where readers look, and the staged copy deleted. Plain readers
+  therefore only ever see committed parts; the resume index reads the committed parts only (the
+  staged copy of a committed part whose writer died before the copy). An uncommitted staged part
+  (a writer killed between PUT and commit) is garbage: the next writer of its slot deletes it, and
+  finishes the copies of committed ones.
+
+One schema per run: the passthrough columns (manifest extras) and their types are fixed before the
+first part (declared, ``sources.declared_columns``, or taken from the first part's rows) and kept
+by every later part and every resume (the first part's schema wins); see ``Sink``. A value that
+does not fit is stored null and named in the row's ``warnings``. ``run`` is not stored in the parts
+(a column named like the hive partition breaks pandas/pyarrow dataset reads); ``read_output`` and
+``export`` add it as a real column (HF ``datasets`` does not read hive partitions).
 
 Changed sources and the latest-row rule (incremental / cron runs):
 
@@ -22,8 +54,9 @@ Changed sources and the latest-row rule (incremental / cron runs):
 * readers take, per (run, id), only the rows of the highest ``source_version`` and, among those, per
   chunk_index the latest ``created_at`` (only ``--retry-failed`` writes a key twice within one
   version: an error row, then the retry's row). ``current_rows()`` does exactly that with pyarrow;
-  ``ResumeIndex`` reads the same way. A run without changed files and without ``--retry-failed``
-  holds every (id, chunk_index) exactly once, so plain reads need no filtering.
+  ``ResumeIndex`` reads the same way; ``export`` writes only those rows, for readers that should not
+  need the rule. A run without changed files and without ``--retry-failed`` holds every
+  (id, chunk_index) exactly once, so plain reads need no filtering.
 
 Rows with ``num_chunks == 0`` mean "no chunks could be made" (decode error, missing file): one row
 with ``chunk_index = 0``, null start/end/duration/caption and ``error`` set (see ``error_result``).
