@@ -187,7 +187,7 @@ class Store:
                 raise StoreError(
                     f"{self.url(folder)}: the store ignores conditional writes (If-None-Match: *), so flamingo "
                     "cannot lock the run or commit parts exactly once there; write to a local folder or to a "
-                    "store that supports them (AWS S3, MinIO >= 2024)"
+                    "store that supports them (AWS S3, MinIO)"
                 )
         finally:
             with contextlib.suppress(StoreError):

@@ -131,6 +131,8 @@ LOCK_FILE = ".lock"
 # (readers skip paths starting with "_" or ".").
 META_DIR = "_flamingo"
 STAGING_DIR = "staging"
+# Staged parts do not end in .parquet, so no reader's "**/*.parquet" glob ever picks one up.
+STAGED_SUFFIX = ".staged"
 LEASE_SECONDS = 60.0
 # Passthrough column types a run may declare (sources.declared_columns gives these names).
 COLUMN_TYPES: dict[str, pa.DataType] = {
@@ -559,7 +561,7 @@ def _committed(store: objstore.Store, run_path: str) -> dict[str, str]:
             continue
         for name in _trusted(_read_log(store, f"{meta}/{log}")):
             # Committed but not yet copied into place (the writer died between the two): read the staged copy.
-            found[name] = f"{run_path}/{name}" if name in finals else f"{meta}/{STAGING_DIR}/{name}"
+            found[name] = f"{run_path}/{name}" if name in finals else f"{meta}/{STAGING_DIR}/{name}{STAGED_SUFFIX}"
     return found
 
 
@@ -1166,16 +1168,18 @@ class Sink:
         assert self._store is not None
         store = self._store
         trusted = set(_committed(store, self._run_path))
-        mine = set(_trusted(entries))
+        # A whole run holds every slot: it finishes the shards' committed copies too.
+        mine = trusted if self.shard is None else set(_trusted(entries))
         staging = f"{self._meta}/{STAGING_DIR}"
         finals = set(store.listdir(self._run_path))
-        for name in store.listdir(staging):
+        for staged in store.listdir(staging):
+            name = staged.removesuffix(STAGED_SUFFIX)
             if not self._mine(name):
                 continue
             if name in mine and name not in finals:
-                store.copy(f"{staging}/{name}", f"{self._run_path}/{name}")
+                store.copy(f"{staging}/{staged}", f"{self._run_path}/{name}")
             if name not in trusted or name in mine:
-                store.delete(f"{staging}/{name}")
+                store.delete(f"{staging}/{staged}")
         for name in finals:
             if self._mine(name) and name not in trusted:
                 store.delete(f"{self._run_path}/{name}")  # a visible part no log commits (never expected)
@@ -1411,7 +1415,7 @@ class Sink:
         if self._lease_lost:
             raise LockedError(f"{self.run_dir}: {self._lease_lost}; this writer stops, the other one goes on")
         name = f"part-{self._next_seq:06d}-{self._slot}-{secrets.token_hex(4)}{PART_SUFFIX}"
-        staged = f"{self._meta}/{STAGING_DIR}/{name}"
+        staged = f"{self._meta}/{STAGING_DIR}/{name}{STAGED_SUFFIX}"
         buf = pa.BufferOutputStream()
         pq.write_table(table, buf, compression="zstd")
         try:

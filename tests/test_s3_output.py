@@ -319,3 +319,33 @@ def test_cli_captions_to_s3_and_resumes(s3_bucket: str, tmp_path: Path, monkeypa
     assert caption([audio], url).status == 0
     assert engine.requests == []  # resumed from the committed parts
     assert "testing-secret" not in res.stderr + res.stdout
+
+
+def test_committed_part_is_copied_into_place_and_an_uncommitted_one_deleted(
+    s3_bucket: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The two crash windows of a part: after commit before the copy, and after upload before commit."""
+    from flamingo_cli import objstore
+
+    url = f"s3://{s3_bucket}/caps"
+    meta = f"{s3_bucket}/caps/run={KEY}/_flamingo"
+    s = Sink(url, KEY, {}, model="m", task="t", rows_per_part=1)
+    real_copy = objstore.Store.copy
+
+    def no_copy(self, src, dst):
+        raise objstore.StoreError(f"{dst}: cannot copy into place: injected")
+
+    monkeypatch.setattr(objstore.Store, "copy", no_copy)
+    with pytest.raises(OutputError, match="injected"):
+        s.write(result("a"))
+    monkeypatch.setattr(objstore.Store, "copy", real_copy)
+    assert visible_keys(url) == []  # committed, but not where plain readers look yet
+    assert sink_mod.read_output(url)["id"].to_pylist() == ["a"]  # the index and export read it staged
+    fs = s3fs_client()
+    fs.pipe_file(f"{meta}/staging/part-000099-all-0badf00d.parquet.staged", b"half a part")  # never committed
+    s.close()
+    with Sink(url, KEY, {}, model="m", task="t") as s2:
+        assert s2.load_index().is_done("a")
+    fs.invalidate_cache()
+    assert visible_keys(url) == [("a", 0)]
+    assert fs.ls(f"{meta}/staging", refresh=True) == [] if fs.exists(f"{meta}/staging") else True
