@@ -434,17 +434,14 @@ def _passthrough_names(keys: list[str]) -> dict[str, str]:
 
 
 def _key_of(name: str) -> str:
-    """The manifest key a passthrough column name came from (undoes ``_passthrough_names``)."""
+    """The manifest key a column name most likely came from, for parts written before the mapping was
+    recorded in their metadata (``extra_id`` -> ``id``; ambiguous when a manifest had both)."""
     key = name
-    while key.startswith("extra_") and key not in RESERVED_NAMES:
-        inner = key[len("extra_") :]
-        if inner in RESERVED_NAMES or inner.startswith("extra_"):
-            key = inner
-            if inner in RESERVED_NAMES:
-                return key
-        else:
-            break
-    return name if key not in RESERVED_NAMES else key
+    while key.startswith("extra_"):
+        key = key[len("extra_") :]
+        if key in RESERVED_NAMES:
+            return key
+    return name
 
 
 def _infer_type(values: list[Any]) -> pa.DataType:
@@ -1206,11 +1203,23 @@ class Sink:
                 first = pq.read_schema(path(str(files[0])), filesystem=fs)
             except (OSError, pa.ArrowException) as exc:
                 raise OutputError(f"{files[0]}: cannot read the run's first part: {exc}") from exc
-            self._fields = {_key_of(f.name): (f.name, f.type) for f in first if f.name not in SCHEMA.names}
-            return
-        if self._declared is not None:
+            try:
+                recorded = json.loads((first.metadata or {})[METADATA_KEY]).get("passthrough") or {}
+            except (KeyError, ValueError, AttributeError):
+                recorded = {}
+            keys = {name: str(key) for name, key in recorded.items()} if isinstance(recorded, dict) else {}
+            self._fields = {
+                keys.get(f.name) or _key_of(f.name): (f.name, f.type) for f in first if f.name not in SCHEMA.names
+            }
+        elif self._declared is not None:
             names = _passthrough_names(list(self._declared))
             self._fields = {k: (names[k], COLUMN_TYPES[t]) for k, t in self._declared.items()}
+        self._record_fields()
+
+    def _record_fields(self) -> None:
+        """Put the column -> manifest key mapping in the parts' metadata (a resume reads it back)."""
+        if self._fields is not None:
+            self.run_info["passthrough"] = {name: key for key, (name, _) in self._fields.items()}
 
     @property
     def columns(self) -> dict[str, str] | None:
@@ -1345,7 +1354,7 @@ class Sink:
                 keys.update(dict.fromkeys(extra))
             names = _passthrough_names(list(keys))
             self._fields = {k: (names[k], _infer_type([e.get(k) for e in extras])) for k in keys}
-            self.run_info["columns"] = {name: str(typ) for name, typ in self._fields.values()}
+            self._record_fields()
         fields = self._fields
         warnings: list[list[str]] = [[] for _ in extras]
         columns: dict[str, list[Any]] = {k: [] for k in fields}

@@ -736,3 +736,32 @@ def test_close_failure_keeps_sink_open(tmp_path: Path, monkeypatch: pytest.Monke
     s.close()
     assert s.rows_written == 1
     assert os.listdir(tmp_path / f"run={KEY}" / ".tmp") == []
+
+
+def test_resume_keeps_the_column_of_each_manifest_key(tmp_path: Path) -> None:
+    extra = {"id": "manifest-id", "extra_id": "taken", "lang": "en"}
+    with make_sink(tmp_path) as s:
+        s.write(make_result("a", extra=extra))
+    with make_sink(tmp_path) as s:
+        s.write(make_result("b", extra=extra))
+    rows = {r["id"]: r for r in read_run(tmp_path).to_pylist()}
+    assert rows["b"]["extra_id"] == "taken" and rows["b"]["extra_extra_id"] == "manifest-id"
+    assert rows["b"]["warnings"] is None
+
+
+def test_layout_functions(tmp_path: Path) -> None:
+    assert sink_mod.runs(tmp_path) == [] and sink_mod.part_files(tmp_path, KEY) == []
+    with make_sink(tmp_path, rows_per_part=2) as s:
+        for i in range(5):
+            s.write(make_result(f"i{i}"))
+    other = run_key({"other": 1})
+    with Sink(tmp_path, other, {}, model="m", task="t") as s:
+        s.write(make_result("x"))
+    (tmp_path / f"run={KEY}" / "notes.txt").write_text("not a part")
+    assert sink_mod.runs(tmp_path) == sorted([KEY, other])
+    files = sink_mod.part_files(tmp_path, KEY)
+    assert [Path(f).name[:11] for f in files] == ["part-000000", "part-000001", "part-000002"]
+    assert sink_mod.rows_on_disk(tmp_path, KEY) == 5 and sink_mod.rows_on_disk(tmp_path, "abc") == 0
+    table = sink_mod.read_output(tmp_path)
+    assert table.num_rows == 6 and table.schema.names[-1] == "run"
+    assert sorted(set(table["run"].to_pylist())) == sorted([KEY, other])
