@@ -860,13 +860,11 @@ def demo(
         env=_env,
     )
     if status == 0:
-        import pyarrow.dataset as ds
+        from flamingo_cli.sink import read_output
 
-        table = ds.dataset(out, partitioning="hive").to_table(
-            columns=["id", "chunk_index", "start_s", "end_s", "caption"]
-        )
+        table = read_output(out)  # the current rows, sorted by run, id, chunk
         _env.out.print(f"{table.num_rows} rows in {out} (random-model captions):")
-        for row in table.sort_by([("id", "ascending"), ("chunk_index", "ascending")]).to_pylist():
+        for row in table.to_pylist():
             _env.out.print(f"  {row['id']} [{row['start_s']:.0f}–{row['end_s']:.0f} s]: {row['caption']!r}")
         _env.out.print("Real models on a GPU host: flamingo caption DIR --out OUT --model nvidia/audio-flamingo-3-hf")
     raise typer.Exit(status)
