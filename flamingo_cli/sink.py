@@ -1142,8 +1142,8 @@ class Sink:
                 else:
                     self._epoch = top
                 self._roll_forward(entries)
-                self._lease_thread = threading.Thread(target=self._renew_loop, name="flamingo-lease", daemon=True)
                 if lock:
+                    self._lease_thread = threading.Thread(target=self._renew_loop, name="flamingo-lease", daemon=True)
                     self._lease_thread.start()
             except BaseException:
                 self._release_lease()

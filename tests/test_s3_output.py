@@ -17,9 +17,11 @@ import time
 from pathlib import Path
 
 import pyarrow.dataset as ds
+import pyarrow.parquet as pq
 import pytest
 import s3_server as s3
 from conftest import make_audio
+from conftest import run_cli as rel_run
 
 from flamingo_cli import sink as sink_mod
 from flamingo_cli.records import AudioItem, Chunk, Result
@@ -316,6 +318,17 @@ def test_cli_captions_to_s3_and_resumes(s3_bucket: str, tmp_path: Path, monkeypa
     assert caption([audio], url).status == 0
     assert engine.requests == []  # resumed from the committed parts
     assert "testing-secret" not in res.stderr + res.stdout
+    run = sink_mod.runs(url)[0]
+    holder = Sink(url, run, {}, model="m", task="t")  # another writer of the same run holds the lease
+    try:
+        res = caption([audio], url)
+        assert res.status == 5, res.stderr
+        assert "another flamingo process is writing this run" in res.stderr
+    finally:
+        holder.close()
+    exported = tmp_path / "current.parquet"
+    assert rel_run(["export", url, "--to", str(exported)]).status == 0
+    assert sorted(pq.read_table(exported)["id"].to_pylist()) == ["f0.wav", "f1.wav", "f2.wav"]
 
 
 def test_committed_part_is_copied_into_place_and_an_uncommitted_one_deleted(
