@@ -737,7 +737,7 @@ def presets(
 
 @app.command("inspect")
 def inspect_cmd(
-    out: Annotated[Path, typer.Argument(help="The --out folder of caption runs.")],
+    out: Annotated[str, typer.Argument(help="The --out folder (or s3:// URL) of caption runs.")],
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
     samples: Annotated[int, typer.Option("--samples", help="Sample captions to show.")] = 3,
 ) -> None:

@@ -625,20 +625,32 @@ def rows_on_disk(out: str | Path, key: str) -> int:
     return total
 
 
-def read_run(out: str | Path, key: str, columns: list[str] | None = None) -> pa.Table:
-    """Every row of run ``key`` (superseded ones too) with the run's schema, plus a ``run`` column."""
+def run_dataset(out: str | Path, key: str) -> ds.Dataset | None:
+    """Run ``key``'s committed parts as one pyarrow dataset with the run's schema (no ``run`` column).
+
+    The schema is the core columns plus the first part's passthrough columns (older parts may lack
+    later core columns: null there); the first part's metadata comes along. None if no part yet.
+    """
     fs, path = _arrow_fs(out)
     files = part_files(out, key)
     if not files:
-        schema = pa.schema([*SCHEMA, pa.field("run", pa.string())])
-        table = schema.empty_table()
-        return table.select(columns) if columns else table
+        return None
     try:
         first = pq.read_schema(path(files[0]), filesystem=fs)
-        # Parts of one run share the schema of its first part; older parts may lack later core columns.
         fields = list(SCHEMA) + [f for f in first if f.name not in SCHEMA.names]
         schema = pa.schema(fields, metadata=first.metadata)
-        dataset = ds.dataset([path(f) for f in files], schema=schema, format="parquet", filesystem=fs)
+        return ds.dataset([path(f) for f in files], schema=schema, format="parquet", filesystem=fs)
+    except (OSError, pa.ArrowException) as exc:
+        raise OutputError(f"{out}: cannot read run {key}: {exc}") from exc
+
+
+def read_run(out: str | Path, key: str, columns: list[str] | None = None) -> pa.Table:
+    """Every row of run ``key`` (superseded ones too) with the run's schema, plus a ``run`` column."""
+    dataset = run_dataset(out, key)
+    if dataset is None:
+        table = pa.schema([*SCHEMA, pa.field("run", pa.string())]).empty_table()
+        return table.select(columns) if columns else table
+    try:
         table = dataset.to_table(columns=[c for c in columns if c != "run"] if columns else None)
     except (OSError, pa.ArrowException) as exc:
         raise OutputError(f"{out}: cannot read run {key}: {exc}") from exc

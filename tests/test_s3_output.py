@@ -7,6 +7,7 @@ with expiry and renewal; a writer paused past its lease is fenced out by the log
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import signal
@@ -326,6 +327,10 @@ def test_cli_captions_to_s3_and_resumes(s3_bucket: str, tmp_path: Path, monkeypa
         assert "another flamingo process is writing this run" in res.stderr
     finally:
         holder.close()
+    res = rel_run(["inspect", url, "--json"])
+    assert res.status == 0, res.stderr
+    doc = json.loads(res.stdout)
+    assert (doc["rows"], doc["items"], doc["runs"]) == (3, 3, 1) and len(doc["samples"]) == 3
     exported = tmp_path / "current.parquet"
     assert rel_run(["export", url, "--to", str(exported)]).status == 0
     assert sorted(pq.read_table(exported)["id"].to_pylist()) == ["f0.wav", "f1.wav", "f2.wav"]
