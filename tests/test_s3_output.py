@@ -21,6 +21,7 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 import s3_server as s3
+import test_reliability as rel
 from conftest import make_audio
 from conftest import run_cli as rel_run
 
@@ -31,6 +32,7 @@ from flamingo_cli.sink import LockedError, OutputError, Sink
 # The local S3 server's fixtures (tests/s3_server.py), used here by name.
 s3_server, s3_env, s3_bucket = s3.s3_server, s3.s3_env, s3.s3_bucket
 subprocess_env = s3.subprocess_env
+fake = rel.fake  # the fake engine fixture of test_reliability, used here by name
 TESTS = Path(__file__).parent
 REPO = TESTS.parent
 KEY = "abcdef123456"
@@ -296,33 +298,27 @@ def test_sigkill_at_random_moments_then_resume_is_exactly_once_on_s3(s3_bucket: 
 # --- the CLI end to end ----------------------------------------------------------------------------------
 
 
-def test_cli_captions_to_s3_and_resumes(s3_bucket: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from test_reliability import FakeEngine, caption
-
-    import flamingo_cli.engine
-    import flamingo_cli.prompts
-
-    engine = FakeEngine()
-    monkeypatch.setattr(flamingo_cli.engine, "get_engine", lambda config: engine)
-    monkeypatch.setattr(flamingo_cli.prompts, "load_chat_template", lambda model: None)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+def test_cli_captions_to_s3_and_resumes(
+    fake: rel.FakeEngine, s3_bucket: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    engine = fake
     monkeypatch.chdir(tmp_path)
     audio = tmp_path / "audio"
     for i in range(3):
         make_audio(audio / f"f{i}.wav", 1.0, seed=i)
     url = f"s3://{s3_bucket}/caps"
-    res = caption([audio], url)
+    res = rel.caption([audio], url)
     assert res.status == 0, res.stderr
     assert not (tmp_path / "s3:").exists()
     assert sorted(k for k, _ in visible_keys(url)) == ["f0.wav", "f1.wav", "f2.wav"]
     engine.requests.clear()
-    assert caption([audio], url).status == 0
+    assert rel.caption([audio], url).status == 0
     assert engine.requests == []  # resumed from the committed parts
     assert "testing-secret" not in res.stderr + res.stdout
     run = sink_mod.runs(url)[0]
     holder = Sink(url, run, {}, model="m", task="t")  # another writer of the same run holds the lease
     try:
-        res = caption([audio], url)
+        res = rel.caption([audio], url)
         assert res.status == 5, res.stderr
         assert "another flamingo process is writing this run" in res.stderr
     finally:
