@@ -360,3 +360,19 @@ def test_committed_part_is_copied_into_place_and_an_uncommitted_one_deleted(
     fs.invalidate_cache()
     assert visible_keys(url) == [("a", 0)]
     assert not fs.exists(f"{meta}/staging") or fs.ls(f"{meta}/staging", refresh=True) == []
+
+
+def test_a_store_that_ignores_conditional_writes_is_refused(s3_bucket: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Some S3-compatible servers drop If-None-Match: the probe at open finds out and nothing is written."""
+    from flamingo_cli import objstore
+
+    def create_ignoring_the_condition(self: objstore.Store, path: str, data: bytes) -> str:
+        self.put(path, data)
+        return "etag"
+
+    monkeypatch.setattr(objstore.Store, "create", create_ignoring_the_condition)
+    with pytest.raises(OutputError, match="ignores conditional writes"):
+        Sink(f"s3://{s3_bucket}/caps", KEY, {}, model="m", task="t")
+    fs = s3fs_client()
+    fs.invalidate_cache()
+    assert fs.find(s3_bucket) == []  # the probe object is removed again
