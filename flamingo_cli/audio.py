@@ -3,8 +3,10 @@
 soundfile (libsndfile: WAV, FLAC, OGG/Vorbis/Opus, MP3, AIFF, ...) reads first, seeking to the
 segment and reading it in blocks, each block resampled with a streaming soxr resampler (the same HQ
 filter as librosa's default "soxr_hq"), so memory stays at the 16 kHz mono result plus one block even
-for a 3-hour 48 kHz stereo file. Files libsndfile cannot open (m4a/aac, ...) go through audioread
-(ffmpeg, GStreamer, ... whichever backend is installed) with the same block pipeline.
+for a 3-hour 48 kHz stereo file. Files libsndfile cannot open (m4a/aac, wma, mp2, amr, webm, ...) go
+through PyAV (the ``av`` wheel bundles FFmpeg: no system ffmpeg needed): its frames are converted to
+float32 and fed to the same downmix + soxr block pipeline. Sizes from headers are never trusted beyond
+MAX_PREALLOC_SAMPLES.
 
 Every failure is an AudioDecodeError that names the file and the reason, so the CLI can record it per
 item and keep going. Nothing here holds global state: decode() is safe to call from many threads.
@@ -15,6 +17,7 @@ from __future__ import annotations
 import math
 import os
 import stat
+from typing import Any
 
 import numpy as np
 import soundfile as sf
@@ -25,7 +28,9 @@ from flamingo_cli.records import SAMPLE_RATE, AudioItem, DecodedAudio
 # Source seconds per block: bounds the memory of one read (48 kHz stereo float32: ~11 MB).
 BLOCK_SECONDS = 30
 RESAMPLE_QUALITY = "HQ"  # == librosa res_type="soxr_hq"
-_INT16_SCALE = np.float32(1.0 / 32768.0)  # librosa's buf_to_float for audioread's 16-bit PCM
+# The most a header may make us allocate up front (10 min at 16 kHz, 38 MB); longer audio grows the
+# buffer by doubling as it decodes.
+MAX_PREALLOC_SAMPLES = 10 * 60 * SAMPLE_RATE
 
 
 class AudioDecodeError(Exception):
@@ -52,7 +57,9 @@ class _Resampled:
         expected = 0
         if expected_in_frames is not None and expected_in_frames > 0:
             expected = round(expected_in_frames * SAMPLE_RATE / sample_rate) + 16
-        self._buf = np.empty(max(expected, 1024), dtype=np.float32)
+        # A header's length is a hint, not a promise (a FLAC STREAMINFO can claim 2^36 samples for 2 s
+        # of audio): preallocate at most MAX_PREALLOC_SAMPLES and grow as blocks really arrive.
+        self._buf = np.empty(min(max(expected, 1024), MAX_PREALLOC_SAMPLES), dtype=np.float32)
         self._n = 0
 
     def push(self, block: np.ndarray) -> None:
@@ -179,36 +186,72 @@ def _read_soundfile(f: sf.SoundFile, item: AudioItem, offset: float, duration: f
     return DecodedAudio(item=item, samples=out.finish(), source_sample_rate=sr, source_channels=channels)
 
 
-def _read_audioread(item: AudioItem, offset: float, duration: float | None) -> DecodedAudio:
-    import audioread  # only when libsndfile cannot open the file
+def _frame_block(resampler: Any, frame: Any) -> list[np.ndarray]:
+    """One decoded frame (any sample format/layout) as (frames, channels) float32 blocks."""
+    return [f.to_ndarray().T for f in resampler.resample(frame)]
+
+
+def _read_pyav(item: AudioItem, offset: float, duration: float | None) -> DecodedAudio:
+    """The first audio stream of anything FFmpeg (bundled in PyAV) opens, through the same block pipeline.
+
+    Decodes from the start and drops samples before ``offset`` (exact whatever the container's
+    seeking precision); frames are gathered into ~1-s blocks so soxr sees few, large calls.
+    """
+    import av  # only when libsndfile cannot open the file
 
     path = item.path
-    with audioread.audio_open(path) as f:
-        sr, channels = int(f.samplerate), int(f.channels)
+    with av.open(path, metadata_errors="ignore") as container:
+        if not container.streams.audio:
+            raise AudioDecodeError(path, f"not decodable audio: no audio stream in {container.format.name} container")
+        stream = container.streams.audio[0]
+        ctx = stream.codec_context
+        sr = int(ctx.sample_rate or 0)
+        channels = int(ctx.channels or 0)
         if sr <= 0 or channels <= 0:
-            raise ValueError(f"bad stream parameters ({sr} Hz, {channels} channels)")
+            raise AudioDecodeError(path, f"not decodable audio: bad stream parameters ({sr} Hz, {channels} channels)")
+        # Planar float32 at the stream's own rate and layout: libswresample only converts the sample
+        # format (s16, s32, fltp, ...), downmix and resampling stay ours (the soundfile path's).
+        resampler = av.AudioResampler(format="fltp", layout=ctx.layout, rate=sr)
         start = round(offset * sr)
         want = round(duration * sr) if duration is not None else None
-        est = None
-        if want is not None:
-            est = want
-        elif f.duration:
-            est = max(round(f.duration * sr) - start, 0)
-        out = _Resampled(path, sr, est)
+        out = _Resampled(path, sr, want)
         seen = 0  # source frames decoded so far, including skipped ones
-        for buf in f:
-            pcm = np.frombuffer(buf, dtype="<i2")
-            pcm = pcm[: pcm.shape[0] - pcm.shape[0] % channels].reshape(-1, channels)
-            lo, hi = seen, seen + pcm.shape[0]
+        pending: list[np.ndarray] = []
+        pending_n = 0
+        done = False
+
+        def take(block: np.ndarray) -> None:
+            nonlocal seen, pending_n, done
+            lo, hi = seen, seen + block.shape[0]
             seen = hi
-            if hi <= start:
-                continue
+            if hi <= start or done:
+                return
             a = max(start - lo, 0)
-            b = pcm.shape[0] if want is None else min(pcm.shape[0], start + want - lo)
+            b = block.shape[0] if want is None else min(block.shape[0], start + want - lo)
             if b > a:
-                out.push(pcm[a:b].astype(np.float32) * _INT16_SCALE)
+                pending.append(block[a:b])
+                pending_n += b - a
             if want is not None and hi >= start + want:
+                done = True
+
+        def drain() -> None:
+            nonlocal pending_n
+            if pending:
+                out.push(np.concatenate(pending) if len(pending) > 1 else np.ascontiguousarray(pending[0]))
+                pending.clear()
+                pending_n = 0
+
+        for frame in container.decode(stream):
+            for block in _frame_block(resampler, frame):
+                take(block)
+            if pending_n >= sr:
+                drain()
+            if done:
                 break
+        if not done:
+            for block in _frame_block(resampler, None):
+                take(block)
+        drain()
     if out.frames_in == 0 and offset > 0:
         raise _beyond_end(path, offset, seen / sr)
     return DecodedAudio(item=item, samples=out.finish(), source_sample_rate=sr, source_channels=channels)
@@ -219,6 +262,24 @@ def _sf_reason(e: Exception) -> str:
     return text.strip()
 
 
+def _av_reason(e: Exception) -> str:
+    """FFmpeg's own words ("Invalid data found when processing input"), without the repeated path."""
+    text = getattr(e, "strerror", None) or str(e) or type(e).__name__
+    return str(text).strip()
+
+
+def _pyav_fallback(item: AudioItem, offset: float, duration: float | None, sf_err: Exception) -> DecodedAudio:
+    """Decode with PyAV after libsndfile failed; when both fail, the error gives both reasons."""
+    try:
+        return _read_pyav(item, offset, duration)
+    except (AudioDecodeError, MemoryError):
+        raise
+    except Exception as av_err:
+        raise AudioDecodeError(
+            item.path, f"not decodable audio: soundfile: {_sf_reason(sf_err)}; ffmpeg: {_av_reason(av_err)}"
+        ) from None
+
+
 def decode(item: AudioItem) -> DecodedAudio:
     """Decode item.path (from item.offset, for item.duration seconds) to 16 kHz mono float32."""
     path = item.path
@@ -227,23 +288,20 @@ def decode(item: AudioItem) -> DecodedAudio:
     decoded: DecodedAudio | None = None
     try:
         try:
-            f = sf.SoundFile(path)
+            # Bytes: libsndfile gets the file's real name even when it is not valid UTF-8 (the str
+            # carries those bytes as surrogateescape code points, which soundfile cannot encode).
+            f = sf.SoundFile(os.fsencode(path))
         except (sf.LibsndfileError, RuntimeError, TypeError, ValueError) as sf_err:
-            # libsndfile cannot open it (m4a/aac, ... or garbage): try audioread's backends.
-            try:
-                decoded = _read_audioread(item, offset, duration)
-            except AudioDecodeError:
-                raise
-            except MemoryError:
-                raise
-            except Exception as ar_err:
-                ar_reason = str(ar_err).strip() or type(ar_err).__name__
-                raise AudioDecodeError(
-                    path, f"not decodable audio: soundfile: {_sf_reason(sf_err)}; audioread: {ar_reason}"
-                ) from None
+            # libsndfile cannot open it (m4a/aac, wma, amr, ... or garbage): try FFmpeg through PyAV.
+            decoded = _pyav_fallback(item, offset, duration, sf_err)
         else:
-            with f:
-                decoded = _read_soundfile(f, item, offset, duration)
+            try:
+                with f:
+                    decoded = _read_soundfile(f, item, offset, duration)
+            except sf.LibsndfileError as sf_err:
+                # It opened but failed mid-stream: e.g. a FLAC whose STREAMINFO claims more samples
+                # than it holds makes libsndfile's seek past the real end fail. FFmpeg reads what is there.
+                decoded = _pyav_fallback(item, offset, duration, sf_err)
     except AudioDecodeError:
         raise
     except MemoryError:
@@ -259,7 +317,7 @@ def decode(item: AudioItem) -> DecodedAudio:
 def probe_duration(path: str) -> float | None:
     """Duration in seconds from the header alone (soundfile.info), or None when it cannot tell."""
     try:
-        info = sf.info(path)
+        info = sf.info(os.fsencode(path))
     except Exception:
         return None
     frames, sr = int(info.frames), int(info.samplerate)
