@@ -371,16 +371,17 @@ def caption(
     from flamingo_cli.progress import Progress
     from flamingo_cli.prompts import PromptBuilder, load_chat_template
     from flamingo_cli.sink import LockedError, OutputError, Sink, run_key
-    from flamingo_cli.sources import SourceError, check_inputs, iter_items, parse_shard, select_shard
+    from flamingo_cli.sources import ScanStats, SourceError, check_inputs, iter_items, parse_shard, select_shard
 
     preset, model_id, family, prompt_text = _job_settings(task, model, prompt)
+    scan = ScanStats()  # files the folder scans pass over, for the display, the summary and inspect
     try:
         shard_spec = parse_shard(shard) if shard else None
     except SourceError as exc:
         raise Fail(ExitStatus.USAGE, str(exc)) from exc
 
     def items():
-        found = iter_items(inputs, extensions)
+        found = iter_items(inputs, extensions, scan)
         return select_shard(found, *shard_spec) if shard_spec else found
 
     sampling = _sampling(preset, max_tokens, temperature, top_p, top_k, repetition_penalty, seed, ignore_eos)
@@ -431,6 +432,7 @@ def caption(
         )
     except OutputError as exc:  # checked before the model loads: a bad --out costs nothing
         raise Fail(ExitStatus.LOCKED if isinstance(exc, LockedError) else ExitStatus.USAGE, str(exc)) from exc
+    sink.scan = scan
 
     stop = threading.Event()
     graceful = threading.Event()  # set once captioning runs: a first signal then stops cleanly
@@ -493,7 +495,7 @@ def caption(
             content_hash=content_hash,
         )
         stats = Stats()
-        progress.start(stats, inputs=list(inputs), extensions=extensions, shard=shard_spec)
+        progress.start(stats, inputs=list(inputs), extensions=extensions, shard=shard_spec, scan=scan)
 
         def tick() -> None:
             progress.tick()

@@ -57,7 +57,7 @@ import pyarrow.parquet as pq
 
 from flamingo_cli import __version__
 from flamingo_cli.records import AudioItem, Chunk, Result
-from flamingo_cli.sources import Fingerprint
+from flamingo_cli.sources import Fingerprint, escape_path, path_bytes
 
 SCHEMA = pa.schema(
     [
@@ -83,6 +83,9 @@ SCHEMA = pa.schema(
         ("source_mtime_ns", pa.int64()),
         ("source_sha256", pa.string()),
         ("source_version", pa.int32()),
+        # The raw bytes of ``path`` when the file name is not valid UTF-8 (then ``path`` and a scanned
+        # ``id`` hold sources.escape_path's ``\\xHH`` escape); null when ``path`` is the name as is.
+        ("path_bytes", pa.binary()),
     ]
 )
 
@@ -90,6 +93,9 @@ METADATA_KEY = b"flamingo"
 PART_SUFFIX = ".parquet"
 TMP_DIR = ".tmp"
 LOCK_FILE = ".lock"
+# What the latest invocation's folder scan passed over (sources.ScanStats), for ``flamingo inspect``.
+# The leading "_" makes pyarrow, duckdb and pandas skip it when they read OUT as a dataset.
+SCAN_FILE = "_scan.json"
 # Names a passthrough column may not take: the core columns and the hive partition column.
 RESERVED_NAMES = frozenset([*SCHEMA.names, "run"])
 _INDEX_COLUMNS = [
@@ -145,6 +151,19 @@ def _describe_oserror(path: Path | str, action: str, exc: OSError) -> str:
     else:
         reason = exc.strerror or type(exc).__name__
     return f"{path}: cannot {action}: {reason} ({exc})"
+
+
+def _refuse_file_out(out_dir: Path) -> None:
+    """``--out`` naming an existing file (or a path below one) is a usage mistake: say so, not "ENOTDIR"."""
+    for p in (out_dir, *out_dir.parents):
+        try:
+            if p.exists() and not p.is_dir():
+                where = "" if p == out_dir else f" ({p} is a file)"
+                raise OutputError(f"--out is a file: {out_dir}{where}; give a directory (it is created if missing)")
+            if p.exists():
+                return
+        except PermissionError:
+            return
 
 
 def _fsync_dir(path: Path) -> None:
@@ -412,6 +431,11 @@ def _passthrough_array(values: list[Any]) -> pa.Array:
     return pa.array([v if v is None or isinstance(v, str) else _to_json(v) for v in values], type=pa.string())
 
 
+def _escaped(text: str | None) -> str | None:
+    """Messages may quote a path that is not UTF-8 (AudioDecodeError); Parquet strings must be UTF-8."""
+    return None if text is None else escape_path(text)
+
+
 def _null_if_nan(x: float | None) -> float | None:
     if x is None:
         return None
@@ -517,7 +541,10 @@ class Sink:
         self._closed = False
         self._lock = threading.RLock()
         self._lock_fds: list[int] = []
+        # A sources.ScanStats the caller attaches; close() records its counts in SCAN_FILE.
+        self.scan: Any = None
 
+        _refuse_file_out(self.out_dir)
         try:
             self.tmp_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -674,8 +701,8 @@ class Sink:
         chunk = result.chunk
         item = chunk.item
         return {
-            "id": str(item.id),
-            "path": str(item.path),
+            "id": escape_path(str(item.id)),
+            "path": escape_path(str(item.path)),
             "chunk_index": int(chunk.index),
             "num_chunks": int(chunk.num_chunks),
             "start_s": _null_if_nan(chunk.start_s),
@@ -688,12 +715,13 @@ class Sink:
             "finish_reason": result.finish_reason,
             "prompt_tokens": _opt_int(result.prompt_tokens),
             "output_tokens": _opt_int(result.output_tokens),
-            "error": result.error if result.error is not None else chunk.error,
+            "error": _escaped(result.error if result.error is not None else chunk.error),
             "created_at": datetime.now(UTC),
             "source_size": None if source is None else source.size,
             "source_mtime_ns": None if source is None else source.mtime_ns,
             "source_sha256": None if source is None else source.sha256,
             "source_version": version,
+            "path_bytes": path_bytes(str(item.path)),
         }
 
     def write(self, result: Result) -> None:
@@ -797,7 +825,28 @@ class Sink:
                 return
             self.flush()
             self._closed = True
-            self._release_lock()
+            try:
+                self._write_scan()
+            finally:
+                self._release_lock()
+
+    def _write_scan(self) -> None:
+        """Record the attached scan's skipped-file counts (atomically; best effort: the summary has them too)."""
+        scan = self.scan
+        if scan is None or not (scan.finished or scan.total):
+            return
+        doc = {
+            "skipped": scan.skipped(),
+            "skipped_total": scan.total,
+            "complete": bool(scan.finished),
+            "written_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        }
+        tmp = self.tmp_dir / f"{SCAN_FILE}.{os.getpid()}.tmp"
+        with contextlib.suppress(OSError):
+            tmp.write_text(json.dumps(doc, sort_keys=True, ensure_ascii=False), encoding="utf-8")
+            os.replace(tmp, self.run_dir / SCAN_FILE)
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
 
     def __enter__(self) -> Sink:
         return self
@@ -819,6 +868,15 @@ class Sink:
     def __del__(self) -> None:
         with contextlib.suppress(Exception):
             self._release_lock()
+
+
+def read_scan(run_dir: str | Path) -> dict[str, Any] | None:
+    """The latest invocation's skipped-file counts of a run (``SCAN_FILE``), or None if none recorded."""
+    try:
+        doc = json.loads((Path(run_dir) / SCAN_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return doc if isinstance(doc, dict) else None
 
 
 def read_metadata(part: str | Path) -> dict[str, Any]:
