@@ -15,10 +15,23 @@ import pyarrow.dataset as ds
 import pytest
 from audiogen import encode
 from conftest import make_audio, read_rows, run_cli
-from test_reliability import FakeEngine, caption, fake  # noqa: F401  (fake is a fixture)
+from test_reliability import FakeEngine, caption
 
 from flamingo_cli.sink import SCAN_FILE, OutputError, Sink, read_scan
 from flamingo_cli.sources import HIDDEN, NO_EXTENSION, ScanStats, describe_skipped, escape_path, iter_items, path_bytes
+
+
+@pytest.fixture
+def fake(monkeypatch: pytest.MonkeyPatch) -> FakeEngine:
+    import flamingo_cli.engine
+    import flamingo_cli.prompts
+
+    engine = FakeEngine()
+    monkeypatch.setattr(flamingo_cli.engine, "get_engine", lambda config: engine)
+    monkeypatch.setattr(flamingo_cli.prompts, "load_chat_template", lambda model: None)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    return engine
+
 
 LATIN1_NAME = b"caf\xe9 \xab live \xbb.wav"  # "café «live».wav" as Latin-1: not valid UTF-8
 
