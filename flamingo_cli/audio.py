@@ -315,12 +315,34 @@ def decode(item: AudioItem) -> DecodedAudio:
 
 
 def probe_duration(path: str) -> float | None:
-    """Duration in seconds from the header alone (soundfile.info), or None when it cannot tell."""
+    """Duration in seconds from the header alone (libsndfile, else FFmpeg's container), or None.
+
+    An estimate for planning only: decode() never trusts it.
+    """
     try:
         info = sf.info(os.fsencode(path))
     except Exception:
-        return None
+        return _probe_pyav(path)
     frames, sr = int(info.frames), int(info.samplerate)
     if sr <= 0 or not 0 < frames < (1 << 62):
         return None
     return frames / sr
+
+
+def _probe_pyav(path: str) -> float | None:
+    try:
+        import av
+
+        with av.open(path, metadata_errors="ignore") as container:
+            if not container.streams.audio:
+                return None
+            stream = container.streams.audio[0]
+            if stream.duration is not None and stream.time_base is not None:
+                seconds = float(stream.duration * stream.time_base)
+            elif container.duration is not None:
+                seconds = container.duration / 1_000_000  # AV_TIME_BASE
+            else:
+                return None
+    except Exception:
+        return None
+    return seconds if seconds > 0 and math.isfinite(seconds) else None

@@ -1,13 +1,13 @@
 """``flamingo caption --dry-run``: what a run would do, from file headers alone, without a model.
 
 Streams the inputs (``sources.iter_items``), reads each file's duration from its header
-(``audio.probe_duration``, soundfile; a thread pool since libsndfile releases the GIL), cuts the same
+(``audio.probe_duration``: libsndfile, else FFmpeg through PyAV; a thread pool, the GIL is released), cuts the same
 chunks a real run would (``chunking.plan_chunks``) and counts audio tokens (``models.num_audio_tokens``)
 and 30 s encoder windows. Only totals and a few example paths per problem are kept, so a million-row
 manifest plans in constant memory. Never imports torch or vLLM.
 
-Files whose header gives no duration (m4a/aac and other formats libsndfile cannot open, or corrupt
-files) are counted as "no duration in header": a real run decodes them with audioread/ffmpeg or
+Files whose header gives no duration (neither libsndfile nor FFmpeg can read it: corrupt
+files) are counted as "no duration in header": a real run still tries to decode them or
 records an error row.
 """
 
@@ -123,7 +123,7 @@ def make_plan(
         plan.files += 1
         if total is None:
             plan.no_duration += 1
-            plan._problem("no duration in header (decoded by audioread/ffmpeg at run time, or an error)", item.path)
+            plan._problem("no duration in header (a corrupt file: decoding will likely fail)", item.path)
             return
         seconds = _segment_seconds(item, total)
         if seconds is None:

@@ -403,3 +403,10 @@ def test_thread_safe(tmp_path: Path) -> None:
         parallel = [d.samples for d in pool.map(decode, items)]
     for a, b in zip(sequential, parallel, strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+def test_probe_duration_of_formats_only_ffmpeg_reads(tmp_path: Path) -> None:
+    for ext in (".m4a", ".wma", ".amr", ".webm"):
+        path = encode(tmp_path / f"t{ext}", seconds=3.0)
+        assert probe_duration(str(path)) == pytest.approx(3.0, abs=0.1)
+    assert probe_duration(str(lying_flac(tmp_path))) is not None  # a planning estimate only
