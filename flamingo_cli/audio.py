@@ -346,3 +346,49 @@ def _probe_pyav(path: str) -> float | None:
     except Exception:
         return None
     return seconds if seconds > 0 and math.isfinite(seconds) else None
+
+
+# --- writing (doctor, demo and tests make real files in the formats only FFmpeg reads) ----------------
+
+# extension -> (FFmpeg container, encoder, sample rate, channels); every encoder is bundled in the av wheel.
+FFMPEG_ENCODINGS: dict[str, tuple[str, str, int, int]] = {
+    ".mp2": ("mp2", "mp2", 44100, 2),
+    ".m4a": ("ipod", "aac", 44100, 2),
+    ".aac": ("adts", "aac", 22050, 1),
+    ".wma": ("asf", "wmav2", 44100, 2),
+    ".webm": ("webm", "libopus", 48000, 2),
+    ".amr": ("amr", "libopencore_amrnb", 8000, 1),
+    ".mp4": ("mp4", "libopus", 48000, 1),  # Opus in MP4
+    ".oga": ("ogg", "libopus", 48000, 2),  # Ogg Opus under the .oga name
+    ".mka": ("matroska", "flac", 32000, 2),
+    ".ac3": ("ac3", "ac3", 48000, 2),
+}
+
+
+def write_ffmpeg(path: str | os.PathLike[str], data: np.ndarray) -> None:
+    """Encode ``data`` ((channels, samples) float32 at the rate FFMPEG_ENCODINGS gives for the
+    extension of ``path``) with PyAV's bundled FFmpeg."""
+    import av
+
+    fmt, codec, sr, channels = FFMPEG_ENCODINGS[os.path.splitext(os.fspath(path))[1].lower()]
+    if data.ndim != 2 or data.shape[0] != channels:
+        raise ValueError(f"{path}: expected ({channels}, samples) audio, got {data.shape}")
+    layout = "stereo" if channels == 2 else "mono"
+    with av.open(os.fspath(path), "w", format=fmt) as out:
+        stream = out.add_stream(codec, rate=sr)
+        stream.layout = layout
+        if codec == "wmav2":
+            stream.bit_rate = 96000  # its default (0) does not open
+        ctx = stream.codec_context
+        resampler = av.AudioResampler(format=ctx.codec.audio_formats[0].name, layout=layout, rate=sr)
+        step, pts = ctx.frame_size or 1024, 0
+        for i in range(0, data.shape[1], step):
+            block = np.ascontiguousarray(data[:, i : i + step], dtype=np.float32)
+            frame = av.AudioFrame.from_ndarray(block, format="fltp", layout=layout)
+            frame.sample_rate, frame.pts = sr, pts
+            pts += frame.samples
+            for f in resampler.resample(frame):
+                out.mux(stream.encode(f))
+        for f in resampler.resample(None):
+            out.mux(stream.encode(f))
+        out.mux(stream.encode(None))

@@ -56,8 +56,9 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from flamingo_cli import __version__
+from flamingo_cli.paths import escape_path, path_bytes
 from flamingo_cli.records import AudioItem, Chunk, Result
-from flamingo_cli.sources import Fingerprint, escape_path, path_bytes
+from flamingo_cli.sources import Fingerprint
 
 SCHEMA = pa.schema(
     [

@@ -17,8 +17,9 @@ from audiogen import encode
 from conftest import make_audio, read_rows, run_cli
 from test_reliability import FakeEngine, caption
 
+from flamingo_cli.paths import escape_path, path_bytes
 from flamingo_cli.sink import SCAN_FILE, OutputError, Sink, read_scan
-from flamingo_cli.sources import HIDDEN, NO_EXTENSION, ScanStats, describe_skipped, escape_path, iter_items, path_bytes
+from flamingo_cli.sources import HIDDEN, NO_EXTENSION, ScanStats, describe_skipped, iter_items
 
 
 @pytest.fixture
