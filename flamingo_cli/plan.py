@@ -24,6 +24,7 @@ from typing import Any
 from flamingo_cli.audio import probe_duration
 from flamingo_cli.chunking import plan_chunks
 from flamingo_cli.models import ModelFamily, num_audio_tokens, num_windows
+from flamingo_cli.paths import escape_path
 from flamingo_cli.records import SAMPLE_RATE, AudioItem
 
 # Encoder windows (30 s of audio each) per second of GPU time, whole flamingo pipeline, one H100,
@@ -78,7 +79,7 @@ class Plan:
         self.problem_counts[reason] = self.problem_counts.get(reason, 0) + 1
         examples = self.problems.setdefault(reason, [])
         if len(examples) < EXAMPLES_PER_PROBLEM:
-            examples.append(where)
+            examples.append(escape_path(where))  # a name that is not UTF-8 must not break JSON or the table
 
 
 def _segment_seconds(item: AudioItem, total: float) -> float | None:

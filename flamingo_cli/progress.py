@@ -84,7 +84,8 @@ def write_json_atomic(path: Path, doc: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        with open(tmp, "w", encoding="utf-8") as f:
+        # backslashreplace: an error quoting a name that is not UTF-8 must not lose the summary.
+        with open(tmp, "w", encoding="utf-8", errors="backslashreplace") as f:
             json.dump(doc, f, indent=2, sort_keys=True, ensure_ascii=False, default=str)
             f.write("\n")
             f.flush()
@@ -274,7 +275,7 @@ class Progress:
         body = fields if isinstance(fields, str) else " ".join(f"{k}={v}" for k, v in fields.items())
         try:
             self.log_file.parent.mkdir(parents=True, exist_ok=True)
-            with open(self.log_file, "a", encoding="utf-8") as f:
+            with open(self.log_file, "a", encoding="utf-8", errors="backslashreplace") as f:
                 f.write(f"{_now_iso()} [flamingo] {event} {body}\n")
         except OSError as exc:
             self.env.warn(f"{self.log_file}: cannot append to the log file ({exc.strerror or exc})")

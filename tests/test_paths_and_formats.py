@@ -203,6 +203,11 @@ def test_undecodable_odd_name_gets_an_escaped_error_row(tmp_path: Path, fake: Fa
     assert row["path_bytes"] == bad
     assert rows["good.wav"]["error"] is None
 
+    plan = run_cli(["caption", src, "--out", tmp_path / "out2", "--dry-run", "--json"])
+    assert plan.status == 0, plan.stderr
+    examples = [p for paths in json.loads(plan.stdout)["problems"].values() for p in paths]
+    assert escape_path(os.fsdecode(bad)) in examples
+
 
 # --- messages -------------------------------------------------------------------------------------------
 
