@@ -409,6 +409,10 @@ def caption(
     key = run_key(identity)
     if dry_run:
         _dry_run(items(), family, model_id, preset.name, chunk_seconds, overlap, workers or 4, out, key, as_json)
+        if scan.total:  # files the scan passed over: a plan says so too
+            from flamingo_cli.sources import describe_skipped
+
+            _env.info(f"{describe_skipped(scan.skipped())} (--ext all to try them)")
         return
     if executor not in ("local", "ray"):
         raise Fail(ExitStatus.USAGE, f"--executor {executor!r}: expected local or ray")

@@ -210,7 +210,7 @@ def render(plan: Plan, out: Path | None = None) -> Any:
     t.add_row("files", f"{plan.files:,}", "items the inputs yield")
     t.add_row("readable", f"{plan.readable:,}", "duration read from the header")
     if plan.no_duration:
-        t.add_row("no duration in header", f"{plan.no_duration:,}", "m4a/aac need ffmpeg; or not audio")
+        t.add_row("no duration in header", f"{plan.no_duration:,}", "not audio, or corrupt: decoding will likely fail")
     if plan.source_errors:
         t.add_row("input errors", f"{plan.source_errors:,}", "missing files, bad manifest rows, duplicates")
     if plan.segment_errors:

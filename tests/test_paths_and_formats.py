@@ -129,6 +129,10 @@ def test_cli_rows_for_every_decodable_file_and_counts_for_the_rest(tmp_path: Pat
     j = json.loads(run_cli(["inspect", tmp_path / "out", "--json"]).stdout)
     assert j["run_details"][0]["passed_over"][".xyz"] == 3
 
+    plan = run_cli(["caption", tmp_path / "in", "--out", tmp_path / "plan", "--dry-run"])
+    assert plan.status == 0, plan.stderr
+    assert "skipped 6 files: .xyz ×3, (hidden) ×1, (none) ×1, .txt ×1 (--ext all to try them)" in plan.stderr
+
 
 def test_cli_plain_summary_line_reports_the_counts(tmp_path: Path, fake: FakeEngine) -> None:
     odd_folder(tmp_path / "in")
