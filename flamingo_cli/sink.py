@@ -85,7 +85,7 @@ SCHEMA = pa.schema(
         ("source_sha256", pa.string()),
         ("source_version", pa.int32()),
         # The raw bytes of ``path`` when the file name is not valid UTF-8 (then ``path`` and a scanned
-        # ``id`` hold sources.escape_path's ``\\xHH`` escape); null when ``path`` is the name as is.
+        # ``id`` hold paths.escape_path's ``\\xHH`` escape); null when ``path`` is the name as is.
         ("path_bytes", pa.binary()),
     ]
 )
@@ -832,9 +832,12 @@ class Sink:
                 self._release_lock()
 
     def _write_scan(self) -> None:
-        """Record the attached scan's skipped-file counts (atomically; best effort: the summary has them too)."""
+        """Record the attached scan's skipped-file counts (atomically; best effort: the summary has them too).
+
+        Only a scan that read every input: an interrupted one would replace complete counts with partial ones.
+        """
         scan = self.scan
-        if scan is None or not (scan.finished or scan.total):
+        if scan is None or not scan.finished:
             return
         doc = {
             "skipped": scan.skipped(),

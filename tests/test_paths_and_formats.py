@@ -232,3 +232,19 @@ def test_cli_out_that_is_a_file_exits_2(tmp_path: Path, fake: FakeEngine) -> Non
     r = caption([tmp_path / "in"], f)
     assert r.status == 2
     assert f"--out is a file: {f}" in r.stderr and ".tmp" not in r.stderr
+
+
+def test_sink_records_only_a_finished_scan(tmp_path: Path) -> None:
+    done = ScanStats()
+    done.skip("a.xyz")
+    done.finished = True
+    with Sink(tmp_path / "out", "abc123", {}, model="m", task="t") as sink:
+        sink.scan = done
+    run_dir = tmp_path / "out" / "run=abc123"
+    assert read_scan(run_dir) == {**read_scan(run_dir), "skipped": {".xyz": 1}, "skipped_total": 1, "complete": True}
+    partial = ScanStats()  # interrupted before the scan read every input: the complete counts stay
+    partial.skip("b.txt")
+    with Sink(tmp_path / "out", "abc123", {}, model="m", task="t") as sink:
+        sink.scan = partial
+    assert read_scan(run_dir)["skipped"] == {".xyz": 1}
+    assert not list((run_dir / ".tmp").iterdir())
