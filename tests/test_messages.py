@@ -82,21 +82,41 @@ def test_presets_in_a_pipe_are_one_unwrapped_line_each() -> None:
     assert any(len(line) > 80 for line in lines)  # long prompts stay on their line
 
 
-@pytest.mark.engine
-def test_demo_shows_chunks_and_a_resumed_second_run(tmp_path: Path) -> None:
-    """The real demo (tiny random-weight AF3 on the CPU engine): a chunked track, an m4a, and resume."""
+def check_demo(workdir: Path) -> None:
+    """The demo's promises: a chunked track, an m4a, a resumed second run, a copyable last line."""
     from flamingo_cli.cli import DEMO_CHUNK_S, DEMO_LONG_S
 
     assert DEMO_LONG_S > DEMO_CHUNK_S and AF3.max_audio_s >= DEMO_LONG_S  # chunked by the option, not the cap
-    r = run_cli(["demo", "--workdir", tmp_path])
+    r = run_cli(["demo", "--workdir", workdir])
     assert r.status == 0, r.stderr
     lines = r.stdout.splitlines()
     assert lines[-1] == "Real models on a GPU host: flamingo caption DIR --out OUT --model nvidia/audio-flamingo-3-hf"
     assert f"chunked (--chunk-seconds {DEMO_CHUNK_S}): noise-16k.wav" in lines
-    second = json.loads((tmp_path / "second-run.json").read_text())
+    second = json.loads((workdir / "second-run.json").read_text())
     assert second["files_skipped"] == second["files_seen"] == 4
     assert not second["rows_written"]
     assert lines[-2].startswith("second run: 4 of 4 files already done, 0 new rows") and "resume works" in lines[-2]
-    ids = {row["id"] for row in read_rows(tmp_path / "out")}
-    assert "voice-memo.m4a" in ids
-    assert sum(row["id"] == "noise-16k.wav" for row in read_rows(tmp_path / "out")) == 3
+    rows = read_rows(workdir / "out")
+    assert len(rows) == 6 and all(row["error"] is None for row in rows)
+    assert "voice-memo.m4a" in {row["id"] for row in rows}
+    assert sum(row["id"] == "noise-16k.wav" for row in rows) == 3
+
+
+def test_demo_shows_chunks_and_a_resumed_second_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The demo's own logic with the fake engine (instant); the real engine runs in the test below."""
+    from test_reliability import FakeEngine
+
+    import flamingo_cli.engine
+    import flamingo_cli.prompts
+
+    engine = FakeEngine()
+    monkeypatch.setattr(flamingo_cli.engine, "get_engine", lambda config: engine)
+    monkeypatch.setattr(flamingo_cli.prompts, "load_chat_template", lambda model: None)
+    check_demo(tmp_path)
+    assert len(engine.requests) == 6  # the second run captioned nothing
+
+
+@pytest.mark.engine
+def test_demo_with_the_real_engine(tmp_path: Path) -> None:
+    """The real demo (tiny random-weight AF3 on the CPU engine)."""
+    check_demo(tmp_path)
