@@ -159,8 +159,9 @@ def _refuse_file_out(out_dir: Path) -> None:
     for p in (out_dir, *out_dir.parents):
         try:
             if p.exists() and not p.is_dir():
-                where = "" if p == out_dir else f" ({p} is a file)"
-                raise OutputError(f"--out is a file: {out_dir}{where}; give a directory (it is created if missing)")
+                if p == out_dir:
+                    raise OutputError(f"--out is a file: {out_dir}; give a directory (it is created if missing)")
+                raise OutputError(f"--out {out_dir}: cannot create output directory: {p} is a file")
             if p.exists():
                 return
         except PermissionError:

@@ -221,7 +221,7 @@ def test_out_that_is_a_file(tmp_path: Path) -> None:
     f.write_text("x")
     with pytest.raises(OutputError, match=r"^--out is a file: .*results\.parquet"):
         Sink(f, "abc123", {}, model="m", task="t")
-    with pytest.raises(OutputError, match=r"is a file"):
+    with pytest.raises(OutputError, match=r"below: cannot create output directory: .*results\.parquet is a file$"):
         Sink(f / "below", "abc123", {}, model="m", task="t")
 
 
