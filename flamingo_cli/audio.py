@@ -8,22 +8,30 @@ through PyAV (the ``av`` wheel bundles FFmpeg: no system ffmpeg needed): its fra
 float32 and fed to the same downmix + soxr block pipeline. Sizes from headers are never trusted beyond
 MAX_PREALLOC_SAMPLES.
 
+An item's audio can also come from a URL (``s3://…``, read through fsspec with ranged reads: a segment
+seeks, it does not download the whole object) or from bytes the source already holds (``item.data``:
+a dataset row, a WebDataset member); libsndfile and PyAV both read them as file objects.
+
 Every failure is an AudioDecodeError that names the file and the reason, so the CLI can record it per
 item and keep going. Nothing here holds global state: decode() is safe to call from many threads.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import math
 import os
 import stat
-from typing import Any
+from collections.abc import Callable
+from typing import IO, Any
 
 import numpy as np
 import soundfile as sf
 import soxr
 
 from flamingo_cli.records import SAMPLE_RATE, AudioItem, DecodedAudio
+from flamingo_cli.remote import is_url, open_binary, redact
 
 # Source seconds per block: bounds the memory of one read (48 kHz stereo float32: ~11 MB).
 BLOCK_SECONDS = 30
@@ -31,6 +39,8 @@ RESAMPLE_QUALITY = "HQ"  # == librosa res_type="soxr_hq"
 # The most a header may make us allocate up front (10 min at 16 kHz, 38 MB); longer audio grows the
 # buffer by doubling as it decodes.
 MAX_PREALLOC_SAMPLES = 10 * 60 * SAMPLE_RATE
+# Ranged-read size for remote objects: a segment costs its own bytes plus about one block (the header's).
+REMOTE_BLOCK_BYTES = 2 << 20
 
 
 class AudioDecodeError(Exception):
@@ -132,22 +142,57 @@ def _check_file(path: str) -> None:
         raise AudioDecodeError(path, f"cannot open file ({e.strerror or e})") from None
 
 
-def _segment(item: AudioItem) -> tuple[float, float | None]:
+def _segment(item: AudioItem, path: str) -> tuple[float, float | None]:
     offset = float(item.offset or 0.0)
     duration = None if item.duration is None else float(item.duration)
     if not math.isfinite(offset) or offset < 0:
-        raise AudioDecodeError(item.path, f"invalid offset {offset} s (must be >= 0)")
+        raise AudioDecodeError(path, f"invalid offset {offset} s (must be >= 0)")
     if duration is not None and (not math.isfinite(duration) or duration <= 0):
-        raise AudioDecodeError(item.path, f"invalid duration {duration} s (must be > 0)")
+        raise AudioDecodeError(path, f"invalid duration {duration} s (must be > 0)")
     return offset, duration
+
+
+def shown_path(item: AudioItem) -> str:
+    """The item's path as messages may show it (a URL without credentials)."""
+    return redact(item.path) if is_url(item.path) else item.path
+
+
+def _open_url(url: str, shown: str) -> IO[bytes]:
+    """The object as a seekable file (ranged reads), with the cheap clear failures first."""
+    try:
+        f = open_binary(url, block_size=REMOTE_BLOCK_BYTES)
+    except FileNotFoundError:
+        raise AudioDecodeError(shown, "file not found") from None
+    except PermissionError:
+        raise AudioDecodeError(shown, "permission denied") from None
+    except IsADirectoryError:
+        raise AudioDecodeError(shown, "is a directory, not an audio file") from None
+    except Exception as e:  # the store's own errors (credentials, network) vary by library
+        raise AudioDecodeError(shown, f"cannot open ({redact(str(e)) or type(e).__name__})") from None
+    if getattr(f, "size", None) == 0:
+        f.close()
+        raise AudioDecodeError(shown, "empty file (0 bytes)")
+    return f
+
+
+def _opener(item: AudioItem, shown: str) -> Callable[[], IO[bytes]] | None:
+    """How to open a non-local item (bytes payload or URL); None for a local file (checked here)."""
+    data = item.data
+    if data is not None:
+        if not data:
+            raise AudioDecodeError(shown, "empty audio payload (0 bytes)")
+        return lambda: io.BytesIO(data)
+    if is_url(item.path):
+        return lambda: _open_url(item.path, shown)
+    _check_file(item.path)
+    return None
 
 
 def _beyond_end(path: str, offset: float, total_s: float) -> AudioDecodeError:
     return AudioDecodeError(path, f"offset {float(offset)} s is beyond the end ({_fmt_s(total_s)} s)")
 
 
-def _read_soundfile(f: sf.SoundFile, item: AudioItem, offset: float, duration: float | None) -> DecodedAudio:
-    path = item.path
+def _read_soundfile(f: sf.SoundFile, item: AudioItem, offset: float, duration: float | None, path: str) -> DecodedAudio:
     sr, channels = int(f.samplerate), int(f.channels)
     if sr <= 0 or channels <= 0:
         raise AudioDecodeError(path, f"not decodable audio: bad header ({sr} Hz, {channels} channels)")
@@ -191,16 +236,16 @@ def _frame_block(resampler: Any, frame: Any) -> list[np.ndarray]:
     return [f.to_ndarray().T for f in resampler.resample(frame)]
 
 
-def _read_pyav(item: AudioItem, offset: float, duration: float | None) -> DecodedAudio:
+def _read_pyav(item: AudioItem, offset: float, duration: float | None, path: str, src: Any) -> DecodedAudio:
     """The first audio stream of anything FFmpeg (bundled in PyAV) opens, through the same block pipeline.
 
     Decodes from the start and drops samples before ``offset`` (exact whatever the container's
-    seeking precision); frames are gathered into ~1-s blocks so soxr sees few, large calls.
+    seeking precision); frames are gathered into ~1-s blocks so soxr sees few, large calls. ``src`` is
+    the local path or an open file object (a URL's ranged reader, a bytes payload).
     """
     import av  # only when libsndfile cannot open the file
 
-    path = item.path
-    with av.open(path, metadata_errors="ignore") as container:
+    with av.open(src, metadata_errors="ignore") as container:
         if not container.streams.audio:
             raise AudioDecodeError(path, f"not decodable audio: no audio stream in {container.format.name} container")
         stream = container.streams.audio[0]
@@ -265,75 +310,109 @@ def _sf_reason(e: Exception) -> str:
 def _av_reason(e: Exception) -> str:
     """FFmpeg's own words ("Invalid data found when processing input"), without the repeated path."""
     text = getattr(e, "strerror", None) or str(e) or type(e).__name__
-    return str(text).strip()
+    return redact(str(text).strip())
 
 
-def _pyav_fallback(item: AudioItem, offset: float, duration: float | None, sf_err: Exception) -> DecodedAudio:
+def _pyav_fallback(
+    item: AudioItem,
+    offset: float,
+    duration: float | None,
+    path: str,
+    opener: Callable[[], IO[bytes]] | None,
+    sf_err: Exception,
+) -> DecodedAudio:
     """Decode with PyAV after libsndfile failed; when both fail, the error gives both reasons."""
     try:
-        return _read_pyav(item, offset, duration)
+        if opener is None:
+            return _read_pyav(item, offset, duration, path, item.path)
+        with contextlib.closing(opener()) as f:
+            return _read_pyav(item, offset, duration, path, f)
     except (AudioDecodeError, MemoryError):
         raise
     except Exception as av_err:
         raise AudioDecodeError(
-            item.path, f"not decodable audio: soundfile: {_sf_reason(sf_err)}; ffmpeg: {_av_reason(av_err)}"
+            path, f"not decodable audio: soundfile: {redact(_sf_reason(sf_err))}; ffmpeg: {_av_reason(av_err)}"
         ) from None
 
 
 def decode(item: AudioItem) -> DecodedAudio:
-    """Decode item.path (from item.offset, for item.duration seconds) to 16 kHz mono float32."""
-    path = item.path
-    _check_file(path)
-    offset, duration = _segment(item)
+    """Decode the item (its ``data`` bytes, its URL or its local path; from item.offset, for
+    item.duration seconds) to 16 kHz mono float32."""
+    path = shown_path(item)
+    opener = _opener(item, path)
+    offset, duration = _segment(item, path)
     decoded: DecodedAudio | None = None
-    try:
+    with contextlib.ExitStack() as stack:
         try:
-            # Bytes: libsndfile gets the file's real name even when it is not valid UTF-8 (the str
-            # carries those bytes as surrogateescape code points, which soundfile cannot encode).
-            f = sf.SoundFile(os.fsencode(path))
-        except (sf.LibsndfileError, RuntimeError, TypeError, ValueError) as sf_err:
-            # libsndfile cannot open it (m4a/aac, wma, amr, ... or garbage): try FFmpeg through PyAV.
-            decoded = _pyav_fallback(item, offset, duration, sf_err)
-        else:
             try:
-                with f:
-                    decoded = _read_soundfile(f, item, offset, duration)
-            except sf.LibsndfileError as sf_err:
-                # It opened but failed mid-stream: e.g. a FLAC whose STREAMINFO claims more samples
-                # than it holds makes libsndfile's seek past the real end fail. FFmpeg reads what is there.
-                decoded = _pyav_fallback(item, offset, duration, sf_err)
-    except AudioDecodeError:
-        raise
-    except MemoryError:
-        raise
-    except Exception as e:
-        raise AudioDecodeError(path, f"not decodable audio: {_sf_reason(e)}") from None
+                # A local path as bytes: libsndfile gets the file's real name even when it is not valid
+                # UTF-8 (the str carries those bytes as surrogateescape code points, which it cannot encode).
+                src = os.fsencode(item.path) if opener is None else stack.enter_context(contextlib.closing(opener()))
+                f = sf.SoundFile(src)
+            except AudioDecodeError:
+                raise
+            except (sf.LibsndfileError, RuntimeError, TypeError, ValueError) as sf_err:
+                # libsndfile cannot open it (m4a/aac, wma, amr, ... or garbage): FFmpeg through PyAV.
+                stack.close()
+                decoded = _pyav_fallback(item, offset, duration, path, opener, sf_err)
+            else:
+                try:
+                    with f:
+                        decoded = _read_soundfile(f, item, offset, duration, path)
+                except sf.LibsndfileError as sf_err:
+                    # It opened but failed mid-stream: e.g. a FLAC whose STREAMINFO claims more samples
+                    # than it holds makes libsndfile's seek past the real end fail. FFmpeg reads what is there.
+                    stack.close()
+                    decoded = _pyav_fallback(item, offset, duration, path, opener, sf_err)
+        except AudioDecodeError:
+            raise
+        except MemoryError:
+            raise
+        except Exception as e:
+            raise AudioDecodeError(path, f"not decodable audio: {redact(_sf_reason(e))}") from None
     assert decoded is not None
     if decoded.samples.shape[0] == 0:
         raise AudioDecodeError(path, "no audio samples")
     return decoded
 
 
-def probe_duration(path: str) -> float | None:
-    """Duration in seconds from the header alone (libsndfile, else FFmpeg's container), or None.
+def probe_duration(src: str | AudioItem) -> float | None:
+    """Duration in seconds from the header alone (libsndfile, else FFmpeg's container), or None when it
+    cannot tell. An estimate for planning only: decode() never trusts it.
 
-    An estimate for planning only: decode() never trusts it.
-    """
+    ``src`` is a local path or an item (its bytes, its URL: a ranged read of the header, or its path)."""
     try:
-        info = sf.info(os.fsencode(path))
+        if isinstance(src, str):
+            info = sf.info(os.fsencode(src))
+        elif src.data is not None:
+            info = sf.info(io.BytesIO(src.data))
+        elif is_url(src.path):
+            with open_binary(src.path) as f:
+                info = sf.info(f)
+        else:
+            info = sf.info(os.fsencode(src.path))
     except Exception:
-        return _probe_pyav(path)
+        return _probe_pyav(src)
     frames, sr = int(info.frames), int(info.samplerate)
     if sr <= 0 or not 0 < frames < (1 << 62):
         return None
     return frames / sr
 
 
-def _probe_pyav(path: str) -> float | None:
+def _probe_pyav(src: str | AudioItem) -> float | None:
     try:
         import av
 
-        with av.open(path, metadata_errors="ignore") as container:
+        with contextlib.ExitStack() as stack:
+            if isinstance(src, str):
+                target: Any = src
+            elif src.data is not None:
+                target = io.BytesIO(src.data)
+            elif is_url(src.path):
+                target = stack.enter_context(open_binary(src.path))
+            else:
+                target = src.path
+            container = stack.enter_context(av.open(target, metadata_errors="ignore"))
             if not container.streams.audio:
                 return None
             stream = container.streams.audio[0]

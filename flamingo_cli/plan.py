@@ -63,6 +63,7 @@ class Plan:
     gpu_rate_source: str = GPU_RATE_SOURCE
     problems: dict[str, list[str]] = field(default_factory=dict)  # reason -> first example paths
     problem_counts: dict[str, int] = field(default_factory=dict)
+    passed_over: dict[str, int] = field(default_factory=dict)  # files folder scans did not take, by extension
 
     @property
     def gpu_s(self) -> float:
@@ -94,7 +95,7 @@ def _segment_seconds(item: AudioItem, total: float) -> float | None:
 
 
 def _probe(item: AudioItem) -> float | None:
-    return probe_duration(item.path)
+    return probe_duration(item)
 
 
 def make_plan(
@@ -225,6 +226,11 @@ def render(plan: Plan, out: Path | None = None) -> Any:
     t.add_row("GPU time (estimate)", gpu, f"at {plan.gpu_windows_per_s:g} windows/s: {plan.gpu_rate_source}")
     if plan.rows_on_disk:
         t.add_row("already in output", f"{plan.rows_on_disk:,} rows", f"{out}: a real run resumes")
+    if plan.passed_over:
+        from flamingo_cli.sources import describe_skipped
+
+        n = sum(plan.passed_over.values())
+        t.add_row("passed over", f"{n:,}", f"{describe_skipped(plan.passed_over)} (--ext all to try them)")
     return t
 
 

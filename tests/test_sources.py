@@ -259,11 +259,14 @@ def test_parquet_manifest_streams_many_rows(tmp_path: Path) -> None:
     assert ids(itertools.islice(iter_items([manifest]), 3)) == ["r0", "r1", "r2"]
 
 
-def test_parquet_embedded_audio_column_is_rejected(tmp_path: Path) -> None:
+def test_parquet_embedded_audio_column_is_read_as_a_dataset(tmp_path: Path) -> None:
+    """A Parquet file whose audio column holds bytes/path structs (HF's Audio) is a dataset input, not a
+    manifest: its rows carry the bytes for flamingo's decoder."""
     manifest = tmp_path / "hf.parquet"
-    pq.write_table(pa.table({"audio": [{"bytes": b"x", "path": "a.wav"}]}), manifest)
-    with pytest.raises(SourceError, match="embedded audio"):
-        check_inputs([manifest])
+    pq.write_table(pa.table({"audio": [{"bytes": b"x", "path": "a.wav"}], "lang": ["en"]}), manifest)
+    check_inputs([manifest])
+    (item,) = iter_items([manifest])
+    assert (item.id, item.data, dict(item.extra), item.error) == ("train/0", b"x", {"lang": "en"}, None)
 
 
 def test_duplicate_ids_flag_second_and_later(tmp_path: Path) -> None:
