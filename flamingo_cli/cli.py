@@ -476,11 +476,13 @@ def demo(
         raise typer.Exit(status)
     doc = json.loads(second.read_text(encoding="utf-8"))
     rows_after = ds.dataset(out, partitioning="hive").count_rows()
-    resumed = doc.get("files_skipped") == doc.get("files_seen") and rows_after == table.num_rows
+    files = len({r["id"] for r in table.to_pylist()})
+    resumed = not doc.get("rows_written") and rows_after == table.num_rows
+    how = doc.get("reason") or f"{doc.get('files_skipped')} of {doc.get('files_seen')} files already done"
     _plain_out(
         [
-            f"second run: {doc.get('files_skipped')} of {doc.get('files_seen')} files already done, "
-            f"{doc.get('rows_written') or 0} new rows ({rows_after} in {out}): "
+            f"second run: {how} ({files} files, {rows_after} rows already in {out}; "
+            f"{doc.get('rows_written') or 0} new rows): "
             + ("resume works" if resumed else "UNEXPECTED: work was redone"),
             "Real models on a GPU host: flamingo caption DIR --out OUT --model nvidia/audio-flamingo-3-hf",
         ]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import make_audio, read_rows, run_cli
@@ -93,24 +94,26 @@ def check_demo(workdir: Path) -> None:
     assert lines[-1] == "Real models on a GPU host: flamingo caption DIR --out OUT --model nvidia/audio-flamingo-3-hf"
     assert f"chunked (--chunk-seconds {DEMO_CHUNK_S}): noise-16k.wav" in lines
     second = json.loads((workdir / "second-run.json").read_text())
-    assert second["files_skipped"] == second["files_seen"] == 4
-    assert not second["rows_written"]
-    assert lines[-2].startswith("second run: 4 of 4 files already done, 0 new rows") and "resume works" in lines[-2]
+    assert second["status"] == "ok" and not second["rows_written"]
+    assert second["reason"] == "nothing to do"  # planned before the engine: nothing left, no model loaded
+    assert lines[-2] == (
+        f"second run: nothing to do (4 files, 6 rows already in {workdir / 'out'}; 0 new rows): resume works"
+    )
     rows = read_rows(workdir / "out")
     assert len(rows) == 6 and all(row["error"] is None for row in rows)
     assert "voice-memo.m4a" in {row["id"] for row in rows}
     assert sum(row["id"] == "noise-16k.wav" for row in rows) == 3
 
 
-def test_demo_shows_chunks_and_a_resumed_second_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_demo_shows_chunks_and_a_resumed_second_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, use_engine: Any
+) -> None:
     """The demo's own logic with the fake engine (instant); the real engine runs in the test below."""
     from test_reliability import FakeEngine
 
-    import flamingo_cli.engine
     import flamingo_cli.prompts
 
-    engine = FakeEngine()
-    monkeypatch.setattr(flamingo_cli.engine, "get_engine", lambda config: engine)
+    engine = use_engine(FakeEngine())
     monkeypatch.setattr(flamingo_cli.prompts, "load_chat_template", lambda model: None)
     check_demo(tmp_path)
     assert len(engine.requests) == 6  # the second run captioned nothing

@@ -10,6 +10,7 @@ import json
 import os
 import threading
 from pathlib import Path
+from typing import Any
 
 import pyarrow.dataset as ds
 import pytest
@@ -23,12 +24,10 @@ from flamingo_cli.sources import HIDDEN, NO_EXTENSION, ScanStats, describe_skipp
 
 
 @pytest.fixture
-def fake(monkeypatch: pytest.MonkeyPatch) -> FakeEngine:
-    import flamingo_cli.engine
+def fake(monkeypatch: pytest.MonkeyPatch, use_engine: Any) -> FakeEngine:
     import flamingo_cli.prompts
 
-    engine = FakeEngine()
-    monkeypatch.setattr(flamingo_cli.engine, "get_engine", lambda config: engine)
+    engine = use_engine(FakeEngine())
     monkeypatch.setattr(flamingo_cli.prompts, "load_chat_template", lambda model: None)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     return engine
@@ -129,9 +128,11 @@ def test_cli_rows_for_every_decodable_file_and_counts_for_the_rest(tmp_path: Pat
     j = json.loads(run_cli(["inspect", tmp_path / "out", "--json"]).stdout)
     assert j["run_details"][0]["passed_over"][".xyz"] == 3
 
-    plan = run_cli(["caption", tmp_path / "in", "--out", tmp_path / "plan", "--dry-run"])
+    plan = run_cli(["caption", tmp_path / "in", "--out", tmp_path / "plan", "--dry-run", "--json"])
     assert plan.status == 0, plan.stderr
-    assert "skipped 6 files: .xyz ×3, (hidden) ×1, (none) ×1, .txt ×1 (--ext all to try them)" in plan.stderr
+    assert json.loads(plan.stdout)["passed_over"] == {".xyz": 3, HIDDEN: 1, NO_EXTENSION: 1, ".txt": 1}
+    table = run_cli(["caption", tmp_path / "in", "--out", tmp_path / "plan", "--dry-run"])
+    assert "skipped 6 files: .xyz ×3, (hidden) ×1, (none) ×1, .txt ×1" in table.stdout
 
 
 def test_cli_plain_summary_line_reports_the_counts(tmp_path: Path, fake: FakeEngine) -> None:
