@@ -104,7 +104,7 @@ def run(
         interval=spec.log_interval,
         log_file=Path(spec.log_file) if spec.log_file else None,
         summary_json=Path(spec.summary_json) if spec.summary_json else None,
-        out=Path(spec.out),
+        out=spec.out,  # a folder or an s3:// URL: Path() would fold "s3://" into "s3:/"
         run_key=spec.run_key,
     )
     try:
@@ -132,7 +132,7 @@ def plan(spec: CaptionSpec, on_file: Any = None) -> Any:
         workers=spec.workers or 4,
         on_file=on_file,
     )
-    result.rows_on_disk = rows_on_disk(Path(spec.out), spec.run_key)
+    result.rows_on_disk = rows_on_disk(spec.out, spec.run_key)
     result.passed_over = scan.skipped()
     return result
 
@@ -296,12 +296,13 @@ class _Run:
         from flamingo_cli.planner import Stats
         from flamingo_cli.sink import LockedError, Sink
         from flamingo_cli.sources import ScanStats
+        from flamingo_cli.sources import declared_columns
 
         spec, env, progress = self.spec, self.env, self.progress
         spec.check_inputs()
         try:
             sink = Sink(
-                Path(spec.out),
+                spec.out,  # a folder or an s3:// URL (never Path(): it would fold "s3://" into "s3:/")
                 spec.run_key,
                 spec.run_info(self.argv),
                 model=spec.model,
@@ -309,6 +310,7 @@ class _Run:
                 rows_per_part=spec.rows_per_part,
                 retry_failed=spec.retry_failed,
                 shard=spec.shard,
+                columns=declared_columns(spec.inputs),
             )
         except LockedError:
             raise
@@ -502,7 +504,7 @@ def _early_summary(env: Environment, options: dict[str, Any], out: Any, exc: Bas
         quiet=True,
         log_file=Path(log_file) if log_file else None,
         summary_json=Path(summary_json) if summary_json else None,
-        out=Path(str(out)),
+        out=str(out),
     )
     progress.finish(int(exit_status(exc)), error=str(exc), show=False)
 

@@ -233,7 +233,7 @@ class Progress:
         interval: float = 30.0,
         log_file: Path | None = None,
         summary_json: Path | None = None,
-        out: Path | None = None,
+        out: str | Path | None = None,
         run_key: str = "",
     ) -> None:
         self.env, self.model, self.task, self.quiet = env, model, task, quiet

@@ -754,3 +754,98 @@ def _row_item(
         origin=origin,
         error=error,
     )
+
+
+# --- the run's passthrough columns ---------------------------------------------------------------------
+
+# How many rows of a JSONL manifest decide its columns' types (CSV has a header and only strings;
+# Parquet has a schema).
+DECLARE_ROWS = 1000
+
+
+def value_kind(value: Any) -> str | None:
+    """The column type one passthrough value asks for: string, int64, float64, bool; json for the rest."""
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        return "bool"
+    if isinstance(value, int):
+        return "int64" if -(2**63) <= value < 2**63 else "json"
+    if isinstance(value, float):
+        return "float64"
+    if isinstance(value, str):
+        return "string"
+    if getattr(value, "ndim", None) == 0 and hasattr(value, "item"):  # numpy scalars
+        return value_kind(value.item())
+    return "json"
+
+
+def merge_kinds(kinds: Iterable[str | None]) -> str | None:
+    """One column type for a set of value kinds: ints with floats are float64, any other mix is string."""
+    found = {k for k in kinds if k is not None}
+    if not found:
+        return None
+    if len(found) == 1 and "json" not in found:
+        return found.pop()
+    if found <= {"int64", "float64"}:
+        return "float64"
+    return "string"
+
+
+def _arrow_kind(typ: pa.DataType) -> str:
+    if pa.types.is_boolean(typ):
+        return "bool"
+    if pa.types.is_integer(typ) and not (pa.types.is_uint64(typ)):
+        return "int64"
+    if pa.types.is_floating(typ):
+        return "float64"
+    return "string"
+
+
+def declared_columns(inputs: Sequence[str | Path], rows: int = DECLARE_ROWS) -> dict[str, str]:
+    """The passthrough columns a run writes, {manifest key: type}, decided before its first part.
+
+    Read from every manifest input: a CSV/TSV header (all strings), a Parquet schema, the keys and
+    values of a JSONL manifest's first ``rows`` objects (a key only seen later is not declared; its
+    values go to the ``warnings`` column). Folders, single files and .txt manifests declare nothing.
+    A key two manifests type differently is float64 (ints and floats) or string. Types: string,
+    int64, float64, bool. Inputs that cannot be read declare nothing here (check_inputs reports them).
+    """
+    kinds: dict[str, list[str | None]] = {}
+
+    def add(key: str, kind: str | None) -> None:
+        kinds.setdefault(key, []).append(kind)
+
+    for raw in inputs:
+        path = _input_path(raw)
+        if not os.path.isfile(path) or not _is_manifest(path):
+            continue
+        ext = os.path.splitext(path)[1].lower()
+        try:
+            if ext in (".csv", ".tsv"):
+                with _open_text(path, newline="") as f:
+                    header = _csv_header(str(raw), csv.reader(f, delimiter="\t" if ext == ".tsv" else ","))
+                key = next((k for k in PATH_COLUMNS if k in header), None)
+                for name in header:
+                    if name != key and name not in _KNOWN_COLUMNS:
+                        add(name, "string")
+            elif ext == ".parquet":
+                with _open_parquet(str(raw), path) as pf:
+                    schema = pf.schema_arrow
+                key = next((k for k in PATH_COLUMNS if k in schema.names), None)
+                for field in schema:
+                    if field.name != key and field.name not in _KNOWN_COLUMNS:
+                        add(field.name, _arrow_kind(field.type))
+            elif ext == ".jsonl":
+                for n, (_, row) in enumerate(_jsonl_rows(str(raw), path)):
+                    if n >= rows:
+                        break
+                    if isinstance(row, str):
+                        continue
+                    key = next((k for k in PATH_COLUMNS if k in row), None)
+                    for name, value in row.items():
+                        if name != key and name not in _KNOWN_COLUMNS:
+                            add(name, value_kind(value))
+        except (OSError, SourceError, pa.ArrowException):
+            continue
+    return {k: merge_kinds(v) or "string" for k, v in kinds.items()}
