@@ -295,8 +295,7 @@ class _Run:
     def execute(self) -> CaptionReport:
         from flamingo_cli.planner import Stats
         from flamingo_cli.sink import LockedError, Sink
-        from flamingo_cli.sources import ScanStats
-        from flamingo_cli.sources import declared_columns
+        from flamingo_cli.sources import ScanStats, declared_columns
 
         spec, env, progress = self.spec, self.env, self.progress
         spec.check_inputs()
