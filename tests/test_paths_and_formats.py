@@ -117,7 +117,7 @@ def test_cli_rows_for_every_decodable_file_and_counts_for_the_rest(tmp_path: Pat
     assert doc["files_passed_over_by_ext"] == {".xyz": 3, HIDDEN: 1, NO_EXTENSION: 1, ".txt": 1}
 
     [run_dir] = (tmp_path / "out").glob("run=*")
-    scan = read_scan(run_dir)
+    scan = read_scan(tmp_path / "out", run_dir.name.split("=", 1)[1])
     assert scan is not None and scan["complete"] and scan["skipped_total"] == 6
     assert (run_dir / SCAN_FILE).exists()  # beside the parts, yet no reader sees it as data:
     assert all(Path(f).name.startswith("part-") for f in ds.dataset(tmp_path / "out", format="parquet").files)
@@ -242,10 +242,13 @@ def test_sink_records_only_a_finished_scan(tmp_path: Path) -> None:
     with Sink(tmp_path / "out", "abc123", {}, model="m", task="t") as sink:
         sink.scan = done
     run_dir = tmp_path / "out" / "run=abc123"
-    assert read_scan(run_dir) == {**read_scan(run_dir), "skipped": {".xyz": 1}, "skipped_total": 1, "complete": True}
+    assert (run_dir / SCAN_FILE).exists()
+    recorded = read_scan(tmp_path / "out", "abc123")
+    assert recorded is not None
+    assert (recorded["skipped"], recorded["skipped_total"], recorded["complete"]) == ({".xyz": 1}, 1, True)
     partial = ScanStats()  # interrupted before the scan read every input: the complete counts stay
     partial.skip("b.txt")
     with Sink(tmp_path / "out", "abc123", {}, model="m", task="t") as sink:
         sink.scan = partial
-    assert read_scan(run_dir)["skipped"] == {".xyz": 1}
+    assert read_scan(tmp_path / "out", "abc123")["skipped"] == {".xyz": 1}
     assert not list((run_dir / ".tmp").iterdir())
