@@ -108,6 +108,14 @@ ShardOpt = Annotated[
     ),
 ]
 DtypeOpt = Annotated[str, typer.Option("--dtype", help="auto, bfloat16, float16 or float32.")]
+SchemaOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--schema",
+        help="A JSON Schema file: generation is constrained to it; the JSON goes to caption_json and, for a "
+        "flat schema, each field to a typed f_<field> column (overrides the task's schema).",
+    ),
+]
 VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Show vLLM's own logs.")]
 
 
@@ -127,7 +135,23 @@ def _job_settings(task: str, model: str | None, prompt: str | None):
     return preset, model_id, family, prompt or preset.prompt
 
 
-def _sampling(preset, max_tokens, temperature, top_p, top_k, repetition_penalty, seed, ignore_eos=False):
+def _json_schema(path: Path | None, preset, check_engine: bool = True):
+    """The run's JSON Schema (--schema, else the preset's), checked before any model loads; None: free text."""
+    from flamingo_cli.schema import SchemaError, load_schema, parse_schema
+
+    try:
+        if path is not None:
+            return load_schema(path, check_engine=check_engine)
+        if preset.schema is not None:
+            return parse_schema(preset.schema, preset.schema_source, check_engine=check_engine)
+    except SchemaError as exc:
+        raise Fail(ExitStatus.USAGE, str(exc)) from exc
+    return None
+
+
+def _sampling(
+    preset, max_tokens, temperature, top_p, top_k, repetition_penalty, seed, ignore_eos=False, json_schema=None
+):
     from flamingo_cli.engine import Sampling
 
     s = dict(preset.sampling)
@@ -142,6 +166,7 @@ def _sampling(preset, max_tokens, temperature, top_p, top_k, repetition_penalty,
     s["seed"] = seed
     s["ignore_eos"] = ignore_eos or s.get("ignore_eos", False)
     s.setdefault("max_tokens", 512)
+    s["json_schema"] = None if json_schema is None else json_schema.text
     return Sampling(**s)
 
 
@@ -357,6 +382,7 @@ def caption(
     max_num_batched_tokens: Annotated[int | None, typer.Option("--max-num-batched-tokens")] = None,
     enforce_eager: Annotated[bool, typer.Option("--enforce-eager", help="No CUDA graphs / compile.")] = False,
     ignore_eos: Annotated[bool, typer.Option("--ignore-eos", hidden=True)] = False,
+    schema: SchemaOpt = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
     verbose: VerboseOpt = False,
     dry_run: DryRunOpt = False,
@@ -383,7 +409,11 @@ def caption(
         found = iter_items(inputs, extensions)
         return select_shard(found, *shard_spec) if shard_spec else found
 
-    sampling = _sampling(preset, max_tokens, temperature, top_p, top_k, repetition_penalty, seed, ignore_eos)
+    # A bad schema is a usage error before anything loads (--dry-run skips vLLM's check: no vLLM there).
+    json_schema = _json_schema(schema, preset, check_engine=not dry_run)
+    sampling = _sampling(
+        preset, max_tokens, temperature, top_p, top_k, repetition_penalty, seed, ignore_eos, json_schema
+    )
     max_chunk_s = float(family.max_audio_s)
     if chunk_seconds is not None and not (0 < chunk_seconds <= family.max_audio_s):
         raise Fail(ExitStatus.USAGE, f"--chunk-seconds must be in (0, {family.max_audio_s}] for {family.name}")
@@ -416,6 +446,8 @@ def caption(
     if workers is None:
         workers = max(4, min(4 * len(devices), os.cpu_count() or 4))
     run_info: dict[str, Any] = {"identity": identity, "argv": sys.argv[1:], "family": family.name}
+    if json_schema is not None:
+        run_info["schema"] = json_schema.describe()
     if shard_spec:
         run_info["shard"] = f"{shard_spec[0]}/{shard_spec[1]}"
     try:
@@ -428,6 +460,8 @@ def caption(
             rows_per_part=rows_per_part,
             retry_failed=retry_failed,
             shard=shard_spec,
+            extra_fields=json_schema.arrow_fields() if json_schema is not None else (),
+            extra_values=json_schema.row_values if json_schema is not None else None,
         )
     except OutputError as exc:  # checked before the model loads: a bad --out costs nothing
         raise Fail(ExitStatus.LOCKED if isinstance(exc, LockedError) else ExitStatus.USAGE, str(exc)) from exc
@@ -576,6 +610,7 @@ def describe_music(
     gpu_memory_utilization: GpuMemOpt = 0.9,
     tensor_parallel_size: TpOpt = 1,
     dtype: DtypeOpt = "auto",
+    schema: SchemaOpt = None,
     verbose: VerboseOpt = False,
 ) -> None:
     """Describe one music track with Music Flamingo (long tracks: one section per chunk)."""
@@ -591,7 +626,8 @@ def describe_music(
             f"{track}: is a directory (describe-music takes one file; use caption for folders)",
         )
     preset, model_id, family, prompt_text = _job_settings(task, model, prompt)
-    sampling = _sampling(preset, max_tokens, temperature, None, None, None, seed)
+    json_schema = _json_schema(schema, preset)
+    sampling = _sampling(preset, max_tokens, temperature, None, None, None, seed, json_schema=json_schema)
     t0 = time.perf_counter()
     config = _engine_config(
         model_id,
@@ -617,7 +653,7 @@ def describe_music(
     sink = _Collect()
     t1 = time.perf_counter()
     item = AudioItem(id=track.name, path=str(track.resolve()), origin=str(track))
-    run_pipeline(job, iter([item]), engine, sink)
+    run_pipeline(job, iter([item]), engine, sink)  # a schema run's invalid outputs come back as errors
     results = sorted(sink.results, key=lambda r: r.chunk.index)
     timing = {"engine_start_s": round(t1 - t0, 2), "generate_s": round(time.perf_counter() - t1, 2)}
     errors = [r.error for r in results if r.error]
@@ -634,6 +670,7 @@ def describe_music(
                 "start_s": r.chunk.start_s if r.chunk.num_chunks else None,
                 "end_s": r.chunk.end_s if r.chunk.num_chunks else None,
                 "description": r.caption,
+                **({} if json_schema is None else {"json": _parsed(json_schema, r)}),
                 "finish_reason": r.finish_reason,
                 "output_tokens": r.output_tokens,
                 "error": r.error,
@@ -643,6 +680,8 @@ def describe_music(
         "timing": timing,
         "flamingo_version": __version__,
     }
+    if json_schema is not None:
+        doc["schema"] = {"hash": json_schema.hash, "source": json_schema.source}
     if as_json:
         _env.stdout.write(json.dumps(doc, ensure_ascii=False) + "\n")
         _env.stdout.flush()
@@ -653,6 +692,12 @@ def describe_music(
             for e in errors:
                 _env.error(e)
         raise typer.Exit(ExitStatus.ITEMS_FAILED)
+
+
+def _parsed(json_schema, result) -> Any:
+    """The validated object of a schema run's section (None on error rows)."""
+    text = json_schema.row_values(result)["caption_json"]
+    return None if text is None else json.loads(text)
 
 
 def _print_description(doc: dict[str, Any]) -> None:
@@ -709,6 +754,7 @@ def presets(
                 "prompt": p.prompt,
                 "sampling": p.sampling,
                 "file": p.source,
+                "schema": p.schema_source or None,
             }
             for p in found
         ]

@@ -125,6 +125,11 @@ class VllmEngine:
                 setattr(params, name, value)
         params.max_tokens = sampling.max_tokens
         params.ignore_eos = sampling.ignore_eos
+        structured = structured_outputs(sampling)
+        if structured is not None:
+            from vllm.sampling_params import StructuredOutputsParams
+
+            params.structured_outputs = StructuredOutputsParams(**structured)
         if request is not None and params.temperature > 0:
             params.seed = request_seed(self.config.seed if sampling.seed is None else sampling.seed, request)
         return params
@@ -231,6 +236,17 @@ class VllmEngine:
 
 
 GPU_MAX_NUM_BATCHED_TOKENS = 32768
+# Structured outputs (--schema): xgrammar, the backend flamingo checks schemas against before a run
+# (flamingo_cli/schema.py), and compact JSON: "any whitespace" lets a model spend its token budget on
+# blank lines inside the object. vLLM 0.24 takes both per engine, not per request.
+STRUCTURED_OUTPUTS_CONFIG = {"backend": "xgrammar", "disable_any_whitespace": True}
+
+
+def structured_outputs(sampling: Sampling) -> dict[str, Any] | None:
+    """``StructuredOutputsParams`` keywords for ``sampling`` (None: free text), for the local and Ray paths."""
+    if sampling.json_schema is None:
+        return None
+    return {"json": sampling.json_schema}
 
 
 def engine_kwargs(config: EngineConfig, use_gpu: bool) -> dict[str, Any]:
@@ -246,6 +262,7 @@ def engine_kwargs(config: EngineConfig, use_gpu: bool) -> dict[str, Any]:
         # Each audio is captioned once per run: a multimodal input cache only costs memory.
         mm_processor_cache_gb=0,
         disable_log_stats=not config.verbose,
+        structured_outputs_config=dict(STRUCTURED_OUTPUTS_CONFIG),
     )
     if config.max_num_seqs:
         kwargs["max_num_seqs"] = config.max_num_seqs

@@ -33,6 +33,7 @@ from flamingo_cli.engine import END, Sampling
 from flamingo_cli.models import WINDOW_S
 from flamingo_cli.prompts import PromptBuilder
 from flamingo_cli.records import AudioItem, Chunk, DecodedAudio, Result
+from flamingo_cli.schema import output_check
 from flamingo_cli.sink import ResumeIndex, error_result
 from flamingo_cli.sources import Fingerprint, fingerprint, source_changed
 
@@ -385,6 +386,7 @@ def run_pipeline(
         if on_tick:
             on_tick()
 
+    check = output_check(job.sampling)
     producer.start()
     try:
         for result in engine.run(feed, job.sampling, on_step=step):
@@ -393,6 +395,8 @@ def run_pipeline(
                 with stats.lock:
                     stats.chunks_dropped += 1
                 continue
+            if check is not None:
+                result = check(result)
             sink.write(result)
             with stats.lock:
                 if result.error:

@@ -48,12 +48,14 @@ from flamingo_cli.engine import (
     engine_kwargs,
     engine_versions,
     request_seed,
+    structured_outputs,
 )
 from flamingo_cli.models import FAMILIES, WINDOW_S
 from flamingo_cli.pipeline import CaptionJob, Planner, ResultSink, Stats
 from flamingo_cli.prompts import PromptBuilder
 from flamingo_cli.quiet import QUIET_ENV, quiet_env
 from flamingo_cli.records import SAMPLE_RATE, AudioItem, Chunk, DecodedAudio, Result
+from flamingo_cli.schema import output_check
 from flamingo_cli.sink import ResumeIndex, error_result
 from flamingo_cli.sources import Fingerprint, fingerprint
 
@@ -133,6 +135,9 @@ def sampling_dict(model: str, sampling: Sampling) -> dict[str, Any]:
             params[name] = value
     params["max_tokens"] = sampling.max_tokens
     params["ignore_eos"] = sampling.ignore_eos
+    structured = structured_outputs(sampling)
+    if structured is not None:  # ray.data.llm builds StructuredOutputsParams from this dict
+        params["structured_outputs"] = structured
     return params
 
 
@@ -141,7 +146,7 @@ def effective_sampling(params: dict[str, Any], seed: int) -> dict[str, Any]:
     try:
         from vllm import SamplingParams
 
-        p = SamplingParams(**params)
+        p = SamplingParams(**{k: v for k, v in params.items() if k != "structured_outputs"})
         values = {k: getattr(p, k) for k in ("temperature", "top_p", "top_k", "repetition_penalty", "max_tokens")}
     except Exception:  # vLLM only on the workers: report the arguments as given
         values = {k: params.get(k) for k in ("temperature", "top_p", "top_k", "repetition_penalty", "max_tokens")}
@@ -516,7 +521,7 @@ def run_ray_pipeline(
         if use_gpu is None:
             use_gpu = ray.cluster_resources().get("GPU", 0) > 0
         dataset = _dataset(job, config, settings, rows, params, seed, use_gpu, chat_template)
-        _consume(dataset, pending, sink, stats, on_result, on_tick, stop_event)
+        _consume(dataset, pending, sink, stats, on_result, on_tick, stop_event, output_check(job.sampling))
     finally:
         if settings.shutdown or (settings.shutdown is None and started):
             ray.shutdown()
@@ -587,8 +592,9 @@ def _consume(
     on_result: Callable[[Result], None] | None,
     on_tick: Callable[[], None] | None,
     stop_event: threading.Event | None,
+    check: Callable[[Result], Result] | None = None,
 ) -> None:
-    """Stream the dataset's rows into the sink as they finish (any order)."""
+    """Stream the dataset's rows into the sink as they finish (any order); ``check`` validates outputs."""
     begin = getattr(sink, "begin_item", None)
     remaining: dict[int, int] = {}
     rows = iter(dataset.iter_rows())
@@ -612,6 +618,8 @@ def _consume(
             if begin is not None:
                 begin(entry.item.id, entry.source, entry.version, remaining[seq])
         result = _result(row, entry)
+        if check is not None:
+            result = check(result)
         sink.write(result)
         _count(stats, result)
         remaining[seq] -= 1

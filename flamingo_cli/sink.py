@@ -43,7 +43,7 @@ import re
 import secrets
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
@@ -379,12 +379,12 @@ def _to_json(value: Any) -> str:
         return json.dumps(value, ensure_ascii=False, default=_json_default)
 
 
-def _passthrough_names(keys: list[str]) -> dict[str, str]:
+def _passthrough_names(keys: list[str], reserved: frozenset[str] = RESERVED_NAMES) -> dict[str, str]:
     """Map manifest keys to column names; a key named like a core column becomes ``extra_<key>``."""
-    mapping = {k: k for k in keys if k not in RESERVED_NAMES}
-    used = set(RESERVED_NAMES) | set(keys)
+    mapping = {k: k for k in keys if k not in reserved}
+    used = set(reserved) | set(keys)
     for k in keys:
-        if k in RESERVED_NAMES:
+        if k in reserved:
             name = f"extra_{k}"
             while name in used:
                 name = f"extra_{name}"
@@ -454,6 +454,10 @@ class Sink:
     ``lock=False`` skips the run lock; only for tests or callers holding their own lock, since
     opening also deletes leftover temp parts, which a concurrent writer may still be writing.
     ``clock`` is injectable for tests of ``flush_seconds``.
+
+    ``extra_fields`` are run-specific columns declared up front (a ``--schema`` run's ``caption_json``
+    and ``f_*``, see flamingo_cli/schema.py), written after the core columns in every part with exactly
+    these types; ``extra_values(result)`` gives a row's values for them (missing names are null).
     """
 
     def __init__(
@@ -471,13 +475,21 @@ class Sink:
         lock: bool = True,
         clock: Callable[[], float] = time.monotonic,
         shard: tuple[int, int] | None = None,
+        extra_fields: Sequence[pa.Field] = (),
+        extra_values: Callable[[Result], Mapping[str, Any]] | None = None,
     ) -> None:
         if not _RUN_KEY_RE.match(run_key):
             raise ValueError(f"run_key {run_key!r} is not a safe directory name")
         if rows_per_part < 1:
             raise ValueError("rows_per_part must be >= 1")
+        clash = [f.name for f in extra_fields if f.name in RESERVED_NAMES]
+        if clash:
+            raise ValueError(f"extra columns {clash} clash with core columns")
         self.out_dir = Path(out_dir)
         self.run_key = run_key
+        self.extra_fields = list(extra_fields)
+        self._extra_values = extra_values
+        self._reserved = RESERVED_NAMES | {f.name for f in self.extra_fields}
         self.run_dir = self.out_dir / f"run={run_key}"
         if shard is not None and not (shard[1] >= 1 and 0 <= shard[0] < shard[1]):
             raise ValueError(f"shard {shard!r} is not (index, count) with 0 <= index < count")
@@ -671,6 +683,13 @@ class Sink:
     # -- writing ----------------------------------------------------------------------------------
 
     def _row(self, result: Result, source: Fingerprint | None, version: int) -> dict[str, Any]:
+        row = self._core_row(result, source, version)
+        if self.extra_fields:
+            values = self._extra_values(result) if self._extra_values is not None else {}
+            row.update({f.name: values.get(f.name) for f in self.extra_fields})
+        return row
+
+    def _core_row(self, result: Result, source: Fingerprint | None, version: int) -> dict[str, Any]:
         chunk = result.chunk
         item = chunk.item
         return {
@@ -737,8 +756,8 @@ class Sink:
 
     def _table(self) -> pa.Table:
         rows = [r for r, _ in self._buffer]
-        arrays = [pa.array([r[f.name] for r in rows], type=f.type) for f in SCHEMA]
-        fields = list(SCHEMA)
+        fields = [*SCHEMA, *self.extra_fields]
+        arrays = [pa.array([r[f.name] for r in rows], type=f.type) for f in fields]
         keys: list[str] = []
         seen_keys: set[str] = set()
         extras = [{str(k): v for k, v in extra.items()} for _, extra in self._buffer]
@@ -747,7 +766,7 @@ class Sink:
                 if k not in seen_keys:
                     seen_keys.add(k)
                     keys.append(k)
-        names = _passthrough_names(keys)
+        names = _passthrough_names(keys, self._reserved)
         for k in keys:
             array = _passthrough_array([extra.get(k) for extra in extras])
             arrays.append(array)
