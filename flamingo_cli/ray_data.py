@@ -55,7 +55,7 @@ from flamingo_cli.pipeline import CaptionJob, Planner, ResultSink, Stats
 from flamingo_cli.prompts import PromptBuilder
 from flamingo_cli.quiet import QUIET_ENV, quiet_env
 from flamingo_cli.records import SAMPLE_RATE, AudioItem, Chunk, DecodedAudio, Result
-from flamingo_cli.schema import output_check
+from flamingo_cli.schema import from_text, output_check
 from flamingo_cli.sink import ResumeIndex, error_result
 from flamingo_cli.sources import Fingerprint, fingerprint
 
@@ -740,6 +740,10 @@ def caption_with_ray(
     identity = run_identity(model_id, preset.name, prompt_text, sampling, chunk_s, overlap_s)
     key = run_key(identity)
     run_info: dict[str, Any] = {"identity": identity, "argv": sys.argv[1:], "family": family.name}
+    # A schema run (sampling.json_schema, already checked: flamingo_cli/schema.py) adds typed columns.
+    json_schema = None if sampling.json_schema is None else from_text(sampling.json_schema)
+    if json_schema is not None:
+        run_info["schema"] = json_schema.describe()
     max_chunk_s = float(family.max_audio_s)
     config = EngineConfig(
         model=model_id,
@@ -770,7 +774,15 @@ def caption_with_ray(
     )
     stats = Stats()
     sink = Sink(
-        out, key, run_info, model=model_id, task=preset.name, rows_per_part=rows_per_part, retry_failed=retry_failed
+        out,
+        key,
+        run_info,
+        model=model_id,
+        task=preset.name,
+        rows_per_part=rows_per_part,
+        retry_failed=retry_failed,
+        extra_fields=json_schema.arrow_fields() if json_schema is not None else (),
+        extra_values=json_schema.row_values if json_schema is not None else None,
     )
     with sink:
         index = sink.load_index()

@@ -388,8 +388,10 @@ def test_schema_run_writes_typed_columns_readable_by_pandas_polars_duckdb(tmp_pa
 @pytest.mark.engine
 def test_schema_run_on_tiny_af3_rows_validate_or_say_why(tmp_path, tiny_af3) -> None:
     import jsonschema
+    from vllm.sampling_params import StructuredOutputsParams
 
     from flamingo_cli.config import load_preset
+    from flamingo_cli.ray_data import sampling_dict
 
     for i in range(3):
         make_audio(tmp_path / "in" / f"clip{i}.wav", 2.0 + i, seed=i)
@@ -414,3 +416,7 @@ def test_schema_run_on_tiny_af3_rows_validate_or_say_why(tmp_path, tiny_af3) -> 
             assert row["caption_json"] is None
         # Constrained decoding: whatever the random weights chose, the text is a prefix of valid JSON.
         assert row["caption"].startswith("{"), row["caption"]
+    # The Ray path asks for the same constraint (ray.data.llm builds StructuredOutputsParams from it).
+    text = parse_schema(preset.schema, "x", check_engine=False).text
+    structured = sampling_dict(str(tiny_af3), Sampling(max_tokens=8, json_schema=text))["structured_outputs"]
+    assert StructuredOutputsParams(**structured).json == text
