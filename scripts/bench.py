@@ -216,8 +216,10 @@ def cmd_flamingo(a):
     )
 
 
-def _pass(a, engine, family, sampling, out, check=None):
-    """One flamingo pass over --dir with ``sampling``; returns its stats, seconds and GPU busy share."""
+def _pass(a, engine, family, sampling, out):
+    """One flamingo pass over --dir with ``sampling``: totals over every generated row (a schema row that
+    failed validation, e.g. truncated at max tokens, still cost its tokens), seconds, GPU busy share."""
+    import math
     import shutil
     from collections import Counter
 
@@ -237,16 +239,27 @@ def _pass(a, engine, family, sampling, out, check=None):
     )
     stats = Stats()
     errors: Counter[str] = Counter()
+    totals = Counter()
 
     def count(result):
         if result.error:
             errors[result.error.split(":")[0]] += 1
+        if result.output_tokens is None:  # not generated (decode error, rejected): costs nothing
+            return
+        span = result.chunk.end_s - result.chunk.start_s
+        totals.update(
+            requests=1,
+            windows=max(1, math.ceil(round(span, 3) / 30)),
+            audio_s=span,
+            prompt_tokens=result.prompt_tokens or 0,
+            output_tokens=result.output_tokens,
+        )
 
     with Sink(out, "bench", {"bench": True}, model=a.ckpt, task="bench") as sink, GpuBusy() as gpu:
         t1 = time.perf_counter()
         run_pipeline(job, _items(a), engine, sink, stats, on_result=count)
         seconds = time.perf_counter() - t1
-    return stats.snapshot(), seconds, gpu.busy, dict(errors)
+    return stats.snapshot(), totals, seconds, gpu.busy, dict(errors)
 
 
 def cmd_schema(a):
@@ -274,21 +287,20 @@ def cmd_schema(a):
     rows = []
     for name, json_schema in (("free_text", None), ("schema", schema.text)):
         sampling = Sampling(temperature=0.0, max_tokens=a.max_tokens, json_schema=json_schema)
-        s, seconds, busy, errors = _pass(a, engine, family, sampling, Path(a.out_dir) / name)
-        done = s["chunks_done"] + s["chunks_failed"]
+        s, t, seconds, busy, errors = _pass(a, engine, family, sampling, Path(a.out_dir) / name)
         rows.append(
             _report(
                 f"schema:{name}",
                 a,
-                s["windows_done"],
-                s["audio_s_done"],
+                t["windows"],
+                t["audio_s"],
                 seconds,
-                s["prompt_tokens"],
-                s["output_tokens"],
+                t["prompt_tokens"],
+                t["output_tokens"],
                 busy,
                 start_s,
-                requests=done,
-                mean_output_tokens=round(s["output_tokens"] / max(1, s["chunks_done"]), 1),
+                requests=t["requests"],
+                mean_output_tokens=round(t["output_tokens"] / max(1, t["requests"]), 1),
                 rows_ok=s["chunks_done"],
                 rows_failed=s["chunks_failed"],
                 errors=errors,
