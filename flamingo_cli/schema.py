@@ -26,6 +26,7 @@ from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import Any
 
+from flamingo_cli.errors import UsageError
 from flamingo_cli.records import Result, Sampling, text_hash
 
 CAPTION_JSON = "caption_json"
@@ -57,8 +58,9 @@ _XGRAMMAR_PREFIX = re.compile(r"\[\d\d:\d\d:\d\d\] \S+:\d+: ")
 _KINDS = {"string": "string", "integer": "int64", "number": "float64", "boolean": "bool"}
 
 
-class SchemaError(ValueError):
-    """A schema that cannot be used (not JSON, not a JSON Schema, not enforceable): names it and why."""
+class SchemaError(UsageError):
+    """A schema that cannot be used (not JSON, not a JSON Schema, not enforceable): names it and why.
+    A usage error (exit 2), raised before any model loads."""
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ import pyarrow.dataset as ds
 import pytest
 from conftest import ENGINE_ARGS, make_audio, read_rows, run_cli
 
-from flamingo_cli.engine import END, structured_outputs
+from flamingo_cli.engine import END, sampling_kwargs
 from flamingo_cli.records import AudioItem, Chunk, Result, Sampling
 from flamingo_cli.schema import (
     UNENFORCED_KEYWORDS,
@@ -70,10 +70,10 @@ def result(text: str | None, finish_reason: str = "stop", error: str | None = No
 @pytest.fixture
 def no_engine(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
     """get_engine records any call: a schema error must come before the model loads."""
-    import flamingo_cli.engine
+    import flamingo_cli.launch
 
     calls: list[Any] = []
-    monkeypatch.setattr(flamingo_cli.engine, "get_engine", lambda config: calls.append(config))
+    monkeypatch.setattr(flamingo_cli.launch, "get_engine", lambda config: calls.append(config))
     return calls
 
 
@@ -181,8 +181,8 @@ def test_schema_text_keeps_key_order_and_joins_the_run_identity() -> None:
     plain = Sampling(max_tokens=64)
     assert "json_schema" not in plain.identity()  # runs without a schema keep their keys
     assert Sampling(max_tokens=64, json_schema=schema.text).identity()["json_schema"] == schema.hash
-    assert structured_outputs(plain) is None
-    assert structured_outputs(Sampling(json_schema=schema.text)) == {"json": schema.text}
+    assert "structured_outputs" not in sampling_kwargs(plain)
+    assert sampling_kwargs(Sampling(json_schema=schema.text))["structured_outputs"] == {"json": schema.text}
 
 
 @pytest.mark.parametrize(
@@ -292,16 +292,17 @@ class JsonEngine:
     def abort_all(self) -> None:
         pass
 
+    def alive(self) -> bool:
+        return True
+
     def close(self) -> None:
         pass
 
 
-def test_schema_run_writes_typed_columns_readable_by_pandas_polars_duckdb(tmp_path, monkeypatch) -> None:
-    import flamingo_cli.engine
+def test_schema_run_writes_typed_columns_readable_by_pandas_polars_duckdb(tmp_path, monkeypatch, use_engine) -> None:
     import flamingo_cli.prompts
 
-    engine = JsonEngine()
-    monkeypatch.setattr(flamingo_cli.engine, "get_engine", lambda config: engine)
+    engine = use_engine(JsonEngine())
     monkeypatch.setattr(flamingo_cli.prompts, "load_chat_template", lambda model: None)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     names = ["valid-1", "valid-2", "partial-1", "violation-1", "truncated-1", "text-1"]
