@@ -417,6 +417,34 @@ def test_schema_run_on_tiny_af3_rows_validate_or_say_why(tmp_path, tiny_af3) -> 
             assert row["caption_json"] is None
         # Constrained decoding: whatever the random weights chose, the text is a prefix of valid JSON.
         assert row["caption"].startswith("{"), row["caption"]
+    # A schema whose every object fits in the budget: decoding must end in a valid object, every time.
+    small = {
+        "type": "object",
+        "properties": {
+            "speech_present": {"type": "boolean"},
+            "speakers": {"type": "integer", "minimum": 0, "maximum": 9},
+            "environment": {"enum": ["street", "studio", "home"]},
+        },
+        "required": ["speech_present", "speakers", "environment"],
+        "additionalProperties": False,
+    }
+    small_file = write_json(tmp_path / "small.json", small)
+    out2 = tmp_path / "out2"
+    res = run_cli(["caption", tmp_path / "in", "--out", out2, "--model", tiny_af3, "--schema", small_file, *args])
+    assert res.status == 0, res.stderr
+    rows = read_rows(out2)
+    assert len(rows) == 3
+    for row in rows:
+        value = json.loads(row["caption_json"])
+        jsonschema.validate(value, small)
+        assert row["error"] is None and row["finish_reason"] == "stop"
+        assert (row["f_speech_present"], row["f_speakers"], row["f_environment"]) == (
+            value["speech_present"],
+            value["speakers"],
+            value["environment"],
+        )
+    (run,) = json.loads(run_cli(["inspect", out2, "--json"]).stdout)["run_details"]
+    assert run["fields"]["f_environment"]["fill_rate"] == 1.0 and run["fields"]["f_speakers"]["filled"] == 3
     # The Ray path asks for the same constraint (ray.data.llm builds StructuredOutputsParams from it).
     text = parse_schema(preset.schema, "x", check_engine=False).text
     structured = sampling_dict(str(tiny_af3), Sampling(max_tokens=8, json_schema=text))["structured_outputs"]
