@@ -376,8 +376,15 @@ def test_schema_run_writes_typed_columns_readable_by_pandas_polars_duckdb(tmp_pa
     text = run_cli(["inspect", out])
     assert "f_genre" in text.stdout and "jazz ×3" in text.stdout
 
-    # the same schema resumes the same run; another schema is another run
+    # the same schema resumes the same run (a new file: a new part with the same columns, not taken for
+    # passthrough columns); another schema is another run
     assert run_cli(args).status == 0 and len(read_rows(out)) == len(names)  # nothing left to do
+    make_audio(tmp_path / "in" / "valid-3.wav", 1.0, seed=9)
+    assert run_cli(args).status == 0 and len(read_rows(out)) == len(names) + 1
+    import pyarrow.parquet as pq
+
+    schemas = {str(pq.read_schema(p).remove_metadata()) for p in out.glob("run=*/part-*.parquet")}
+    assert len(schemas) == 1 and len(list(out.glob("run=*/part-*.parquet"))) == 2
     other = write_json(tmp_path / "other.json", {**TAGS, "required": ["genre"]})
     run_cli([*args[:-3], "--schema", other, "--quiet"])
     assert len(list(out.glob("run=*"))) == 2
