@@ -118,10 +118,12 @@ def run(
 def plan(spec: CaptionSpec, on_file: Any = None) -> Any:
     """The dry run: files, hours, chunks, audio tokens and GPU time from headers; no model, no torch."""
     from flamingo_cli.plan import make_plan, rows_on_disk
+    from flamingo_cli.sources import ScanStats
 
     spec.check_inputs()
+    scan = ScanStats()
     result = make_plan(
-        spec.items(),
+        spec.items(scan),
         spec.family,
         model=spec.model,
         task=spec.task,
@@ -131,6 +133,7 @@ def plan(spec: CaptionSpec, on_file: Any = None) -> Any:
         on_file=on_file,
     )
     result.rows_on_disk = rows_on_disk(spec.out, spec.run_key)
+    result.passed_over = scan.skipped()
     return result
 
 
@@ -215,7 +218,7 @@ class Scout:
     complete: bool = True  # every item was looked at
 
 
-def scout(spec: CaptionSpec, index: Any, budget_s: float = SCOUT_BUDGET_S) -> Scout:
+def scout(spec: CaptionSpec, index: Any, budget_s: float = SCOUT_BUDGET_S, scan: Any = None) -> Scout:
     """Walk the inputs against the resume index (a stat per file, as the run itself does) until the
     answer is known: nothing to do (every item looked at), or work and its longest chunk (stops at the
     model's cap, or after ``budget_s`` of reading headers: then the engine is sized for the cap)."""
@@ -229,7 +232,7 @@ def scout(spec: CaptionSpec, index: Any, budget_s: float = SCOUT_BUDGET_S) -> Sc
     result = Scout(longest_chunk_s=0.0)
     cap = spec.max_chunk_s
     first_todo: float | None = None
-    for raw in spec.items():
+    for raw in spec.items(scan):
         item = planner.unique(raw)
         if item.error:
             if planner.plan(item, None).wanted:
@@ -302,7 +305,7 @@ class _Run:
     def execute(self) -> CaptionReport:
         from flamingo_cli.planner import Stats
         from flamingo_cli.sink import LockedError, Sink
-        from flamingo_cli.sources import declared_columns
+        from flamingo_cli.sources import ScanStats, declared_columns
 
         spec, env, progress = self.spec, self.env, self.progress
         spec.check_inputs()
@@ -325,6 +328,10 @@ class _Run:
         except OutputError as exc:  # found before the model loads: a bad --out costs nothing
             raise UsageError(str(exc)) from exc
         stats = Stats()
+        # Files the folder scans pass over: the plan's walk counts them all when there is nothing to do,
+        # the run's own walk otherwise; the sink records them for inspect, progress reports them.
+        scouted, scan = ScanStats(), ScanStats()
+        sink.scan = self.progress.scan = scouted
         with _closing(sink), self._signals():
             index = sink.load_index()
             if not spec.quiet:
@@ -334,7 +341,7 @@ class _Run:
                 )
                 if len(index):
                     env.info(f"resuming: {len(index)} rows already written for this run")
-            found = scout(spec, index)
+            found = scout(spec, index, scan=scouted)
             if not found.todo and not found.errors:
                 if not spec.quiet:
                     env.info(f"{NOTHING_TO_DO}: every input is already in {spec.out}")
@@ -346,7 +353,8 @@ class _Run:
                     {"versions": engine.versions, "sampling_effective": engine.effective_sampling(spec.sampling)}
                 )
             job = spec.job(self._chat_template())
-            progress.start(stats, inputs=list(spec.inputs), extensions=spec.extensions, shard=spec.shard)
+            sink.scan = scan
+            progress.start(stats, inputs=list(spec.inputs), extensions=spec.extensions, shard=spec.shard, scan=scan)
 
             def tick() -> None:
                 progress.tick()
@@ -359,14 +367,16 @@ class _Run:
                     from flamingo_cli.ray_data import run_ray_pipeline
 
                     run_ray_pipeline(
-                        job, spec.items(), config, watched, stats, index, settings=self._ray_settings(),
+                        job, spec.items(scan), config, watched, stats, index, settings=self._ray_settings(),
                         chat_template=job.prompts.chat_template, on_tick=tick, stop_event=self.stop,
                         run_info=sink.run_info,
                     )  # fmt: skip
                 else:
                     from flamingo_cli.pipeline import run_pipeline
 
-                    run_pipeline(job, spec.items(), engine, watched, stats, index, on_tick=tick, stop_event=self.stop)
+                    run_pipeline(
+                        job, spec.items(scan), engine, watched, stats, index, on_tick=tick, stop_event=self.stop
+                    )
             except EngineError as exc:
                 if self.received:  # vLLM's engine process got the signal too (Ctrl-C, systemd stop) and quit
                     raise Stopped(self.received[0]) from exc

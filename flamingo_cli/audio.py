@@ -3,13 +3,14 @@
 soundfile (libsndfile: WAV, FLAC, OGG/Vorbis/Opus, MP3, AIFF, ...) reads first, seeking to the
 segment and reading it in blocks, each block resampled with a streaming soxr resampler (the same HQ
 filter as librosa's default "soxr_hq"), so memory stays at the 16 kHz mono result plus one block even
-for a 3-hour 48 kHz stereo file. Files libsndfile cannot open (m4a/aac, ...) go through audioread
-(ffmpeg, GStreamer, ... whichever backend is installed) with the same block pipeline.
+for a 3-hour 48 kHz stereo file. Files libsndfile cannot open (m4a/aac, wma, mp2, amr, webm, ...) go
+through PyAV (the ``av`` wheel bundles FFmpeg: no system ffmpeg needed): its frames are converted to
+float32 and fed to the same downmix + soxr block pipeline. Sizes from headers are never trusted beyond
+MAX_PREALLOC_SAMPLES.
 
 An item's audio can also come from a URL (``s3://…``, read through fsspec with ranged reads: a segment
 seeks, it does not download the whole object) or from bytes the source already holds (``item.data``:
-a dataset row, a WebDataset member); libsndfile reads both as file objects. Only the audioread fallback
-needs a real file, so for those it spills the stream to a temporary file first.
+a dataset row, a WebDataset member); libsndfile and PyAV both read them as file objects.
 
 Every failure is an AudioDecodeError that names the file and the reason, so the CLI can record it per
 item and keep going. Nothing here holds global state: decode() is safe to call from many threads.
@@ -21,11 +22,9 @@ import contextlib
 import io
 import math
 import os
-import shutil
 import stat
-import tempfile
 from collections.abc import Callable
-from typing import IO
+from typing import IO, Any
 
 import numpy as np
 import soundfile as sf
@@ -37,7 +36,9 @@ from flamingo_cli.remote import is_url, open_binary, redact
 # Source seconds per block: bounds the memory of one read (48 kHz stereo float32: ~11 MB).
 BLOCK_SECONDS = 30
 RESAMPLE_QUALITY = "HQ"  # == librosa res_type="soxr_hq"
-_INT16_SCALE = np.float32(1.0 / 32768.0)  # librosa's buf_to_float for audioread's 16-bit PCM
+# The most a header may make us allocate up front (10 min at 16 kHz, 38 MB); longer audio grows the
+# buffer by doubling as it decodes.
+MAX_PREALLOC_SAMPLES = 10 * 60 * SAMPLE_RATE
 # Ranged-read size for remote objects: a segment costs its own bytes plus about one block (the header's).
 REMOTE_BLOCK_BYTES = 2 << 20
 
@@ -66,7 +67,9 @@ class _Resampled:
         expected = 0
         if expected_in_frames is not None and expected_in_frames > 0:
             expected = round(expected_in_frames * SAMPLE_RATE / sample_rate) + 16
-        self._buf = np.empty(max(expected, 1024), dtype=np.float32)
+        # A header's length is a hint, not a promise (a FLAC STREAMINFO can claim 2^36 samples for 2 s
+        # of audio): preallocate at most MAX_PREALLOC_SAMPLES and grow as blocks really arrive.
+        self._buf = np.empty(min(max(expected, 1024), MAX_PREALLOC_SAMPLES), dtype=np.float32)
         self._n = 0
 
     def push(self, block: np.ndarray) -> None:
@@ -228,37 +231,72 @@ def _read_soundfile(f: sf.SoundFile, item: AudioItem, offset: float, duration: f
     return DecodedAudio(item=item, samples=out.finish(), source_sample_rate=sr, source_channels=channels)
 
 
-def _read_audioread(
-    item: AudioItem, offset: float, duration: float | None, path: str, local: str | None = None
-) -> DecodedAudio:
-    import audioread  # only when libsndfile cannot open the file
+def _frame_block(resampler: Any, frame: Any) -> list[np.ndarray]:
+    """One decoded frame (any sample format/layout) as (frames, channels) float32 blocks."""
+    return [f.to_ndarray().T for f in resampler.resample(frame)]
 
-    with audioread.audio_open(local or item.path) as f:
-        sr, channels = int(f.samplerate), int(f.channels)
+
+def _read_pyav(item: AudioItem, offset: float, duration: float | None, path: str, src: Any) -> DecodedAudio:
+    """The first audio stream of anything FFmpeg (bundled in PyAV) opens, through the same block pipeline.
+
+    Decodes from the start and drops samples before ``offset`` (exact whatever the container's
+    seeking precision); frames are gathered into ~1-s blocks so soxr sees few, large calls. ``src`` is
+    the local path or an open file object (a URL's ranged reader, a bytes payload).
+    """
+    import av  # only when libsndfile cannot open the file
+
+    with av.open(src, metadata_errors="ignore") as container:
+        if not container.streams.audio:
+            raise AudioDecodeError(path, f"not decodable audio: no audio stream in {container.format.name} container")
+        stream = container.streams.audio[0]
+        ctx = stream.codec_context
+        sr = int(ctx.sample_rate or 0)
+        channels = int(ctx.channels or 0)
         if sr <= 0 or channels <= 0:
-            raise ValueError(f"bad stream parameters ({sr} Hz, {channels} channels)")
+            raise AudioDecodeError(path, f"not decodable audio: bad stream parameters ({sr} Hz, {channels} channels)")
+        # Planar float32 at the stream's own rate and layout: libswresample only converts the sample
+        # format (s16, s32, fltp, ...), downmix and resampling stay ours (the soundfile path's).
+        resampler = av.AudioResampler(format="fltp", layout=ctx.layout, rate=sr)
         start = round(offset * sr)
         want = round(duration * sr) if duration is not None else None
-        est = None
-        if want is not None:
-            est = want
-        elif f.duration:
-            est = max(round(f.duration * sr) - start, 0)
-        out = _Resampled(path, sr, est)
+        out = _Resampled(path, sr, want)
         seen = 0  # source frames decoded so far, including skipped ones
-        for buf in f:
-            pcm = np.frombuffer(buf, dtype="<i2")
-            pcm = pcm[: pcm.shape[0] - pcm.shape[0] % channels].reshape(-1, channels)
-            lo, hi = seen, seen + pcm.shape[0]
+        pending: list[np.ndarray] = []
+        pending_n = 0
+        done = False
+
+        def take(block: np.ndarray) -> None:
+            nonlocal seen, pending_n, done
+            lo, hi = seen, seen + block.shape[0]
             seen = hi
-            if hi <= start:
-                continue
+            if hi <= start or done:
+                return
             a = max(start - lo, 0)
-            b = pcm.shape[0] if want is None else min(pcm.shape[0], start + want - lo)
+            b = block.shape[0] if want is None else min(block.shape[0], start + want - lo)
             if b > a:
-                out.push(pcm[a:b].astype(np.float32) * _INT16_SCALE)
+                pending.append(block[a:b])
+                pending_n += b - a
             if want is not None and hi >= start + want:
+                done = True
+
+        def drain() -> None:
+            nonlocal pending_n
+            if pending:
+                out.push(np.concatenate(pending) if len(pending) > 1 else np.ascontiguousarray(pending[0]))
+                pending.clear()
+                pending_n = 0
+
+        for frame in container.decode(stream):
+            for block in _frame_block(resampler, frame):
+                take(block)
+            if pending_n >= sr:
+                drain()
+            if done:
                 break
+        if not done:
+            for block in _frame_block(resampler, None):
+                take(block)
+        drain()
     if out.frames_in == 0 and offset > 0:
         raise _beyond_end(path, offset, seen / sr)
     return DecodedAudio(item=item, samples=out.finish(), source_sample_rate=sr, source_channels=channels)
@@ -269,24 +307,32 @@ def _sf_reason(e: Exception) -> str:
     return text.strip()
 
 
-def _spilled(opener: Callable[[], IO[bytes]], suffix: str) -> str:
-    """Copy a stream to a temporary file for audioread (it opens paths only); the caller removes it."""
-    fd, tmp = tempfile.mkstemp(suffix=suffix, prefix="flamingo-")
-    with os.fdopen(fd, "wb") as out, contextlib.closing(opener()) as src:
-        shutil.copyfileobj(src, out, 1 << 20)
-    return tmp
+def _av_reason(e: Exception) -> str:
+    """FFmpeg's own words ("Invalid data found when processing input"), without the repeated path."""
+    text = getattr(e, "strerror", None) or str(e) or type(e).__name__
+    return redact(str(text).strip())
 
 
-def _audioread_fallback(
-    item: AudioItem, offset: float, duration: float | None, path: str, opener: Callable[[], IO[bytes]] | None
+def _pyav_fallback(
+    item: AudioItem,
+    offset: float,
+    duration: float | None,
+    path: str,
+    opener: Callable[[], IO[bytes]] | None,
+    sf_err: Exception,
 ) -> DecodedAudio:
-    if opener is None:
-        return _read_audioread(item, offset, duration, path)
-    tmp = _spilled(opener, os.path.splitext(path.split("?", 1)[0])[1][:8])
+    """Decode with PyAV after libsndfile failed; when both fail, the error gives both reasons."""
     try:
-        return _read_audioread(item, offset, duration, path, local=tmp)
-    finally:
-        os.unlink(tmp)
+        if opener is None:
+            return _read_pyav(item, offset, duration, path, item.path)
+        with contextlib.closing(opener()) as f:
+            return _read_pyav(item, offset, duration, path, f)
+    except (AudioDecodeError, MemoryError):
+        raise
+    except Exception as av_err:
+        raise AudioDecodeError(
+            path, f"not decodable audio: soundfile: {redact(_sf_reason(sf_err))}; ffmpeg: {_av_reason(av_err)}"
+        ) from None
 
 
 def decode(item: AudioItem) -> DecodedAudio:
@@ -299,27 +345,25 @@ def decode(item: AudioItem) -> DecodedAudio:
     with contextlib.ExitStack() as stack:
         try:
             try:
-                src = item.path if opener is None else stack.enter_context(contextlib.closing(opener()))
+                # A local path as bytes: libsndfile gets the file's real name even when it is not valid
+                # UTF-8 (the str carries those bytes as surrogateescape code points, which it cannot encode).
+                src = os.fsencode(item.path) if opener is None else stack.enter_context(contextlib.closing(opener()))
                 f = sf.SoundFile(src)
             except AudioDecodeError:
                 raise
             except (sf.LibsndfileError, RuntimeError, TypeError, ValueError) as sf_err:
-                # libsndfile cannot open it (m4a/aac, ... or garbage): try audioread's backends.
+                # libsndfile cannot open it (m4a/aac, wma, amr, ... or garbage): FFmpeg through PyAV.
                 stack.close()
-                try:
-                    decoded = _audioread_fallback(item, offset, duration, path, opener)
-                except AudioDecodeError:
-                    raise
-                except MemoryError:
-                    raise
-                except Exception as ar_err:
-                    ar_reason = str(ar_err).strip() or type(ar_err).__name__
-                    raise AudioDecodeError(
-                        path, f"not decodable audio: soundfile: {_sf_reason(sf_err)}; audioread: {ar_reason}"
-                    ) from None
+                decoded = _pyav_fallback(item, offset, duration, path, opener, sf_err)
             else:
-                with f:
-                    decoded = _read_soundfile(f, item, offset, duration, path)
+                try:
+                    with f:
+                        decoded = _read_soundfile(f, item, offset, duration, path)
+                except sf.LibsndfileError as sf_err:
+                    # It opened but failed mid-stream: e.g. a FLAC whose STREAMINFO claims more samples
+                    # than it holds makes libsndfile's seek past the real end fail. FFmpeg reads what is there.
+                    stack.close()
+                    decoded = _pyav_fallback(item, offset, duration, path, opener, sf_err)
         except AudioDecodeError:
             raise
         except MemoryError:
@@ -333,22 +377,97 @@ def decode(item: AudioItem) -> DecodedAudio:
 
 
 def probe_duration(src: str | AudioItem) -> float | None:
-    """Duration in seconds from the header alone (soundfile.info), or None when it cannot tell.
+    """Duration in seconds from the header alone (libsndfile, else FFmpeg's container), or None when it
+    cannot tell. An estimate for planning only: decode() never trusts it.
 
     ``src`` is a local path or an item (its bytes, its URL: a ranged read of the header, or its path)."""
     try:
         if isinstance(src, str):
-            info = sf.info(src)
+            info = sf.info(os.fsencode(src))
         elif src.data is not None:
             info = sf.info(io.BytesIO(src.data))
         elif is_url(src.path):
             with open_binary(src.path) as f:
                 info = sf.info(f)
         else:
-            info = sf.info(src.path)
+            info = sf.info(os.fsencode(src.path))
     except Exception:
-        return None
+        return _probe_pyav(src)
     frames, sr = int(info.frames), int(info.samplerate)
     if sr <= 0 or not 0 < frames < (1 << 62):
         return None
     return frames / sr
+
+
+def _probe_pyav(src: str | AudioItem) -> float | None:
+    try:
+        import av
+
+        with contextlib.ExitStack() as stack:
+            if isinstance(src, str):
+                target: Any = src
+            elif src.data is not None:
+                target = io.BytesIO(src.data)
+            elif is_url(src.path):
+                target = stack.enter_context(open_binary(src.path))
+            else:
+                target = src.path
+            container = stack.enter_context(av.open(target, metadata_errors="ignore"))
+            if not container.streams.audio:
+                return None
+            stream = container.streams.audio[0]
+            if stream.duration is not None and stream.time_base is not None:
+                seconds = float(stream.duration * stream.time_base)
+            elif container.duration is not None:
+                seconds = container.duration / 1_000_000  # AV_TIME_BASE
+            else:
+                return None
+    except Exception:
+        return None
+    return seconds if seconds > 0 and math.isfinite(seconds) else None
+
+
+# --- writing (doctor, demo and tests make real files in the formats only FFmpeg reads) ----------------
+
+# extension -> (FFmpeg container, encoder, sample rate, channels); every encoder is bundled in the av wheel.
+FFMPEG_ENCODINGS: dict[str, tuple[str, str, int, int]] = {
+    ".mp2": ("mp2", "mp2", 44100, 2),
+    ".m4a": ("ipod", "aac", 44100, 2),
+    ".aac": ("adts", "aac", 22050, 1),
+    ".wma": ("asf", "wmav2", 44100, 2),
+    ".webm": ("webm", "libopus", 48000, 2),
+    ".amr": ("amr", "libopencore_amrnb", 8000, 1),
+    ".mp4": ("mp4", "libopus", 48000, 1),  # Opus in MP4
+    ".oga": ("ogg", "libopus", 48000, 2),  # Ogg Opus under the .oga name
+    ".mka": ("matroska", "flac", 32000, 2),
+    ".ac3": ("ac3", "ac3", 48000, 2),
+}
+
+
+def write_ffmpeg(path: str | os.PathLike[str], data: np.ndarray) -> None:
+    """Encode ``data`` ((channels, samples) float32 at the rate FFMPEG_ENCODINGS gives for the
+    extension of ``path``) with PyAV's bundled FFmpeg."""
+    import av
+
+    fmt, codec, sr, channels = FFMPEG_ENCODINGS[os.path.splitext(os.fspath(path))[1].lower()]
+    if data.ndim != 2 or data.shape[0] != channels:
+        raise ValueError(f"{path}: expected ({channels}, samples) audio, got {data.shape}")
+    layout = "stereo" if channels == 2 else "mono"
+    with av.open(os.fspath(path), "w", format=fmt) as out:
+        stream = out.add_stream(codec, rate=sr)
+        stream.layout = layout
+        if codec == "wmav2":
+            stream.bit_rate = 96000  # its default (0) does not open
+        ctx = stream.codec_context
+        resampler = av.AudioResampler(format=ctx.codec.audio_formats[0].name, layout=layout, rate=sr)
+        step, pts = ctx.frame_size or 1024, 0
+        for i in range(0, data.shape[1], step):
+            block = np.ascontiguousarray(data[:, i : i + step], dtype=np.float32)
+            frame = av.AudioFrame.from_ndarray(block, format="fltp", layout=layout)
+            frame.sample_rate, frame.pts = sr, pts
+            pts += frame.samples
+            for f in resampler.resample(frame):
+                out.mux(stream.encode(f))
+        for f in resampler.resample(None):
+            out.mux(stream.encode(f))
+        out.mux(stream.encode(None))

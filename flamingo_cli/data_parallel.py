@@ -68,6 +68,15 @@ def visible_gpus() -> list[str]:
     return [line.strip() for line in out.stdout.splitlines() if line.strip().isdigit()] if out.returncode == 0 else []
 
 
+def _visible_text(n: int, wanted: list[int]) -> str:
+    """What the host has, in words: "no GPUs visible on this host (asked for 0)" rather than "(0..-1)"."""
+    asked = ",".join(map(str, wanted))
+    if n == 0:
+        return f"no GPUs visible on this host (asked for {asked}); use --gpus none to run on the CPU"
+    have = "GPU 0" if n == 1 else f"GPUs 0..{n - 1}"
+    return f"this host has {n} visible GPU{'s' if n != 1 else ''} ({have}); asked for {asked}"
+
+
 def plan_replicas(gpus: str | None, tensor_parallel_size: int = 1, replicas: int | None = None) -> list[str | None]:
     """One entry per engine replica: the ``CUDA_VISIBLE_DEVICES`` it gets, or None (no GPU pinning).
 
@@ -90,7 +99,7 @@ def plan_replicas(gpus: str | None, tensor_parallel_size: int = 1, replicas: int
             raise ValueError(f"--gpus {gpus!r}: expected 'all', 'none' or indexes like 0,1,3") from exc
         bad = [i for i in wanted if not 0 <= i < len(visible)]
         if bad or len(set(wanted)) != len(wanted) or not wanted:
-            raise ValueError(f"--gpus {gpus!r}: this host has {len(visible)} visible GPU(s) (0..{len(visible) - 1})")
+            raise ValueError(f"--gpus {gpus!r}: {_visible_text(len(visible), wanted)}")
         chosen = [visible[i] for i in wanted]
     if not chosen:  # CPU engine(s): no pinning
         return [None] * (replicas or 1)

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import IO, Any
 
 from rich.console import Console
+from rich.text import Text
 
 
 class ExitStatus(enum.IntEnum):
@@ -49,14 +50,29 @@ class Environment:
             file=self.stderr, force_terminal=self.stderr_isatty, soft_wrap=not self.stderr_isatty, highlight=False
         )
 
+    # Messages are plain text, never markup: "[task]" or "[sampling]" in a message (TOML tables, a
+    # path) must print as written. Only the "error:"/"warning:" label is styled, as a Text span.
+
     def error(self, message: str) -> None:
-        self.err.print(f"[bold red]error:[/] {message}", markup=True, highlight=False)
+        self._labelled("error:", "bold red", message)
 
     def warn(self, message: str) -> None:
-        self.err.print(f"[yellow]warning:[/] {message}", markup=True, highlight=False)
+        self._labelled("warning:", "yellow", message)
 
     def info(self, message: str) -> None:
-        self.err.print(message, markup=False, highlight=False)
+        self.err.print(Text(_printable(message)), highlight=False)
+
+    def _labelled(self, label: str, style: str, message: str) -> None:
+        text = Text(label, style=style)
+        text.append(" " + _printable(message))
+        self.err.print(text, highlight=False)
+
+
+def _printable(message: str) -> str:
+    """A message may quote a file name that is not UTF-8 (surrogateescape): show it escaped, never crash."""
+    from flamingo_cli.paths import escape_path
+
+    return escape_path(str(message))
 
 
 def _isatty(stream: IO[str]) -> bool:

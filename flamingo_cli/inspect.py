@@ -241,9 +241,15 @@ def inspect_output(out: str | Path, samples: int = 3, max_groups: int = 20, top:
             created[run] = (lo, hi)
         g = items.group_by("run").aggregate([([], "count_all")])
         per_run_items = dict(zip(g["run"].to_pylist(), g["count_all"].to_pylist(), strict=True))
+    from flamingo_cli.sink import read_scan
+
     run_docs = []
     for key, parts in runs:
         info = _run_info(out, key, parts)
+        scan = read_scan(out, key)
+        if scan is not None:  # what the latest complete folder scan passed over
+            info["passed_over"] = {str(k): int(v) for k, v in (scan.get("skipped") or {}).items()}
+            info["passed_over_complete"] = bool(scan.get("complete"))
         info["rows"] = per_run_rows.get(key, 0)
         info["items"] = per_run_items.get(key, 0)
         lo, hi = created.get(key, (None, None))
@@ -348,6 +354,14 @@ def render(doc: dict[str, Any], console: Any) -> None:
             span,
         )
     console.print(r)
+    from flamingo_cli.sources import describe_skipped
+
+    for run in doc["run_details"]:
+        passed_over = describe_skipped(run.get("passed_over") or {})
+        if passed_over:
+            partial = "" if run.get("passed_over_complete") else " (scan interrupted: at least)"
+            note = f"run {run['run']}: last scan {passed_over}{partial}; --ext all takes every file"
+            console.print(Text(note, style="yellow"), soft_wrap=True)
     for run in doc["run_details"]:
         if run.get("prompt"):
             sampling = run.get("sampling") or {}

@@ -1,13 +1,13 @@
 """``flamingo caption --dry-run``: what a run would do, from file headers alone, without a model.
 
 Streams the inputs (``sources.iter_items``), reads each file's duration from its header
-(``audio.probe_duration``, soundfile; a thread pool since libsndfile releases the GIL), cuts the same
+(``audio.probe_duration``: libsndfile, else FFmpeg through PyAV; a thread pool, the GIL is released), cuts the same
 chunks a real run would (``chunking.plan_chunks``) and counts audio tokens (``models.num_audio_tokens``)
 and 30 s encoder windows. Only totals and a few example paths per problem are kept, so a million-row
 manifest plans in constant memory. Never imports torch or vLLM.
 
-Files whose header gives no duration (m4a/aac and other formats libsndfile cannot open, or corrupt
-files) are counted as "no duration in header": a real run decodes them with audioread/ffmpeg or
+Files whose header gives no duration (neither libsndfile nor FFmpeg can read it: corrupt
+files) are counted as "no duration in header": a real run still tries to decode them or
 records an error row.
 """
 
@@ -23,6 +23,7 @@ from typing import Any
 from flamingo_cli.audio import probe_duration
 from flamingo_cli.chunking import plan_chunks
 from flamingo_cli.models import ModelFamily, num_audio_tokens, num_windows
+from flamingo_cli.paths import escape_path
 from flamingo_cli.records import SAMPLE_RATE, AudioItem
 
 # Encoder windows (30 s of audio each) per second of GPU time, whole flamingo pipeline, one H100,
@@ -61,6 +62,7 @@ class Plan:
     gpu_rate_source: str = GPU_RATE_SOURCE
     problems: dict[str, list[str]] = field(default_factory=dict)  # reason -> first example paths
     problem_counts: dict[str, int] = field(default_factory=dict)
+    passed_over: dict[str, int] = field(default_factory=dict)  # files folder scans did not take, by extension
 
     @property
     def gpu_s(self) -> float:
@@ -77,7 +79,7 @@ class Plan:
         self.problem_counts[reason] = self.problem_counts.get(reason, 0) + 1
         examples = self.problems.setdefault(reason, [])
         if len(examples) < EXAMPLES_PER_PROBLEM:
-            examples.append(where)
+            examples.append(escape_path(where))  # a name that is not UTF-8 must not break JSON or the table
 
 
 def _segment_seconds(item: AudioItem, total: float) -> float | None:
@@ -122,7 +124,7 @@ def make_plan(
         plan.files += 1
         if total is None:
             plan.no_duration += 1
-            plan._problem("no duration in header (decoded by audioread/ffmpeg at run time, or an error)", item.path)
+            plan._problem("no duration in header (a corrupt file: decoding will likely fail)", item.path)
             return
         seconds = _segment_seconds(item, total)
         if seconds is None:
@@ -201,7 +203,7 @@ def render(plan: Plan, out: Path | None = None) -> Any:
     t.add_row("files", f"{plan.files:,}", "items the inputs yield")
     t.add_row("readable", f"{plan.readable:,}", "duration read from the header")
     if plan.no_duration:
-        t.add_row("no duration in header", f"{plan.no_duration:,}", "m4a/aac need ffmpeg; or not audio")
+        t.add_row("no duration in header", f"{plan.no_duration:,}", "not audio, or corrupt: decoding will likely fail")
     if plan.source_errors:
         t.add_row("input errors", f"{plan.source_errors:,}", "missing files, bad manifest rows, duplicates")
     if plan.segment_errors:
@@ -216,6 +218,11 @@ def render(plan: Plan, out: Path | None = None) -> Any:
     t.add_row("GPU time (estimate)", gpu, f"at {plan.gpu_windows_per_s:g} windows/s: {plan.gpu_rate_source}")
     if plan.rows_on_disk:
         t.add_row("already in output", f"{plan.rows_on_disk:,} rows", f"{out}: a real run resumes")
+    if plan.passed_over:
+        from flamingo_cli.sources import describe_skipped
+
+        n = sum(plan.passed_over.values())
+        t.add_row("passed over", f"{n:,}", f"{describe_skipped(plan.passed_over)} (--ext all to try them)")
     return t
 
 

@@ -56,6 +56,22 @@ def _of(done: Any, total: Any) -> str:
     return f"{done}/{UNKNOWN if total is None else total}"
 
 
+def _passed_over(counts: dict[str, int]) -> str:
+    """``skipped 11 files: .xyz ×8, .txt ×3 (--ext all to try them)``, or "" when none."""
+    from flamingo_cli.sources import describe_skipped
+
+    text = describe_skipped(counts)
+    return f"{text} (--ext all to try them)" if text else ""
+
+
+def _passed_over_field(counts: dict[str, int]) -> str:
+    """The same as one log field: `` passed_over=11(.xyz:8,.txt:3)`` (no spaces, so lines stay key=value)."""
+    if not counts:
+        return ""
+    kinds = ",".join(f"{ext.replace(' ', '_')}:{n}" for ext, n in counts.items())
+    return f" passed_over={sum(counts.values())}({kinds})"
+
+
 def _hours(seconds: float | None) -> str:
     return UNKNOWN if seconds is None else f"{seconds / 3600:.3f}"
 
@@ -70,7 +86,8 @@ def write_json_atomic(path: Path, doc: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        with open(tmp, "w", encoding="utf-8") as f:
+        # backslashreplace: an error quoting a name that is not UTF-8 must not lose the summary.
+        with open(tmp, "w", encoding="utf-8", errors="backslashreplace") as f:
             json.dump(doc, f, indent=2, sort_keys=True, ensure_ascii=False, default=str)
             f.write("\n")
             f.flush()
@@ -236,6 +253,7 @@ class Progress:
         self._line_thread: threading.Thread | None = None
         self._live: Any = None
         self._finished = False
+        self.scan: Any = None  # sources.ScanStats of the pipeline's folder scans (start(scan=...))
         self._log("start", {"flamingo": __version__, "model": model, "task": task, "run": run_key, "out": out})
         if stats is not None:
             self.start(stats)
@@ -259,7 +277,7 @@ class Progress:
         body = fields if isinstance(fields, str) else " ".join(f"{k}={v}" for k, v in fields.items())
         try:
             self.log_file.parent.mkdir(parents=True, exist_ok=True)
-            with open(self.log_file, "a", encoding="utf-8") as f:
+            with open(self.log_file, "a", encoding="utf-8", errors="backslashreplace") as f:
                 f.write(f"{_now_iso()} [flamingo] {event} {body}\n")
         except OSError as exc:
             self.env.warn(f"{self.log_file}: cannot append to the log file ({exc.strerror or exc})")
@@ -335,9 +353,13 @@ class Progress:
         inputs: Sequence[str] | None = None,
         extensions: Any = None,
         shard: tuple[int, int] | None = None,
+        scan: Any = None,
     ) -> None:
-        """Begin showing ``stats``; ``inputs`` (this ``shard`` of them) starts the background file count."""
+        """Begin showing ``stats``; ``inputs`` (this ``shard`` of them) starts the background file count;
+        ``scan`` (a sources.ScanStats the pipeline's iter_items fills) gives the skipped-file counts."""
         self.stats = stats
+        if scan is not None:
+            self.scan = scan
         self._last_line = time.monotonic()
         if (not self.tty and not self.quiet) or self.log_file is not None:
             self._line_thread = threading.Thread(target=self._lines, name="flamingo-progress", daemon=True)
@@ -410,6 +432,7 @@ class Progress:
             "elapsed_s": elapsed,
             "eta_s": eta,
             "errors": failed_before + g("chunks_failed", 0),
+            "passed_over_by_ext": self.scan.skipped() if self.scan is not None else {},
         }
 
     def renderable(self) -> Any:
@@ -451,6 +474,9 @@ class Progress:
         grid.add_row("speed", f"{p['x_realtime']:.1f}× real time · {p['windows_per_s']:.2f} windows/s")
         grid.add_row("time", f"elapsed {hms(p['elapsed_s'])} · ETA {hms(p['eta_s'])}")
         grid.add_row("errors", Text(str(p["errors"]), style="red" if p["errors"] else ""))
+        passed_over = _passed_over(p["passed_over_by_ext"])
+        if passed_over:
+            grid.add_row("passed over", Text(passed_over, style="yellow"))
         return grid
 
     def line(self) -> str:
@@ -463,6 +489,7 @@ class Progress:
             f"audio_h={_hours(p['audio_s_done'])}/{_hours(p['audio_s_total'])} "
             f"x_rt={p['x_realtime']:.1f} win_s={p['windows_per_s']:.2f} "
             f"elapsed={hms(p['elapsed_s'])} eta={hms(p['eta_s'])} model={self.model}"
+            f"{_passed_over_field(p['passed_over_by_ext'])}"
         )
 
     def tick(self) -> None:
@@ -550,6 +577,9 @@ class Progress:
             "output_tokens": p["output_tokens"],
             "rows_written": rows,
             "parts_written": parts,
+            # Files folder scans passed over (extension not taken), by extension: {".xyz": 8, ".txt": 3}.
+            "files_passed_over": sum(p["passed_over_by_ext"].values()),
+            "files_passed_over_by_ext": p["passed_over_by_ext"],
         }
 
     def finish(
@@ -580,6 +610,7 @@ class Progress:
             f"files_skipped={doc['files_skipped']} chunks_ok={doc['chunks_ok']} chunks_failed={doc['chunks_failed']} "
             f"audio_h={doc['audio_hours']:.3f} wall={hms(doc['wall_s'])} processing_s={doc['processing_s']:.1f} "
             f"x_rt={doc['x_realtime']:.1f} rows={doc['rows_written']} out={doc['out']}"
+            f"{_passed_over_field(doc.get('files_passed_over_by_ext') or {})}"
         ) + (f" reason={json.dumps(doc['reason'], ensure_ascii=False)}" if doc.get("reason") else "")
 
     @staticmethod
@@ -600,6 +631,9 @@ class Progress:
             table.add_row("engine start", f"{doc['engine_start_s']:.1f} s")
         table.add_row("speed", f"{doc['x_realtime']:.1f}× real time · {doc['windows_per_s']:.2f} windows/s")
         table.add_row("rows written", str(doc["rows_written"]))
+        passed_over = _passed_over(doc.get("files_passed_over_by_ext") or {})
+        if passed_over:
+            table.add_row("passed over", passed_over)
         if doc["out"]:
             table.add_row("output", doc["out"])
         return table

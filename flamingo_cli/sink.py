@@ -92,6 +92,7 @@ import pyarrow.parquet as pq
 
 from flamingo_cli import __version__, objstore
 from flamingo_cli.errors import LockedError, OutputError
+from flamingo_cli.paths import escape_path, path_bytes
 from flamingo_cli.records import AudioItem, Chunk, Result
 from flamingo_cli.sources import Fingerprint, merge_kinds, value_kind
 
@@ -121,6 +122,9 @@ SCHEMA = pa.schema(
         ("source_version", pa.int32()),
         # Notes on passthrough values that did not fit the run's schema (stored null), "; "-joined.
         ("warnings", pa.string()),
+        # The raw bytes of ``path`` when the file name is not valid UTF-8 (then ``path`` and a scanned
+        # ``id`` hold paths.escape_path's ``\\xHH`` escape); null when ``path`` is the name as is.
+        ("path_bytes", pa.binary()),
     ]
 )
 
@@ -128,6 +132,9 @@ METADATA_KEY = b"flamingo"
 PART_SUFFIX = ".parquet"
 TMP_DIR = ".tmp"
 LOCK_FILE = ".lock"
+# What the latest complete folder scan of a run passed over (sources.ScanStats), for ``flamingo inspect``.
+# The leading "_" makes pyarrow, duckdb and pandas skip it when they read OUT as a dataset.
+SCAN_FILE = "_scan.json"
 # Object stores: the run's lease, commit log and staged parts live under OUT/run=<key>/_flamingo/
 # (readers skip paths starting with "_" or ".").
 META_DIR = "_flamingo"
@@ -190,6 +197,20 @@ def _describe_oserror(path: Path | str, action: str, exc: OSError) -> str:
     else:
         reason = exc.strerror or type(exc).__name__
     return f"{path}: cannot {action}: {reason} ({exc})"
+
+
+def _refuse_file_out(out_dir: Path) -> None:
+    """``--out`` naming an existing file (or a path below one) is a usage mistake: say so, not "ENOTDIR"."""
+    for p in (out_dir, *out_dir.parents):
+        try:
+            if p.exists() and not p.is_dir():
+                if p == out_dir:
+                    raise OutputError(f"--out is a file: {out_dir}; give a directory (it is created if missing)")
+                raise OutputError(f"--out {out_dir}: cannot create output directory: {p} is a file")
+            if p.exists():
+                return
+        except PermissionError:
+            return
 
 
 def _fsync_dir(path: Path) -> None:
@@ -469,6 +490,11 @@ def _fit(value: Any, typ: pa.DataType) -> tuple[Any, bool]:
 def _short(value: Any) -> str:
     text = repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _escaped(text: str | None) -> str | None:
+    """Messages may quote a path that is not UTF-8 (AudioDecodeError); Parquet strings must be UTF-8."""
+    return None if text is None else escape_path(text)
 
 
 def _null_if_nan(x: float | None) -> float | None:
@@ -886,6 +912,8 @@ class Sink:
         self._closed = False
         self._lock = threading.RLock()
         self._lock_fds: list[int] = []
+        # A sources.ScanStats the caller attaches; close() records its counts in SCAN_FILE.
+        self.scan: Any = None
         # Object stores: the lease (path, ETag, owner token), this writer's epoch and next log seq.
         self._lease_seconds = float(lease_seconds or os.environ.get("FLAMINGO_LEASE_SECONDS") or LEASE_SECONDS)
         self._lease_etag: str | None = None
@@ -912,6 +940,7 @@ class Sink:
 
     def _open_local(self, lock: bool, check_writable: bool) -> None:
         assert isinstance(self.tmp_dir, Path) and isinstance(self.run_dir, Path)
+        _refuse_file_out(_local(self.out_dir))
         try:
             self.tmp_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -1313,8 +1342,8 @@ class Sink:
         chunk = result.chunk
         item = chunk.item
         return {
-            "id": str(item.id),
-            "path": str(item.path),
+            "id": escape_path(str(item.id)),
+            "path": escape_path(str(item.path)),
             "chunk_index": int(chunk.index),
             "num_chunks": int(chunk.num_chunks),
             "start_s": _null_if_nan(chunk.start_s),
@@ -1327,12 +1356,13 @@ class Sink:
             "finish_reason": result.finish_reason,
             "prompt_tokens": _opt_int(result.prompt_tokens),
             "output_tokens": _opt_int(result.output_tokens),
-            "error": result.error if result.error is not None else chunk.error,
+            "error": _escaped(result.error if result.error is not None else chunk.error),
             "created_at": datetime.now(UTC),
             "source_size": None if source is None else source.size,
             "source_mtime_ns": None if source is None else source.mtime_ns,
             "source_sha256": None if source is None else source.sha256,
             "source_version": version,
+            "path_bytes": path_bytes(str(item.path)),
         }
 
     def write(self, result: Result) -> None:
@@ -1483,7 +1513,33 @@ class Sink:
                 return
             self.flush()
             self._closed = True
-            self._release_lock()
+            try:
+                self._write_scan()
+            finally:
+                self._release_lock()
+
+    def _write_scan(self) -> None:
+        """Record the attached scan's skipped-file counts (atomically; best effort: the summary has them too).
+
+        Only a scan that read every input (an interrupted one would replace complete counts with partial
+        ones), and only for local outputs.
+        """
+        scan = self.scan
+        if scan is None or not scan.finished or self._store is not None:
+            return
+        assert isinstance(self.tmp_dir, Path) and isinstance(self.run_dir, Path)
+        doc = {
+            "skipped": scan.skipped(),
+            "skipped_total": scan.total,
+            "complete": True,
+            "written_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        }
+        tmp = self.tmp_dir / f"{SCAN_FILE}.{os.getpid()}.tmp"
+        with contextlib.suppress(OSError):
+            tmp.write_text(json.dumps(doc, sort_keys=True, ensure_ascii=False), encoding="utf-8")
+            os.replace(tmp, self.run_dir / SCAN_FILE)
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
 
     def __enter__(self) -> Sink:
         return self
@@ -1505,6 +1561,17 @@ class Sink:
     def __del__(self) -> None:
         with contextlib.suppress(Exception):
             self._release_lock()
+
+
+def read_scan(out: str | Path, key: str) -> dict[str, Any] | None:
+    """The latest complete scan's skipped-file counts of a local run (``SCAN_FILE``), or None."""
+    if _remote_root(out) is not None:
+        return None
+    try:
+        doc = json.loads((_local(out) / f"run={key}" / SCAN_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return doc if isinstance(doc, dict) else None
 
 
 def read_metadata(part: str | Path) -> dict[str, Any]:

@@ -21,6 +21,8 @@ import json
 import math
 import os
 import stat
+import threading
+from collections import Counter
 from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,12 +33,23 @@ import pyarrow.parquet as pq
 
 from flamingo_cli import corpora, remote
 from flamingo_cli.errors import UsageError
+from flamingo_cli.paths import escape_path
 from flamingo_cli.records import AudioItem
 
-DEFAULT_EXTENSIONS: frozenset[str] = frozenset(
-    {".wav", ".flac", ".mp3", ".ogg", ".opus", ".m4a", ".aac", ".aif", ".aiff", ".wma", ".webm", ".mp4"}
-    | {".mka", ".caf", ".au"}
+# What the decoders really open (audio.decode tries libsndfile, then FFmpeg through PyAV); a folder scan
+# takes these by default and counts every other file it passes over (ScanStats). ``--ext all`` takes all.
+SOUNDFILE_EXTENSIONS: frozenset[str] = frozenset(
+    {".wav", ".wave", ".bwf", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".mp2", ".aif", ".aiff", ".aifc"}
+    | {".au", ".snd", ".caf", ".w64", ".rf64", ".sph", ".voc"}
 )
+PYAV_EXTENSIONS: frozenset[str] = frozenset(
+    {".m4a", ".m4b", ".mp4", ".3gp", ".aac", ".wma", ".webm", ".mka", ".amr", ".awb", ".ac3", ".dts"}
+    | {".ape", ".wv", ".tta", ".mpc", ".spx", ".mpa"}
+)
+DEFAULT_EXTENSIONS: frozenset[str] = SOUNDFILE_EXTENSIONS | PYAV_EXTENSIONS
+ALL_EXTENSIONS = "all"  # --ext all: try every file (what does not decode gets an error row)
+NO_EXTENSION = "(none)"  # the ScanStats key of files without an extension
+HIDDEN = "(hidden)"  # and of hidden files (".DS_Store", "._x.wav"), which a scan never takes
 MANIFEST_EXTENSIONS: frozenset[str] = frozenset({".txt", ".csv", ".tsv", ".jsonl", ".parquet"})
 
 # Where a manifest keeps the audio path, in order of preference (NeMo uses audio_filepath).
@@ -50,10 +63,12 @@ class SourceError(UsageError):
     """A usage-level input problem (missing input, unreadable manifest); the message names the file."""
 
 
-def _normalise_extensions(extensions: Collection[str] | None) -> tuple[str, ...]:
-    """Accept {".wav"}, {"wav"} or {"WAV"} alike; a tuple so str.endswith can take it."""
+def _normalise_extensions(extensions: Collection[str] | None) -> tuple[str, ...] | None:
+    """Accept {".wav"}, {"wav"} or {"WAV"} alike; a tuple so str.endswith can take it; None = every file."""
     if extensions is None:
         return tuple(sorted(DEFAULT_EXTENSIONS))
+    if any(e.strip().lower() in (ALL_EXTENSIONS, "*") for e in extensions):
+        return None
     out = {"." + e.strip().lower().lstrip(".") for e in extensions if e.strip().strip(".")}
     if not out:
         raise ValueError("extensions must name at least one extension")
@@ -174,12 +189,56 @@ def check_inputs(inputs: Iterable[str | Path]) -> None:
             raise SourceError(f"{_shown(raw)}: cannot read ({remote.redact(str(e)) or type(e).__name__})") from e
 
 
+class ScanStats:
+    """The regular files folder scans passed over (not a wanted extension), counted by extension.
+
+    Thread-safe: the producer's scan adds while the live display and the summary read. ``finished`` is
+    set once iter_items has read every input, so a reader knows the counts are complete.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._skipped: Counter[str] = Counter()
+        self.finished = False
+
+    def skip(self, name: str) -> None:
+        key = HIDDEN if name.startswith(".") else (os.path.splitext(name)[1].lower() or NO_EXTENSION)
+        with self._lock:
+            self._skipped[escape_path(key)] += 1
+
+    @property
+    def total(self) -> int:
+        with self._lock:
+            return sum(self._skipped.values())
+
+    def skipped(self) -> dict[str, int]:
+        """A snapshot, most frequent first: {".xyz": 8, ".txt": 3}."""
+        with self._lock:
+            return dict(sorted(self._skipped.items(), key=lambda kv: (-kv[1], kv[0])))
+
+
+def describe_skipped(counts: Mapping[str, int], limit: int = 8) -> str:
+    """``skipped 11 files: .xyz ×8, .txt ×3`` ("" when nothing was skipped)."""
+    total = sum(counts.values())
+    if not total:
+        return ""
+    ordered = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+    parts = [f"{ext} ×{n}" for ext, n in ordered[:limit]]
+    if len(ordered) > limit:
+        parts.append(f"{len(ordered) - limit} more kinds ×{sum(n for _, n in ordered[limit:])}")
+    return f"skipped {total} file{'s' if total != 1 else ''}: {', '.join(parts)}"
+
+
 def iter_items(
-    inputs: Sequence[str | Path], extensions: Collection[str] | None = None, with_data: bool = True
+    inputs: Sequence[str | Path],
+    extensions: Collection[str] | None = None,
+    with_data: bool = True,
+    stats: ScanStats | None = None,
 ) -> Iterator[AudioItem]:
     """Yield AudioItems for every input in order; `extensions` filters folder scans and shard members.
 
-    ``with_data=False`` is for counting: dataset inputs leave their audio bytes unread (``data`` None)."""
+    ``with_data=False`` is for counting: dataset inputs leave their audio bytes unread (``data`` None).
+    ``stats`` (optional) counts the files folder scans pass over; ``stats.finished`` is set at the end."""
     exts = _normalise_extensions(extensions)
     for raw in inputs:
         path = _input_path(raw)
@@ -189,20 +248,23 @@ def iter_items(
             if kind == "hf":
                 yield from corpora.iter_hf(shown, path, with_data)
             elif kind == "wds":
-                yield from corpora.iter_webdataset(shown, path, exts, with_data)
+                yield from corpora.iter_webdataset(shown, path, exts or tuple(sorted(DEFAULT_EXTENSIONS)), with_data)
             elif kind == "lhotse":
                 yield from corpora.iter_lhotse(shown, path)
             elif kind == "dir":
-                yield from (_scan_remote(shown, path, exts) if remote.is_url(path) else _scan_dir(shown, path, exts))
+                scan = _scan_remote if remote.is_url(path) else _scan_dir
+                yield from scan(shown, path, exts, stats)
             elif kind == "manifest":
                 yield from _iter_manifest(shown, path)
             elif remote.is_url(path):
                 yield AudioItem(id=remote.basename(path), path=path, origin=shown)
             else:
                 full = os.path.abspath(path)
-                yield AudioItem(id=os.path.basename(full), path=full, origin=shown)
+                yield AudioItem(id=escape_path(os.path.basename(full)), path=full, origin=shown)
         except corpora.CorpusError as e:
             raise SourceError(str(e)) from e
+    if stats is not None:
+        stats.finished = True
 
 
 # --- static sharding ---------------------------------------------------------------------------------
@@ -326,41 +388,63 @@ def _is_dir(entry: os.DirEntry[str]) -> bool:
         return False
 
 
-def _listing(path: str) -> list[tuple[str, os.DirEntry[str], bool]]:
+def _is_file(entry: os.DirEntry[str]) -> bool:
+    try:
+        return entry.is_file()  # follows symlinks
+    except OSError:
+        return False
+
+
+def _listing(path: str, stats: ScanStats | None = None) -> list[tuple[str, os.DirEntry[str], bool]]:
     """One directory's visible entries, sorted so that a depth-first walk yields sorted relative paths.
 
-    Directories sort as "name/" so "a/x.wav" and "a-b.wav" come out in plain string order.
+    Directories sort as "name/" so "a/x.wav" and "a-b.wav" come out in plain string order. Hidden
+    regular files are counted in ``stats`` (hidden folders are not entered, so not counted).
     """
+    entries = []
     with os.scandir(path) as it:
-        entries = [(e, _is_dir(e)) for e in it if not e.name.startswith(".")]
+        for e in it:
+            if not e.name.startswith("."):
+                entries.append((e, _is_dir(e)))
+            elif stats is not None and _is_file(e):
+                stats.skip(e.name)
     keyed = [(e.name + "/" if is_dir else e.name, e, is_dir) for e, is_dir in entries]
     keyed.sort(key=lambda t: t[0])
     return keyed
 
 
-def _scan_remote(shown: str, url: str, exts: tuple[str, ...]) -> Iterator[AudioItem]:
+def _scan_remote(
+    shown: str, url: str, exts: tuple[str, ...] | None, stats: ScanStats | None = None
+) -> Iterator[AudioItem]:
     """A remote folder: ids are relative paths, in the same sorted order as a local scan."""
     try:
         listed = list(remote.walk_files(url))
     except Exception as e:
         raise SourceError(f"{shown}: cannot list ({type(e).__name__}: {remote.redact(str(e))})") from e
     for rel, full in listed:
-        if rel.lower().endswith(exts):
+        if exts is None or rel.lower().endswith(exts):
             yield AudioItem(id=rel, path=full, origin=shown)
+        elif stats is not None:
+            stats.skip(rel.rsplit("/", 1)[-1])
 
 
-def _scan_dir(shown: str, root: str, exts: tuple[str, ...]) -> Iterator[AudioItem]:
-    """Recursive, sorted, lazy walk that follows directory symlinks but visits each real directory once."""
+def _scan_dir(
+    shown: str, root: str, exts: tuple[str, ...] | None, stats: ScanStats | None = None
+) -> Iterator[AudioItem]:
+    """Recursive, sorted, lazy walk that follows directory symlinks but visits each real directory once.
+
+    ``exts`` None takes every file. Ids are escape_path()-ed relative paths; ``path`` keeps the real name.
+    """
     root = os.path.abspath(root)
     try:
         root_st = os.stat(root)
-        stack = [("", iter(_listing(root)))]
+        stack = [("", iter(_listing(root, stats)))]
     except OSError as e:
         raise SourceError(f"{shown}: cannot read directory ({e.strerror})") from e
     visited = {(root_st.st_dev, root_st.st_ino)}
 
     def bad(rel: str, full: str, reason: str) -> AudioItem:
-        return AudioItem(id=rel, path=full, origin=shown, error=f"{reason}: {full}")
+        return AudioItem(id=escape_path(rel), path=full, origin=shown, error=f"{reason}: {escape_path(full)}")
 
     while stack:
         prefix, it = stack[-1]
@@ -369,9 +453,10 @@ def _scan_dir(shown: str, root: str, exts: tuple[str, ...]) -> Iterator[AudioIte
             stack.pop()
             continue
         _, entry, is_dir = nxt
-        rel, full, wanted = prefix + entry.name, entry.path, entry.name.lower().endswith(exts)
+        rel, full = prefix + entry.name, entry.path
+        wanted = exts is None or entry.name.lower().endswith(exts)
         if is_dir:
-            if wanted:  # e.g. "take1.wav/": surely not what the user meant, so say so (and still descend)
+            if wanted and exts is not None:  # e.g. "take1.wav/": surely not meant, so say so (and descend)
                 yield bad(rel, full, "is a directory")
             try:
                 st = entry.stat()
@@ -379,18 +464,17 @@ def _scan_dir(shown: str, root: str, exts: tuple[str, ...]) -> Iterator[AudioIte
                 if key in visited:  # symlink loop, or a second link to a directory already scanned
                     continue
                 visited.add(key)
-                stack.append((rel + "/", iter(_listing(full))))
+                stack.append((rel + "/", iter(_listing(full, stats))))
             except OSError as e:
                 yield bad(rel, full, f"cannot read directory ({e.strerror})")
             continue
+        is_file = _is_file(entry)
         if not wanted:
+            if is_file and stats is not None:
+                stats.skip(entry.name)
             continue
-        try:
-            is_file = entry.is_file()
-        except OSError:
-            is_file = False
         if is_file:
-            yield AudioItem(id=rel, path=full, origin=shown)
+            yield AudioItem(id=escape_path(rel), path=full, origin=shown)
         elif entry.is_symlink() and not os.path.exists(full):
             yield bad(rel, full, "broken symlink")
         else:

@@ -281,11 +281,12 @@ class CaptionSpec:
     def seed(self) -> int:
         return 0 if self.sampling.seed is None else int(self.sampling.seed)
 
-    def items(self) -> Iterator[AudioItem]:
-        """The inputs as a lazy, deterministic AudioItem stream (this shard's share of it)."""
+    def items(self, scan: Any = None) -> Iterator[AudioItem]:
+        """The inputs as a lazy, deterministic AudioItem stream (this shard's share of it); ``scan``
+        (a sources.ScanStats) counts the files folder scans pass over."""
         from flamingo_cli.sources import iter_items, select_shard
 
-        found = iter_items(list(self.inputs), self.extensions)
+        found = iter_items(list(self.inputs), self.extensions, stats=scan)
         return select_shard(found, *self.shard) if self.shard else found
 
     def check_inputs(self) -> None:

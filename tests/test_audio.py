@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 import soxr
+from audiogen import ENCODINGS, encode
 
 from flamingo_cli import audio
 from flamingo_cli.audio import AudioDecodeError, decode, probe_duration
@@ -212,7 +213,7 @@ def test_truncated_header(tmp_path: Path) -> None:
     with pytest.raises(AudioDecodeError) as e:
         decode(item(path))
     assert e.value.reason.startswith("not decodable audio")
-    assert "soundfile:" in e.value.reason and "audioread:" in e.value.reason
+    assert "soundfile:" in e.value.reason and "ffmpeg:" in e.value.reason
 
 
 def test_truncated_data_decodes_what_is_there(tmp_path: Path) -> None:
@@ -266,12 +267,13 @@ def test_no_samples(tmp_path: Path) -> None:
     assert e.value.reason == "no audio samples"
 
 
-def test_audioread_fallback_when_soundfile_cannot_open(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """m4a/aac take the audioread path; force it on a WAV (its stdlib backend reads PCM WAV)."""
+def test_pyav_fallback_matches_soundfile(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Files libsndfile cannot open go through PyAV with the same downmix + soxr; force it on a WAV."""
     sr = 22050
-    x = np.stack([sine(sr, 3.0), sine(sr, 3.0)], axis=1)
+    x = np.stack([sine(sr, 3.0), sine(sr, 3.0, freq=440.0)], axis=1)
     path = write(tmp_path / "a.wav", x, sr, "wav")
     direct = decode(item(path, offset=0.5, duration=2.0)).samples
+    whole = decode(item(path)).samples
 
     def refuse(*args, **kwargs):
         raise RuntimeError("Format not recognised.")
@@ -282,8 +284,101 @@ def test_audioread_fallback_when_soundfile_cannot_open(tmp_path: Path, monkeypat
     assert d.samples.dtype == np.float32
     assert len(d.samples) == len(direct) == 2 * SAMPLE_RATE
     np.testing.assert_allclose(d.samples, direct, atol=1e-6)
+    np.testing.assert_allclose(decode(item(path)).samples, whole, atol=1e-6)
     with pytest.raises(AudioDecodeError, match="beyond the end"):
         decode(item(path, offset=10.0))
+
+
+@pytest.mark.parametrize("ext", sorted(ENCODINGS))
+def test_pyav_formats_decode_without_system_ffmpeg(tmp_path: Path, ext: str) -> None:
+    """mp2, m4a/aac, wma, webm, amr, opus-in-mp4, oga, ...: decoded by the bundled FFmpeg (or libsndfile)."""
+    _, _, sr, channels = ENCODINGS[ext]
+    path = encode(tmp_path / f"tone{ext}", seconds=2.0, freq=1000.0)
+    d = decode(item(path))
+    assert d.samples.dtype == np.float32 and d.samples.ndim == 1
+    assert d.source_sample_rate == sr and d.source_channels == channels
+    assert abs(d.duration_s - 2.0) < 0.15  # encoder priming/padding only
+    mid = d.samples[SAMPLE_RATE // 4 : SAMPLE_RATE + SAMPLE_RATE // 4]
+    assert abs(peak_hz(mid) - 1000.0) <= 2.0
+    seg = decode(item(path, offset=0.5, duration=1.0)).samples
+    assert len(seg) == SAMPLE_RATE
+    assert abs(peak_hz(seg) - 1000.0) <= 2.0
+    with pytest.raises(AudioDecodeError, match="beyond the end"):
+        decode(item(path, offset=30.0))
+
+
+def test_pyav_both_decoders_fail_names_both(tmp_path: Path) -> None:
+    path = tmp_path / "noise.m4a"
+    path.write_bytes(bytes(range(256)) * 40)
+    with pytest.raises(AudioDecodeError) as e:
+        decode(item(path))
+    assert e.value.path == str(path)
+    assert e.value.reason.startswith("not decodable audio: soundfile: ")
+    assert "; ffmpeg: " in e.value.reason
+
+
+def test_container_without_audio_stream(tmp_path: Path) -> None:
+    import av
+
+    path = tmp_path / "video.webm"
+    with av.open(str(path), "w", format="webm") as out:
+        stream = out.add_stream("libvpx", rate=10)
+        stream.width, stream.height, stream.pix_fmt = 32, 32, "yuv420p"
+        for i in range(3):
+            frame = av.VideoFrame.from_ndarray(np.zeros((32, 32, 3), dtype=np.uint8), format="rgb24")
+            frame.pts = i
+            for packet in stream.encode(frame):
+                out.mux(packet)
+        for packet in stream.encode(None):
+            out.mux(packet)
+    with pytest.raises(AudioDecodeError) as e:
+        decode(item(path))
+    assert "no audio stream" in e.value.reason
+
+
+def lying_flac(tmp_path: Path, seconds: float = 2.0, sr: int = 44100) -> Path:
+    """A real FLAC whose STREAMINFO total-samples field (36 bits) claims 2^36 - 1 samples (~18 days)."""
+    good = write(tmp_path / "good.flac", sine(sr, seconds), sr, "flac")
+    raw = bytearray(good.read_bytes())
+    assert raw[:4] == b"fLaC" and raw[4] & 0x7F == 0  # first metadata block is STREAMINFO
+    # STREAMINFO starts at byte 8; its bytes 10..17 pack rate(20) channels(3) bps(5) total samples(36).
+    packed = int.from_bytes(raw[18:26], "big")
+    assert packed & ((1 << 36) - 1) == round(sr * seconds)
+    raw[18:26] = (packed | ((1 << 36) - 1)).to_bytes(8, "big")
+    path = tmp_path / "lies.flac"
+    path.write_bytes(bytes(raw))
+    assert sf.info(str(path)).frames == (1 << 36) - 1
+    return path
+
+
+def test_header_that_lies_about_length_decodes_the_real_audio(tmp_path: Path) -> None:
+    """Used to be MemoryError: Unable to allocate 512 GiB. Allocation is bounded; the real 2 s come out."""
+    import tracemalloc
+
+    path = lying_flac(tmp_path)
+    tracemalloc.start()
+    try:
+        d = decode(item(path))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert abs(d.duration_s - 2.0) < 1e-3
+    assert abs(peak_hz(d.samples) - 1000.0) <= 2.0
+    assert peak < 2 * audio.MAX_PREALLOC_SAMPLES * 4  # a bounded preallocation, not the header's size
+    seg = decode(item(path, offset=1.0, duration=0.5)).samples
+    assert len(seg) == SAMPLE_RATE // 2
+
+
+def test_non_utf8_file_name(tmp_path: Path) -> None:
+    """A Latin-1 byte in a name (os.fsdecode keeps it as a surrogate) opens with both decoders."""
+    name = os.fsdecode(b"caf\xe9")
+    wav = write(tmp_path / "x.wav", sine(16000, 1.0), 16000, "wav")
+    odd_wav = os.path.join(str(tmp_path), name + ".wav")
+    os.rename(wav, odd_wav)
+    assert len(decode(item(odd_wav)).samples) == SAMPLE_RATE
+    odd_m4a = os.path.join(str(tmp_path), name + ".m4a")
+    os.rename(encode(tmp_path / "y.m4a", seconds=1.0), odd_m4a)
+    assert abs(decode(item(odd_m4a)).duration_s - 1.0) < 0.1
 
 
 def test_probe_duration(tmp_path: Path) -> None:
@@ -308,3 +403,10 @@ def test_thread_safe(tmp_path: Path) -> None:
         parallel = [d.samples for d in pool.map(decode, items)]
     for a, b in zip(sequential, parallel, strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+def test_probe_duration_of_formats_only_ffmpeg_reads(tmp_path: Path) -> None:
+    for ext in (".m4a", ".wma", ".amr", ".webm"):
+        path = encode(tmp_path / f"t{ext}", seconds=3.0)
+        assert probe_duration(str(path)) == pytest.approx(3.0, abs=0.1)
+    assert probe_duration(str(lying_flac(tmp_path))) is not None  # a planning estimate only

@@ -125,8 +125,20 @@ def test_plan_replicas_without_gpus(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     assert plan_replicas("all") == [None]
     assert plan_replicas("all", replicas=2) == [None, None]
-    with pytest.raises(ValueError, match="visible GPU"):
+    with pytest.raises(ValueError) as info:
         plan_replicas("0")
+    assert str(info.value).startswith("--gpus '0': no GPUs visible on this host (asked for 0)")
+    assert "0..-1" not in str(info.value)
+
+
+def test_plan_replicas_index_beyond_visible_gpus(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "5,7")
+    with pytest.raises(ValueError) as info:
+        plan_replicas("1,2")
+    assert str(info.value) == "--gpus '1,2': this host has 2 visible GPUs (GPUs 0..1); asked for 1,2"
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3")
+    with pytest.raises(ValueError, match=r"has 1 visible GPU \(GPU 0\); asked for 1$"):
+        plan_replicas("1")
 
 
 def test_replicas_cap_torch_threads() -> None:

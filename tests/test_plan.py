@@ -51,7 +51,7 @@ def test_dry_run_counts_from_headers_and_writes_nothing(corpus, tmp_path):
     assert doc["audio_tokens"] == expected_tokens
     assert doc["gpu_windows_per_s"] == 29.5
     assert doc["gpu_s"] == pytest.approx(doc["windows"] / 29.5)
-    assert list(doc["problems"]) == ["no duration in header (decoded by audioread/ffmpeg at run time, or an error)"]
+    assert list(doc["problems"]) == ["no duration in header (a corrupt file: decoding will likely fail)"]
     assert doc["problems"][next(iter(doc["problems"]))][0].endswith("broken.wav")
 
 

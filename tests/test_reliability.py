@@ -740,6 +740,7 @@ def test_out_under_a_regular_file_is_exit_2_before_the_model_loads(
     (tmp_path / "file").write_text("x")
     res = caption([tmp_path / "a.wav"], tmp_path / "file" / "out")
     assert res.status == 2 and "cannot create output directory" in res.stderr
+    assert f"{tmp_path / 'file'} is a file" in res.stderr and ".tmp" not in res.stderr
 
 
 def test_unwritable_out_as_another_user_is_exit_2(tmp_path: Path) -> None:
