@@ -154,6 +154,7 @@ def describe(path: str | Path, *, engine: Any = None, env: Environment | None = 
     spec = CaptionSpec.build([str(track)], "-", **options)
     env = env or Environment()
     t0 = time.perf_counter()
+    spec.check_schema()  # a schema vLLM cannot enforce: a usage error before the model loads
     engine = engine or env.engine or get_engine(spec.engine_config())
     job = spec.job(load_chat_template(spec.model))
     job.workers = 1
@@ -179,6 +180,7 @@ def describe(path: str | Path, *, engine: Any = None, env: Environment | None = 
                 "finish_reason": r.finish_reason,
                 "output_tokens": r.output_tokens,
                 "error": r.error,
+                **({} if spec.json_schema is None else {"json": _parsed(spec.json_schema, r)}),
             }
             for r in results
         ],
@@ -188,6 +190,14 @@ def describe(path: str | Path, *, engine: Any = None, env: Environment | None = 
 
 
 # --- the lifecycle --------------------------------------------------------------------------------------
+
+
+def _parsed(json_schema: Any, result: Any) -> Any:
+    """A schema run's validated object for one section (None on error rows)."""
+    import json
+
+    text = json_schema.row_values(result)["caption_json"]
+    return None if text is None else json.loads(text)
 
 
 class _Collect:
@@ -299,6 +309,7 @@ class _Run:
 
         spec, env, progress = self.spec, self.env, self.progress
         spec.check_inputs()
+        spec.check_schema()  # a schema vLLM cannot enforce: a usage error before the output opens
         try:
             sink = Sink(
                 spec.out,  # a folder or an s3:// URL (never Path(): it would fold "s3://" into "s3:/")
@@ -310,6 +321,7 @@ class _Run:
                 retry_failed=spec.retry_failed,
                 shard=spec.shard,
                 columns=declared_columns(spec.inputs),
+                **spec.sink_columns(),
             )
         except LockedError:
             raise

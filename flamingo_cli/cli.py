@@ -108,6 +108,14 @@ ShardOpt = Annotated[
     ),
 ]
 DtypeOpt = Annotated[str, typer.Option("--dtype", help="auto, bfloat16, float16 or float32.")]
+SchemaOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--schema",
+        help="A JSON Schema file: generation is constrained to it; the JSON goes to caption_json and, for a "
+        "flat schema, each field to a typed f_<field> column (overrides the task's schema).",
+    ),
+]
 VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Show vLLM's own logs.")]
 QuantOpt = Annotated[
     str | None,
@@ -236,6 +244,7 @@ def caption(
     kv_cache_dtype: KvCacheOpt = "auto",
     trim_encoder: TrimOpt = True,
     ignore_eos: Annotated[bool, typer.Option("--ignore-eos", hidden=True)] = False,
+    schema: SchemaOpt = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
     verbose: VerboseOpt = False,
     dry_run: DryRunOpt = False,
@@ -271,6 +280,7 @@ def describe_music(
     gpu_memory_utilization: GpuMemOpt = 0.9,
     tensor_parallel_size: TpOpt = 1,
     dtype: DtypeOpt = "auto",
+    schema: SchemaOpt = None,
     verbose: VerboseOpt = False,
 ) -> None:
     """Describe one music track with Music Flamingo (long tracks: one section per chunk)."""
@@ -344,6 +354,7 @@ def presets(
                 "prompt": p.prompt,
                 "sampling": p.sampling,
                 "file": p.source,
+                "schema": p.schema_source or None,
             }
             for p in found
         ]

@@ -3,10 +3,15 @@
 Precedence, lowest to highest: the checkpoint's generation_config.json, the preset's [sampling], then
 command-line flags. The presets ship inside the package (flamingo_cli/configs) and in the repo's
 configs/ folder during development.
+
+A preset may carry a JSON Schema for structured captions: ``schema`` in ``[task]``, either an inline
+table or a path to a ``.json`` file relative to the preset. Here it is only read; flamingo_cli/schema.py
+checks it when a run uses it (so listing presets never imports vLLM).
 """
 
 from __future__ import annotations
 
+import json
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +34,8 @@ class Preset:
     description: str = ""
     sampling: dict[str, Any] = field(default_factory=dict)
     source: str = ""
+    schema: dict[str, Any] | None = None  # a JSON Schema (structured captions), parsed but not yet checked
+    schema_source: str = ""  # where it came from, for error messages: the .json file or the preset's table
 
 
 def preset_dirs() -> list[Path]:
@@ -49,6 +56,7 @@ def _parse(path: Path) -> Preset:
     unknown = set(sampling) - set(SAMPLING_KEYS)
     if unknown:
         raise ConfigError(f"{path}: unknown [sampling] keys {sorted(unknown)}; known: {list(SAMPLING_KEYS)}")
+    schema, schema_source = _schema(path, task.get("schema"))
     return Preset(
         name=task.get("name", path.stem),
         model=task["model"],
@@ -56,7 +64,29 @@ def _parse(path: Path) -> Preset:
         description=task.get("description", ""),
         sampling=sampling,
         source=str(path),
+        schema=schema,
+        schema_source=schema_source,
     )
+
+
+def _schema(preset: Path, value: Any) -> tuple[dict[str, Any] | None, str]:
+    """[task] schema: an inline table, or a JSON file named relative to the preset."""
+    if value is None:
+        return None, ""
+    if isinstance(value, dict):
+        return value, f"{preset} [task.schema]"
+    if not isinstance(value, str):
+        raise ConfigError(f"{preset}: [task] schema must be a table or a path to a .json file")
+    file = (preset.parent / value).expanduser()
+    try:
+        doc = json.loads(file.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(f"{preset}: cannot read its schema {file} ({exc.strerror or exc})") from exc
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{preset}: its schema {file} is not JSON ({exc})") from exc
+    if not isinstance(doc, dict):
+        raise ConfigError(f"{preset}: its schema {file} is not a JSON object")
+    return doc, str(file)
 
 
 def list_presets() -> list[Preset]:

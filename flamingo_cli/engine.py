@@ -122,6 +122,10 @@ def sampling_kwargs(sampling: Sampling, defaults: dict[str, Any] | None = None) 
             params[name] = value
     params["max_tokens"] = sampling.max_tokens
     params["ignore_eos"] = sampling.ignore_eos
+    if sampling.json_schema is not None:
+        # vllm.sampling_params.StructuredOutputsParams keywords: ray.data.llm builds it from this dict,
+        # VllmEngine.sampling_params does the same.
+        params["structured_outputs"] = {"json": sampling.json_schema}
     return params
 
 
@@ -189,7 +193,13 @@ class VllmEngine:
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
-        params = SamplingParams(**sampling_kwargs(sampling, self.defaults))
+        kwargs = sampling_kwargs(sampling, self.defaults)
+        structured = kwargs.pop("structured_outputs", None)
+        if structured is not None:
+            from vllm.sampling_params import StructuredOutputsParams
+
+            kwargs["structured_outputs"] = StructuredOutputsParams(**structured)
+        params = SamplingParams(**kwargs)
         # Deltas: each step reports which requests produced a token, so a stop can tell the running
         # requests (finish them) from the waiting ones (drop them), and no step re-sends whole texts.
         params.output_kind = RequestOutputKind.DELTA
@@ -349,6 +359,12 @@ def check_options(config: EngineConfig, use_gpu: bool) -> None:
         )
 
 
+# Structured outputs (--schema): xgrammar, the backend flamingo checks schemas against before a run
+# (flamingo_cli/schema.py), and compact JSON: "any whitespace" lets a model spend its token budget on
+# blank lines inside the object. vLLM 0.24 takes both per engine, not per request.
+STRUCTURED_OUTPUTS_CONFIG = {"backend": "xgrammar", "disable_any_whitespace": True}
+
+
 def engine_kwargs(config: EngineConfig, use_gpu: bool) -> dict[str, Any]:
     """vLLM engine arguments for ``config`` (all but ``model``): one place for the local and Ray paths."""
     check_options(config, use_gpu)
@@ -364,6 +380,7 @@ def engine_kwargs(config: EngineConfig, use_gpu: bool) -> dict[str, Any]:
         # Each audio is captioned once per run: a multimodal input cache only costs memory.
         mm_processor_cache_gb=0,
         disable_log_stats=not config.verbose,
+        structured_outputs_config=dict(STRUCTURED_OUTPUTS_CONFIG),
     )
     if config.quantization:
         kwargs["quantization"] = config.quantization

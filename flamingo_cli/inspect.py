@@ -7,6 +7,10 @@ retried error does not count twice) and summarises: rows, items, chunks, errors 
 file path taken out, numbers and quoted names folded, so "x.wav: empty file" and "y.wav: empty file"
 are one group), audio hours, tokens, the runs with their settings (from each part's key-value
 metadata, ``sink.read_metadata``) and a few sample captions. Captions are read only for the samples.
+
+Schema runs (``--schema``, flamingo_cli/schema.py) also get, per field, how many successful rows fill
+it and its most common values, from the typed ``f_*`` columns (or, for a nested schema, from the
+top-level keys of ``caption_json``).
 """
 
 from __future__ import annotations
@@ -89,6 +93,9 @@ def _run_info(out: str | Path, key: str, parts: list[str]) -> dict[str, Any]:
             "argv": meta.get("argv"),
         }
     )
+    if meta.get("schema"):
+        schema = meta["schema"]
+        info["schema"] = {k: schema.get(k) for k in ("hash", "source", "fields")}
     try:
         dataset = run_dataset(out, key)
         names = dataset.schema.names if dataset is not None else []
@@ -110,7 +117,67 @@ def _count(mask: Any) -> int:
     return int(pc.sum(pc.cast(mask, "int64")).as_py() or 0)
 
 
-def inspect_output(out: str | Path, samples: int = 3, max_groups: int = 20) -> dict[str, Any]:
+def schema_fields(out: str | Path, key: str, fields: dict[str, str], top: int = 5) -> dict[str, Any]:
+    """Per field of a schema run: rows that fill it (non-null, non-empty) and its most common values.
+
+    Only current successful rows count (error rows have no fields). ``fields`` maps the typed columns
+    to their kinds; without any (a nested schema) the top-level keys of ``caption_json`` are used.
+    """
+    import json
+
+    import pyarrow.compute as pc
+
+    from flamingo_cli.sink import current_rows, run_dataset
+
+    keys = ["id", "chunk_index", "created_at", "source_version", "error"]
+    try:
+        dataset = run_dataset(out, key)
+        if dataset is None:
+            return {}
+        wanted = list(fields) or ["caption_json"]
+        table = dataset.to_table(columns=[*keys, *(c for c in wanted if c in dataset.schema.names)])
+    except Exception as exc:
+        return {"error": f"{type(exc).__name__}: {exc}"}
+    table = current_rows(table) if table.num_rows else table
+    ok = table.filter(pc.is_null(table["error"]))
+    n = ok.num_rows
+    out: dict[str, Any] = {}
+    if fields:
+        for column, kind in fields.items():
+            if column not in ok.column_names:
+                continue
+            col = ok[column]
+            values = pc.list_flatten(col) if kind == "list<string>" else col
+            if kind in ("list<string>", "string"):
+                empty = pc.equal(pc.list_value_length(col), 0) if kind == "list<string>" else pc.equal(col, "")
+                filled = n - col.null_count - _count(pc.fill_null(empty, False))
+            else:
+                filled = n - col.null_count
+            doc: dict[str, Any] = {"kind": kind, "filled": filled, "fill_rate": filled / n if n else None}
+            if kind in ("int64", "float64") and filled:
+                mm = pc.min_max(col).as_py()
+                doc.update({"min": mm["min"], "max": mm["max"], "mean": pc.mean(col).as_py()})
+            doc["top"] = _top(values.drop_null().to_pylist(), top)
+            out[column] = doc
+        return out
+    per_key: dict[str, list[Any]] = {}
+    for text in ok["caption_json"].drop_null().to_pylist() if "caption_json" in ok.column_names else []:
+        value = json.loads(text)
+        for k, v in value.items() if isinstance(value, dict) else ():
+            per_key.setdefault(k, [])
+            if v not in (None, "", [], {}):
+                per_key[k].append(v)
+    for k, vs in per_key.items():
+        scalars = [x for v in vs for x in (v if isinstance(v, list) else [v]) if isinstance(x, str | int | float)]
+        out[k] = {"kind": "json", "filled": len(vs), "fill_rate": len(vs) / n if n else None, "top": _top(scalars, top)}
+    return out
+
+
+def _top(values: list[Any], n: int) -> list[list[Any]]:
+    return [[v, c] for v, c in Counter(values).most_common(n)]
+
+
+def inspect_output(out: str | Path, samples: int = 3, max_groups: int = 20, top: int = 5) -> dict[str, Any]:
     """The summary of a result dataset as a JSON-ready dict."""
     import pyarrow as pa
     import pyarrow.compute as pc
@@ -188,6 +255,8 @@ def inspect_output(out: str | Path, samples: int = 3, max_groups: int = 20) -> d
         lo, hi = created.get(key, (None, None))
         info["first_row_at"] = lo.isoformat() if lo else None
         info["last_row_at"] = hi.isoformat() if hi else None
+        if info.get("schema") and parts:
+            info["fields"] = schema_fields(out, key, info["schema"].get("fields") or {}, top)
         run_docs.append(info)
 
     sample_rows: list[dict[str, Any]] = []
@@ -298,6 +367,20 @@ def render(doc: dict[str, Any], console: Any) -> None:
             sampling = run.get("sampling") or {}
             settings = ", ".join(f"{k}={v}" for k, v in sampling.items() if v is not None)
             console.print(Text(f"run {run['run']}: prompt {run['prompt']!r}; {settings}", style="dim"), soft_wrap=True)
+    for run in doc["run_details"]:
+        fields = run.get("fields")
+        if not fields or "error" in fields:
+            continue
+        schema = run.get("schema") or {}
+        f = Table("field", "filled", "values", title=f"run {run['run']}: schema {schema.get('hash')} fields")
+        f.title_justify = "left"
+        for name, d in fields.items():
+            rate = f"{d['filled']:,} ({d['fill_rate']:.0%})" if d.get("fill_rate") is not None else "0"
+            top = ", ".join(f"{v} ×{c}" for v, c in d.get("top", []))
+            if "min" in d:
+                top = f"min {d['min']}, mean {d['mean']:.4g}, max {d['max']}; " + top
+            f.add_row(name, rate, Text(top))
+        console.print(f)
 
     if doc["samples"]:
         s = Table("id", "chunk", "caption", title="sample captions", title_justify="left", show_lines=True)

@@ -31,6 +31,7 @@ from flamingo_cli.chunking import chunk_audio
 from flamingo_cli.engine import END
 from flamingo_cli.planner import CaptionJob, ItemPlan, Planner, ResultSink, Stats
 from flamingo_cli.records import AudioItem, DecodedAudio, Result
+from flamingo_cli.schema import output_check
 from flamingo_cli.sink import ResumeIndex
 from flamingo_cli.sources import fingerprint
 
@@ -261,6 +262,7 @@ def run_pipeline(
         if on_tick:
             on_tick()
 
+    check = output_check(job.sampling)  # a schema run: invalid JSON becomes an error row that says why
     producer.start()
     try:
         for result in engine.run(feed, job.sampling, on_step=step):
@@ -269,6 +271,8 @@ def run_pipeline(
                 with stats.lock:
                     stats.chunks_dropped += 1
                 continue
+            if check is not None:
+                result = check(result)
             sink.write(result)
             stats.add_result(result)
             if on_result:

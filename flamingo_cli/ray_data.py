@@ -54,6 +54,7 @@ from flamingo_cli.planner import CaptionJob, Planner, ResultSink, Stats
 from flamingo_cli.prompts import PromptBuilder
 from flamingo_cli.quiet import QUIET_ENV, quiet_env
 from flamingo_cli.records import SAMPLE_RATE, AudioItem, Chunk, DecodedAudio, Result
+from flamingo_cli.schema import output_check
 from flamingo_cli.sink import ResumeIndex, error_result
 from flamingo_cli.sources import Fingerprint, fingerprint
 
@@ -492,7 +493,7 @@ def run_ray_pipeline(
         if use_gpu is None:
             use_gpu = ray.cluster_resources().get("GPU", 0) > 0
         dataset = _dataset(job, config, settings, rows, params, seed, use_gpu, chat_template)
-        _consume(dataset, pending, sink, stats, on_result, on_tick, stop_event)
+        _consume(dataset, pending, sink, stats, on_result, on_tick, stop_event, output_check(job.sampling))
     finally:
         if settings.shutdown or (settings.shutdown is None and started):
             ray.shutdown()
@@ -563,8 +564,9 @@ def _consume(
     on_result: Callable[[Result], None] | None,
     on_tick: Callable[[], None] | None,
     stop_event: threading.Event | None,
+    check: Callable[[Result], Result] | None = None,
 ) -> None:
-    """Stream the dataset's rows into the sink as they finish (any order)."""
+    """Stream the dataset's rows into the sink as they finish (any order); ``check`` validates outputs."""
     begin = getattr(sink, "begin_item", None)
     remaining: dict[int, int] = {}
     rows = iter(dataset.iter_rows())
@@ -588,6 +590,8 @@ def _consume(
             if begin is not None:
                 begin(entry.item.id, entry.source, entry.version, remaining[seq])
         result = _result(row, entry)
+        if check is not None:
+            result = check(result)
         sink.write(result)
         stats.add_result(result, queued=True)
         remaining[seq] -= 1

@@ -6,6 +6,7 @@ sources -> AudioItem -> audio -> DecodedAudio -> chunking -> Chunk -> prompts ->
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -96,6 +97,11 @@ class Result:
     reasoning: str | None = None  # think models: the text inside <think> … </think>
 
 
+def text_hash(text: str) -> str:
+    """12 hex of a text's sha256 (a schema's short name in run identities and logs)."""
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:12]
+
+
 @dataclass(frozen=True)
 class Sampling:
     """Sampling overrides; None means "the checkpoint's generation_config decides"."""
@@ -107,6 +113,14 @@ class Sampling:
     max_tokens: int = 512
     seed: int | None = None
     ignore_eos: bool = False
+    # A JSON Schema's canonical text (flamingo_cli/schema.py): generation is constrained to it.
+    json_schema: str | None = None
 
     def identity(self) -> dict[str, Any]:
-        return asdict(self)
+        """What the run key hashes. Without a schema it is what it was before schemas existed (so old
+        runs keep their keys); with one, the schema's hash stands for its text."""
+        doc = asdict(self)
+        text = doc.pop("json_schema")
+        if text is not None:
+            doc["json_schema"] = text_hash(text)
+        return doc

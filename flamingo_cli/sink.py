@@ -78,7 +78,7 @@ import shutil
 import socket
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
@@ -433,12 +433,12 @@ def _to_json(value: Any) -> str:
         return json.dumps(value, ensure_ascii=False, default=_json_default)
 
 
-def _passthrough_names(keys: list[str]) -> dict[str, str]:
+def _passthrough_names(keys: list[str], reserved: frozenset[str] = RESERVED_NAMES) -> dict[str, str]:
     """Map manifest keys to column names; a key named like a core column becomes ``extra_<key>``."""
-    mapping = {k: k for k in keys if k not in RESERVED_NAMES}
-    used = set(RESERVED_NAMES) | set(keys)
+    mapping = {k: k for k in keys if k not in reserved}
+    used = set(reserved) | set(keys)
     for k in keys:
-        if k in RESERVED_NAMES:
+        if k in reserved:
             name = f"extra_{k}"
             while name in used:
                 name = f"extra_{name}"
@@ -818,6 +818,10 @@ class Sink:
     ``lock=False`` skips the run lock; only for tests or callers holding their own lock, since
     opening also deletes leftover temp parts, which a concurrent writer may still be writing.
     ``clock`` is injectable for tests of ``flush_seconds``.
+
+    ``extra_fields`` are run-specific columns declared up front (a ``--schema`` run's ``caption_json``
+    and ``f_*``, see flamingo_cli/schema.py), written after the core columns in every part with exactly
+    these types; ``extra_values(result)`` gives a row's values for them (missing names are null).
     """
 
     def __init__(
@@ -837,6 +841,8 @@ class Sink:
         shard: tuple[int, int] | None = None,
         columns: Mapping[str, str] | None = None,
         lease_seconds: float | None = None,
+        extra_fields: Sequence[pa.Field] = (),
+        extra_values: Callable[[Result], Mapping[str, Any]] | None = None,
     ) -> None:
         if not _RUN_KEY_RE.match(run_key):
             raise ValueError(f"run_key {run_key!r} is not a safe directory name")
@@ -847,6 +853,15 @@ class Sink:
         for k, t in (columns or {}).items():
             if t not in COLUMN_TYPES:
                 raise ValueError(f"column {k!r}: type {t!r} is not one of {', '.join(COLUMN_TYPES)}")
+        clash = [f.name for f in extra_fields if f.name in RESERVED_NAMES]
+        if clash:
+            raise ValueError(f"extra columns {clash} clash with core columns")
+        # The run's own columns (a --schema run's caption_json and f_*), right after the core ones;
+        # passthrough columns may not take their names.
+        self.extra_fields = list(extra_fields)
+        self._extra_values = extra_values
+        self._extra_names = frozenset(f.name for f in self.extra_fields)
+        self._reserved = RESERVED_NAMES | self._extra_names
         self.run_key = run_key
         self.shard = shard if shard is not None and shard[1] > 1 else None
         remote = _remote_root(out_dir)
@@ -1243,10 +1258,12 @@ class Sink:
                 recorded = {}
             keys = {name: str(key) for name, key in recorded.items()} if isinstance(recorded, dict) else {}
             self._fields = {
-                keys.get(f.name) or _key_of(f.name): (f.name, f.type) for f in first if f.name not in SCHEMA.names
+                keys.get(f.name) or _key_of(f.name): (f.name, f.type)
+                for f in first
+                if f.name not in SCHEMA.names and f.name not in self._extra_names
             }
         elif self._declared is not None:
-            names = _passthrough_names(list(self._declared))
+            names = _passthrough_names(list(self._declared), self._reserved)
             self._fields = {k: (names[k], COLUMN_TYPES[t]) for k, t in self._declared.items()}
         self._record_fields()
 
@@ -1315,6 +1332,13 @@ class Sink:
     # -- writing ----------------------------------------------------------------------------------
 
     def _row(self, result: Result, source: Fingerprint | None, version: int) -> dict[str, Any]:
+        row = self._core_row(result, source, version)
+        if self.extra_fields:
+            values = self._extra_values(result) if self._extra_values is not None else {}
+            row.update({f.name: values.get(f.name) for f in self.extra_fields})
+        return row
+
+    def _core_row(self, result: Result, source: Fingerprint | None, version: int) -> dict[str, Any]:
         chunk = result.chunk
         item = chunk.item
         return {
@@ -1387,7 +1411,7 @@ class Sink:
             keys: dict[str, None] = {}
             for extra in extras:
                 keys.update(dict.fromkeys(extra))
-            names = _passthrough_names(list(keys))
+            names = _passthrough_names(list(keys), self._reserved)
             self._fields = {k: (names[k], _infer_type([e.get(k) for e in extras])) for k in keys}
             self._record_fields()
         fields = self._fields
@@ -1405,10 +1429,11 @@ class Sink:
         rows = [r for r, _ in self._buffer]
         for r, w in zip(rows, warnings, strict=True):
             r["warnings"] = "; ".join(w) if w else None
-        arrays = [pa.array([r[f.name] for r in rows], type=f.type) for f in SCHEMA]
+        core = [*SCHEMA, *self.extra_fields]
+        arrays = [pa.array([r[f.name] for r in rows], type=f.type) for f in core]
         arrays += [pa.array(columns[k], type=typ) for k, (_, typ) in fields.items()]
         schema = pa.schema(
-            [*SCHEMA, *(pa.field(name, typ) for name, typ in fields.values())],
+            [*core, *(pa.field(name, typ) for name, typ in fields.values())],
             metadata={METADATA_KEY: json.dumps(self.run_info, sort_keys=True, default=str).encode("utf-8")},
         )
         return pa.Table.from_arrays(arrays, schema=schema)

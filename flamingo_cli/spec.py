@@ -46,6 +46,8 @@ class CaptionSpec:
     prompt: str
     sampling: Sampling
     preset: Preset | None = field(default=None, compare=False, repr=False)
+    # A structured-caption run's JSON Schema (schema.JsonSchema; its text is also sampling.json_schema).
+    json_schema: Any = field(default=None, compare=False, repr=False)
     # what is captioned and how it is cut
     chunk_seconds: float | None = None
     overlap: float = 0.0
@@ -110,8 +112,9 @@ class CaptionSpec:
         ray_replicas = opts.pop("ray_replicas", 1)
         model_opt = opts.pop("model", None)
         prompt_opt = opts.pop("prompt", None)
+        schema_opt = opts.pop("schema", None)
         known = {f.name for f in fields(cls)} - {"inputs", "out", "model", "family", "task", "prompt", "sampling"}
-        known -= {"preset", "devices", "extensions"}
+        known -= {"preset", "devices", "extensions", "json_schema"}
         unknown = sorted(set(opts) - known)
         if unknown:
             raise SpecError(f"unknown option(s) {', '.join(unknown)}; known: {', '.join(sorted(known | _PUBLIC))}")
@@ -124,6 +127,9 @@ class CaptionSpec:
             raise SpecError(str(exc)) from exc
         prompt = prompt_opt if prompt_opt is not None else preset.prompt
         sampling = _sampling(preset, sampling_opts)
+        json_schema = _json_schema(schema_opt, preset)
+        if json_schema is not None:
+            sampling = replace(sampling, json_schema=json_schema.text)
         if isinstance(inputs, (str, Path)):
             inputs = [inputs]
         spec = cls(
@@ -135,6 +141,7 @@ class CaptionSpec:
             prompt=prompt,
             sampling=sampling,
             preset=preset,
+            json_schema=json_schema,
             extensions=_extensions(ext),
             shard=_shard(shard),
             ray_replicas=_ray_replicas(ray_replicas),
@@ -231,11 +238,27 @@ class CaptionSpec:
             "argv": list(sys.argv[1:] if argv is None else argv),
             "family": self.family.name,
         }
+        if self.json_schema is not None:
+            info["schema"] = self.json_schema.describe()
         if self.shard:
             info["shard"] = f"{self.shard[0]}/{self.shard[1]}"
         if self.executor != "local":
             info["executor"] = self.executor
         return info
+
+    def check_schema(self) -> None:
+        """The schema against vLLM's xgrammar validator (imports vLLM, so not in ``build``: a dry run
+        never imports it); raises SchemaError, a usage error, before any model loads."""
+        if self.json_schema is not None:
+            from flamingo_cli.schema import check_constrainable
+
+            check_constrainable(self.json_schema.value, self.json_schema.source)
+
+    def sink_columns(self) -> dict[str, Any]:
+        """``Sink`` keywords for the run's own columns: a schema run's ``caption_json`` and ``f_*``."""
+        if self.json_schema is None:
+            return {}
+        return {"extra_fields": self.json_schema.arrow_fields(), "extra_values": self.json_schema.row_values}
 
     @property
     def max_chunk_s(self) -> float:
@@ -321,7 +344,7 @@ class CaptionSpec:
 # -- option parsing and checks ---------------------------------------------------------------------
 
 _SAMPLING_OPTIONS = ("temperature", "top_p", "top_k", "repetition_penalty", "max_tokens", "seed", "ignore_eos")
-_PUBLIC = {"task", "model", "prompt", "ext", "shard", "ray_replicas", "hash", *_SAMPLING_OPTIONS}
+_PUBLIC = {"task", "model", "prompt", "ext", "shard", "ray_replicas", "hash", "schema", *_SAMPLING_OPTIONS}
 
 
 def _check_range(
@@ -385,6 +408,22 @@ def _sampling(preset: Preset, overrides: Mapping[str, Any]) -> Sampling:
         if values.get(name) is not None:
             values[name] = float(values[name])
     return Sampling(**values)
+
+
+def _json_schema(value: Any, preset: Preset) -> Any:
+    """``schema``: a .json path, a parsed schema (dict) or a ``schema.JsonSchema``; else the preset's.
+    Checked here up to what needs vLLM (``CaptionSpec.check_schema``); None: a free-text run."""
+    if value is None and preset.schema is None:
+        return None
+    from flamingo_cli.schema import JsonSchema, load_schema, parse_schema
+
+    if isinstance(value, JsonSchema):
+        return value
+    if isinstance(value, (str, Path)):
+        return load_schema(value, check_engine=False)
+    if value is not None:
+        return parse_schema(value, "the schema option", check_engine=False)
+    return parse_schema(preset.schema, preset.schema_source, check_engine=False)
 
 
 def _extensions(ext: Any) -> tuple[str, ...] | None:

@@ -6,7 +6,10 @@
     python scripts/bench.py flamingo --ckpt /tmp/af3-full --dir /tmp/bench-audio [--max-num-seqs N ...]
     python scripts/bench.py hf --ckpt /tmp/af3-full --dir /tmp/bench-audio --batch 8 --windows 256
     python scripts/bench.py flamingo --ckpt /tmp/af3-full --dir /tmp/bench-audio --gpus 0,1 --workers 24
+    python scripts/bench.py schema --ckpt /tmp/af3-full --dir /tmp/bench-audio [--schema-file F.json]
 
+``schema`` runs flamingo's pipeline twice on one engine over the same clips and max tokens: free text,
+then constrained to a JSON Schema (default: the audio-tags preset's); it reports both and their ratio.
 Every mode prints one JSON line (and appends it to --results). Workload: 30 s windows, 128 output
 tokens with ignore_eos, distinct audio per request (vLLM caches multimodal inputs). Throughput is
 measured after the engine has started (engine start is reported separately).
@@ -124,7 +127,7 @@ def _engine_config(a, family):
         model=a.ckpt,
         family=family,
         max_chunk_s=float(family.max_audio_s),
-        max_tokens=OUT_TOKENS,
+        max_tokens=a.max_tokens,
         dtype="bfloat16",
         gpu_memory_utilization=a.gpu_memory_utilization,
         max_num_seqs=a.max_num_seqs,
@@ -214,6 +217,105 @@ def cmd_flamingo(a):
         replica_threads=getattr(engine, "replica_config", engine.config).replica_threads,
         shard=a.shard,
     )
+
+
+def _pass(a, engine, family, sampling, out):
+    """One flamingo pass over --dir with ``sampling``: totals over every generated row (a schema row that
+    failed validation, e.g. truncated at max tokens, still cost its tokens), seconds, GPU busy share."""
+    import math
+    import shutil
+    from collections import Counter
+
+    from flamingo_cli.pipeline import CaptionJob, Stats, run_pipeline
+    from flamingo_cli.prompts import PromptBuilder, load_chat_template
+    from flamingo_cli.sink import Sink
+
+    shutil.rmtree(out, ignore_errors=True)
+    job = CaptionJob(
+        inputs=[a.dir],
+        prompts=PromptBuilder(family, load_chat_template(a.ckpt)),
+        prompt=a.prompt,
+        max_chunk_s=float(family.max_audio_s),
+        sampling=sampling,
+        workers=a.workers,
+        queue_size=a.queue_size,
+    )
+    stats = Stats()
+    errors: Counter[str] = Counter()
+    totals = Counter()
+
+    def count(result):
+        if result.error:
+            errors[result.error.split(":")[0]] += 1
+        if result.output_tokens is None:  # not generated (decode error, rejected): costs nothing
+            return
+        span = result.chunk.end_s - result.chunk.start_s
+        totals.update(
+            requests=1,
+            windows=max(1, math.ceil(round(span, 3) / 30)),
+            audio_s=span,
+            prompt_tokens=result.prompt_tokens or 0,
+            output_tokens=result.output_tokens,
+        )
+
+    with Sink(out, "bench", {"bench": True}, model=a.ckpt, task="bench") as sink, GpuBusy() as gpu:
+        t1 = time.perf_counter()
+        run_pipeline(job, _items(a), engine, sink, stats, on_result=count)
+        seconds = time.perf_counter() - t1
+    return stats.snapshot(), totals, seconds, gpu.busy, dict(errors)
+
+
+def cmd_schema(a):
+    """Schema vs free text: the same clips, prompt and max tokens, one engine; what the grammar costs.
+
+    Neither pass ignores EOS (a finished JSON object can only end), so the two may generate different
+    numbers of tokens: output tokens/s is the like-for-like number, windows/s what a user sees.
+    """
+    from flamingo_cli.config import load_preset
+    from flamingo_cli.engine import Sampling
+    from flamingo_cli.launch import get_engine
+    from flamingo_cli.models import family_for
+    from flamingo_cli.schema import load_schema, parse_schema
+
+    family = family_for(a.ckpt)
+    if a.schema_file:
+        schema = load_schema(a.schema_file)
+    else:
+        preset = load_preset("audio-tags")
+        schema = parse_schema(preset.schema, preset.schema_source)
+        a.prompt = a.prompt or preset.prompt
+    a.prompt = a.prompt or "Describe the audio as JSON."
+    t0 = time.perf_counter()
+    engine = get_engine(_engine_config(a, family))
+    start_s = time.perf_counter() - t0
+    rows = []
+    for name, json_schema in (("free_text", None), ("schema", schema.text)):
+        sampling = Sampling(temperature=0.0, max_tokens=a.max_tokens, json_schema=json_schema)
+        s, t, seconds, busy, errors = _pass(a, engine, family, sampling, Path(a.out_dir) / name)
+        rows.append(
+            _report(
+                f"schema:{name}",
+                a,
+                t["windows"],
+                t["audio_s"],
+                seconds,
+                t["prompt_tokens"],
+                t["output_tokens"],
+                busy,
+                start_s,
+                requests=t["requests"],
+                mean_output_tokens=round(t["output_tokens"] / max(1, t["requests"]), 1),
+                rows_ok=s["chunks_done"],
+                rows_failed=s["chunks_failed"],
+                errors=errors,
+                max_tokens=a.max_tokens,
+                schema_hash=schema.hash if json_schema else None,
+            )
+        )
+    free, constrained = rows
+    for key in ("windows_per_s", "output_tok_s"):
+        constrained[f"{key}_vs_free_text"] = round(constrained[key] / free[key], 3) if free[key] else None
+    return rows
 
 
 class NullEngine:
@@ -781,7 +883,9 @@ def cmd_report(a):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("mode", choices=["data", "ckpt", "ceiling", "flamingo", "hf", "feed", "clips", "suite", "report"])
+    ap.add_argument(
+        "mode", choices=["data", "ckpt", "ceiling", "flamingo", "hf", "feed", "clips", "suite", "report", "schema"]
+    )
     ap.add_argument("--seconds", type=float, default=10.0, help="clips: length of each file")
     ap.add_argument("--count", type=int, default=1000, help="clips: number of files")
     ap.add_argument("--size", default="full", help="ckpt: full or tiny")
@@ -814,6 +918,9 @@ def main():
     ap.add_argument("--queue-size", type=int, default=256)
     ap.add_argument("--max-in-flight", type=int, default=1024)
     ap.add_argument("--batch", type=lambda s: [int(x) for x in s.split(",")], default=[8, 32])
+    ap.add_argument("--schema-file", default=None, help="schema mode: a JSON Schema (default: audio-tags')")
+    ap.add_argument("--prompt", default=None, help="schema mode: the prompt (default: the audio-tags preset's)")
+    ap.add_argument("--max-tokens", type=int, default=OUT_TOKENS, help="schema mode: tokens per request")
     a = ap.parse_args()
     res = {
         "data": cmd_data,
@@ -825,6 +932,7 @@ def main():
         "clips": cmd_clips,
         "suite": cmd_suite,
         "report": cmd_report,
+        "schema": cmd_schema,
     }[a.mode](a)
     for r in res if isinstance(res, list) else [res]:
         line = json.dumps(r)
