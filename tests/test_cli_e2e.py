@@ -196,7 +196,7 @@ def test_usage_errors_exit_2_before_loading_a_model(tmp_path):
 def test_replicas_match_one_engine(corpus, tiny_af3, tmp_path):
     """Two data-parallel replica processes (CPU here, one per GPU on a GPU host) give the same rows
     as the in-process engine: same keys, same greedy captions, one output."""
-    from flamingo_cli import engine as engine_mod
+    from flamingo_cli import launch
 
     root = corpus["__root__"]
     one, two = tmp_path / "one", tmp_path / "two"
@@ -205,13 +205,15 @@ def test_replicas_match_one_engine(corpus, tiny_af3, tmp_path):
     try:
         res = run_cli([*base, "--out", two, "--gpus", "none", "--replicas", "2"])
         assert res.status == 1, res.stderr
-        replicas = [e for e in engine_mod._CACHE.values() if len(e.config.devices) == 2]
+        cached = [e for engines in launch._CACHE.values() for e in engines]
+        replicas = [e for e in cached if len(e.config.devices) == 2]
         assert len(replicas) == 1 and len(set(replicas[0].pids)) == 2
     finally:
-        for key, e in list(engine_mod._CACHE.items()):
-            if len(e.config.devices) > 1:  # free the CPU for the tests after this one
-                e.close()
-                del engine_mod._CACHE[key]
+        for key, engines in list(launch._CACHE.items()):
+            if any(len(e.config.devices) > 1 for e in engines):  # free the CPU for the tests after this one
+                for e in engines:
+                    e.close()
+                del launch._CACHE[key]
 
     def rows(out):
         return {(r["id"], r["chunk_index"]): (r["caption"], r["error"] is None) for r in read_rows(out)}
