@@ -20,6 +20,7 @@ from typing import Any, Protocol
 
 from flamingo_cli.models import TOKENS_PER_WINDOW, WINDOW_S, ModelFamily
 from flamingo_cli.quiet import engine_log_path, log_tail, quiet_env, redirect_fds, remove_quietly
+from flamingo_cli.reasoning import with_reasoning
 from flamingo_cli.records import SAMPLE_RATE, Request, Result, Sampling
 
 END = None  # put on a feed to say no more requests will come
@@ -196,7 +197,7 @@ class VllmEngine:
                     continue
                 audio_s -= request.chunk.end_s - request.chunk.start_s
                 completion = out.outputs[0]
-                yield Result(
+                result = Result(
                     chunk=request.chunk,
                     prompt=request.prompt,
                     caption=completion.text,
@@ -206,6 +207,7 @@ class VllmEngine:
                     prompt_token_ids=list(out.prompt_token_ids or []),
                     token_ids=list(completion.token_ids),
                 )
+                yield with_reasoning(result, self.config.family.think)
 
     def abort_all(self) -> None:
         with contextlib.suppress(Exception):

@@ -349,24 +349,3 @@ def family_for(model: str) -> ModelFamily:
 def resolve_model_id(model: str) -> str:
     """Aliases map to hub ids; anything else (hub id or local path) passes through."""
     return FAMILIES[model].hub_id if model in FAMILIES else model
-
-
-def split_reasoning(text: str, think: bool = True) -> tuple[str | None, str, bool]:
-    """Split a think model's output into (reasoning, answer, truncated_in_think).
-
-    ``<think> r </think> a`` → (r, a, False). An opened block never closed (generation stopped inside it)
-    → (r, "", True): the partial reasoning is not an answer. With no tags, the whole text is the answer;
-    a ``</think>`` with no opening tag (templates that open the block in the prompt) closes reasoning
-    that started at the first token — only for think models, so a non-think caption is never split.
-    """
-    stripped = text.lstrip()
-    if stripped.startswith(THINK_OPEN):
-        body = stripped[len(THINK_OPEN) :]
-        end = body.find(THINK_CLOSE)
-        if end < 0:
-            return body.strip(), "", True
-        return body[:end].strip(), body[end + len(THINK_CLOSE) :].strip(), False
-    if think and THINK_CLOSE in text and THINK_OPEN not in text:
-        reasoning, _, answer = text.partition(THINK_CLOSE)
-        return reasoning.strip(), answer.strip(), False
-    return None, text, False
