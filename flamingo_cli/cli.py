@@ -127,7 +127,8 @@ def _job_settings(task: str, model: str | None, prompt: str | None):
     return preset, model_id, family, prompt or preset.prompt
 
 
-def _sampling(preset, max_tokens, temperature, top_p, top_k, repetition_penalty, seed, ignore_eos=False):
+def _sampling(preset, max_tokens, temperature, top_p, top_k, repetition_penalty, seed, ignore_eos=False, family=None):
+    """Flags over the preset over the checkpoint (``max_tokens``: generation_config's max_new_tokens)."""
     from flamingo_cli.engine import Sampling
 
     s = dict(preset.sampling)
@@ -141,7 +142,7 @@ def _sampling(preset, max_tokens, temperature, top_p, top_k, repetition_penalty,
     s.update({k: v for k, v in overrides.items() if v is not None})
     s["seed"] = seed
     s["ignore_eos"] = ignore_eos or s.get("ignore_eos", False)
-    s.setdefault("max_tokens", 512)
+    s.setdefault("max_tokens", (family.max_new_tokens if family is not None else None) or 512)
     return Sampling(**s)
 
 
@@ -383,7 +384,9 @@ def caption(
         found = iter_items(inputs, extensions)
         return select_shard(found, *shard_spec) if shard_spec else found
 
-    sampling = _sampling(preset, max_tokens, temperature, top_p, top_k, repetition_penalty, seed, ignore_eos)
+    sampling = _sampling(
+        preset, max_tokens, temperature, top_p, top_k, repetition_penalty, seed, ignore_eos, family=family
+    )
     max_chunk_s = float(family.max_audio_s)
     if chunk_seconds is not None and not (0 < chunk_seconds <= family.max_audio_s):
         raise Fail(ExitStatus.USAGE, f"--chunk-seconds must be in (0, {family.max_audio_s}] for {family.name}")
@@ -591,7 +594,7 @@ def describe_music(
             f"{track}: is a directory (describe-music takes one file; use caption for folders)",
         )
     preset, model_id, family, prompt_text = _job_settings(task, model, prompt)
-    sampling = _sampling(preset, max_tokens, temperature, None, None, None, seed)
+    sampling = _sampling(preset, max_tokens, temperature, None, None, None, seed, family=family)
     t0 = time.perf_counter()
     config = _engine_config(
         model_id,
