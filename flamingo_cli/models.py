@@ -307,10 +307,16 @@ def read_checkpoint(folder: str | Path) -> ModelFamily:
 
 def _cached_snapshot(hub_id: str) -> Path | None:
     """The HF-cache snapshot folder holding hub_id's config.json, if it is cached."""
+    import os
+
+    # The environment as it is now (huggingface_hub reads it once, at import).
+    cache_dir = os.environ.get("HF_HUB_CACHE") or (
+        os.path.join(os.environ["HF_HOME"], "hub") if os.environ.get("HF_HOME") else None
+    )
     try:
         from huggingface_hub import try_to_load_from_cache
 
-        hit = try_to_load_from_cache(hub_id, "config.json")
+        hit = try_to_load_from_cache(hub_id, "config.json", cache_dir=cache_dir)
     except Exception:
         return None
     return Path(hit).parent if isinstance(hit, str) and Path(hit).is_file() else None
