@@ -1,17 +1,14 @@
-"""The command line: parses, builds a job, calls the pipeline. No logic of its own.
+"""The command line: Typer options → ``spec.CaptionSpec`` → ``api``; rendering. No logic of its own.
 
-Heavy imports (pyarrow, librosa, torch, vLLM) happen inside the commands, so ``flamingo --help`` is
-instant.
+``main()`` is the one place that turns exceptions into exit codes (``errors.exit_status``), for
+flamingo's own errors and for Typer's usage errors alike. Heavy imports (pyarrow, librosa, torch,
+vLLM) happen inside the commands, so ``flamingo --help`` is instant.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import signal
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Annotated, Any
@@ -19,11 +16,13 @@ from typing import Annotated, Any
 import typer
 
 from flamingo_cli import __version__
-from flamingo_cli.env import Environment, ExitStatus, reap_children_on_exit, unblock_on_engine_death
+from flamingo_cli.env import Environment, ExitStatus
+from flamingo_cli.errors import FlamingoError, Stopped, exit_status, is_click_usage
 
 app = typer.Typer(
     name="flamingo",
-    help="Caption audio in bulk with Audio Flamingo 3 and Music Flamingo through vLLM, into Parquet.",
+    help="Caption audio in bulk with the Audio Flamingo family (AF3, Music Flamingo, AF-Next) through vLLM, "
+    "into Parquet.",
     no_args_is_help=True,
     add_completion=True,
     pretty_exceptions_enable=False,
@@ -32,7 +31,7 @@ app = typer.Typer(
 _env = Environment()
 
 
-class Fail(Exception):
+class Fail(FlamingoError):
     """Stop a command with a message and an exit status."""
 
     def __init__(self, status: ExitStatus, message: str) -> None:
@@ -52,7 +51,8 @@ def _root(
         bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
     ] = False,
 ) -> None:
-    """Caption audio in bulk with Audio Flamingo 3 and Music Flamingo through vLLM, into Parquet."""
+    """Caption audio in bulk with the Audio Flamingo family (AF3, Music Flamingo, AF-Next) through vLLM, into
+    Parquet."""
 
 
 # Options shared by caption and describe-music -------------------------------------------------
@@ -111,132 +111,6 @@ DtypeOpt = Annotated[str, typer.Option("--dtype", help="auto, bfloat16, float16 
 VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Show vLLM's own logs.")]
 
 
-def _job_settings(task: str, model: str | None, prompt: str | None):
-    from flamingo_cli.config import ConfigError, load_preset
-    from flamingo_cli.models import family_for, resolve_model_id
-
-    try:
-        preset = load_preset(task)
-    except ConfigError as exc:
-        raise Fail(ExitStatus.USAGE, str(exc)) from exc
-    model_id = resolve_model_id(model or preset.model)
-    try:
-        family = family_for(model_id)
-    except ValueError as exc:
-        raise Fail(ExitStatus.USAGE, str(exc)) from exc
-    return preset, model_id, family, prompt or preset.prompt
-
-
-def _sampling(preset, max_tokens, temperature, top_p, top_k, repetition_penalty, seed, ignore_eos=False, family=None):
-    """Flags over the preset over the checkpoint (``max_tokens``: generation_config's max_new_tokens)."""
-    from flamingo_cli.engine import Sampling
-
-    s = dict(preset.sampling)
-    overrides = dict(
-        max_tokens=max_tokens,
-        temperature=temperature,
-        top_p=top_p,
-        top_k=top_k,
-        repetition_penalty=repetition_penalty,
-    )
-    s.update({k: v for k, v in overrides.items() if v is not None})
-    s["seed"] = seed
-    s["ignore_eos"] = ignore_eos or s.get("ignore_eos", False)
-    s.setdefault("max_tokens", (family.max_new_tokens if family is not None else None) or 512)
-    return Sampling(**s)
-
-
-def _engine_config(model_id, family, max_chunk_s, sampling, **kw):
-    from flamingo_cli.engine import EngineConfig
-
-    return EngineConfig(model=model_id, family=family, max_chunk_s=max_chunk_s, max_tokens=sampling.max_tokens, **kw)
-
-
-def _start_engine(config):
-    from flamingo_cli.engine import EngineError, get_engine
-
-    try:
-        return get_engine(config)
-    except EngineError as exc:
-        raise Fail(ExitStatus.ENGINE, str(exc)) from exc
-
-
-def _signal_status(signum: int) -> ExitStatus:
-    return ExitStatus.TERMINATED if signum == signal.SIGTERM else ExitStatus.INTERRUPTED
-
-
-def _quit_now(signum: int) -> None:
-    """Exit at once: ask vLLM's engine process to shut down, skip all Python cleanup.
-
-    Safe for the output: parts are atomic (a half-written one stays in the hidden .tmp folder, removed
-    on the next open), the run lock dies with the process, and rows not yet in a part are redone on
-    resume.
-    """
-    import multiprocessing
-    import os
-
-    for child in multiprocessing.active_children():
-        with contextlib.suppress(Exception):
-            child.terminate()
-    with contextlib.suppress(Exception):
-        _env.stderr.flush()
-    os._exit(int(_signal_status(signum)))
-
-
-@contextlib.contextmanager
-def _signals(stop: threading.Event, received: list[int], graceful: threading.Event):
-    """SIGINT/SIGTERM while captioning: stop feeding, finish and flush what is done, exit 130/143.
-
-    A second signal, or one while the engine is still starting (nothing to finish), exits at once.
-    """
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def handler(signum, _frame):
-        if stop.is_set() or not graceful.is_set():
-            received.append(signum)
-            _env.warn(f"{signal.Signals(signum).name}: quitting now; finished parts are kept")
-            _quit_now(signum)
-        received.append(signum)
-        stop.set()
-        _env.warn("stopping: finishing in-flight chunks and writing them (Ctrl-C again to quit now)")
-
-    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for s, h in old.items():
-            signal.signal(s, h)
-
-
-@contextlib.contextmanager
-def _closing(sink):
-    """Close the sink (its last flush) on the way out; a failed last flush is exit 4, not a traceback."""
-    from flamingo_cli.sink import OutputError
-
-    try:
-        yield sink
-    except BaseException:
-        with contextlib.suppress(OutputError):  # the first error is the one to report
-            sink.close()
-        raise
-    try:
-        sink.close()
-    except OutputError as exc:
-        raise Fail(ExitStatus.OUTPUT, f"{exc} (finished parts are kept; run the same command to resume)") from exc
-
-
-def _report_console():
-    """stdout for reports (dry-run, inspect, doctor): the terminal's width, or 160 columns in pipes and
-    files instead of Rich's 80, so tables of paths and reasons stay readable in logs."""
-    if _env.stdout_isatty:
-        return _env.out
-    from rich.console import Console
-
-    return Console(file=_env.stdout, width=160, highlight=False, soft_wrap=False)
-
-
 DryRunOpt = Annotated[
     bool,
     typer.Option("--dry-run", help="Plan only (files, hours, chunks, tokens, GPU time) from headers; no model."),
@@ -252,30 +126,20 @@ SummaryJsonOpt = Annotated[
 ]
 
 
-def _devices(gpus: str, tensor_parallel_size: int, replicas: int | None) -> tuple[str | None, ...]:
-    from flamingo_cli.data_parallel import plan_replicas
+def _report_console():
+    """stdout for reports (dry-run, inspect, doctor): the terminal's width, or 160 columns in pipes and
+    files instead of Rich's 80, so tables of paths and reasons stay readable in logs."""
+    if _env.stdout_isatty:
+        return _env.out
+    from rich.console import Console
 
-    try:
-        return tuple(plan_replicas(gpus, tensor_parallel_size, replicas))
-    except ValueError as exc:
-        raise Fail(ExitStatus.USAGE, str(exc)) from exc
-
-
-def _ray_settings(address: str | None, replicas: str):
-    from flamingo_cli.ray_data import RaySettings
-
-    try:
-        parts = [int(x) for x in replicas.split(",")]
-        if len(parts) not in (1, 2) or min(parts) < 1 or parts != sorted(parts):
-            raise ValueError
-    except ValueError as exc:
-        raise Fail(ExitStatus.USAGE, f"--ray-replicas {replicas!r}: expected N or MIN,MAX (≥ 1)") from exc
-    return RaySettings(address=address, num_replicas=parts[0] if len(parts) == 1 else (parts[0], parts[1]))
+    return Console(file=_env.stdout, width=160, highlight=False, soft_wrap=False)
 
 
-def _dry_run(items, family, model_id, task, chunk_s, overlap, workers, out, key, as_json) -> None:
+def _dry_run(spec: Any, as_json: bool) -> None:
     """caption --dry-run: plan from file headers; never loads a model (nor torch/vLLM)."""
-    from flamingo_cli.plan import make_plan, render, render_problems, rows_on_disk
+    from flamingo_cli.api import plan
+    from flamingo_cli.plan import render, render_problems
 
     status = None
     last = [0.0]
@@ -283,38 +147,26 @@ def _dry_run(items, family, model_id, task, chunk_s, overlap, workers, out, key,
         status = _env.err.status("planning: reading file headers …")
         status.start()
 
-    def on_file(plan) -> None:
+    def on_file(p: Any) -> None:
         now = time.monotonic()
         if status is not None and now - last[0] > 0.25:
             last[0] = now
-            status.update(f"planning: {plan.files:,} files, {plan.duration_s / 3600:,.1f} h so far …")
+            status.update(f"planning: {p.files:,} files, {p.duration_s / 3600:,.1f} h so far …")
 
     try:
-        plan = make_plan(
-            items,
-            family,
-            model=model_id,
-            task=task,
-            chunk_s=chunk_s,
-            overlap_s=overlap,
-            workers=workers,
-            on_file=on_file,
-        )
+        result = plan(spec, on_file=on_file)
     finally:
         if status is not None:
             status.stop()
-    plan.rows_on_disk = rows_on_disk(out, key)
     if as_json:
-        doc = plan.as_dict()
-        doc["run_key"] = key
-        doc["out"] = str(out)
+        doc = {**result.as_dict(), "run_key": spec.run_key, "out": spec.out}
         _env.stdout.write(json.dumps(doc, ensure_ascii=False, default=str) + "\n")
         _env.stdout.flush()
         return
     console = _report_console()
-    console.print(render(plan, out))
-    if plan.problems:
-        console.print(render_problems(plan))
+    console.print(render(result, Path(spec.out)))
+    if result.problems:
+        console.print(render_problems(result))
 
 
 @app.command()
@@ -328,7 +180,7 @@ def caption(
     overlap: OverlapOpt = 0.0,
     ext: Annotated[
         list[str] | None,
-        typer.Option("--ext", help="Audio extensions to scan for (repeat or comma-separate)."),
+        typer.Option("--ext", help="Audio extensions to scan for (repeat or comma-separate); 'all' tries every file."),
     ] = None,
     max_tokens: MaxTokensOpt = None,
     temperature: TempOpt = None,
@@ -367,202 +219,16 @@ def caption(
     summary_json: SummaryJsonOpt = None,
 ) -> None:
     """Caption every audio file under INPUTS and write Parquet parts to --out (resumable)."""
-    from flamingo_cli.engine import EngineError
-    from flamingo_cli.pipeline import CaptionJob, Stats, run_pipeline
-    from flamingo_cli.progress import Progress
-    from flamingo_cli.prompts import PromptBuilder, load_chat_template
-    from flamingo_cli.sink import LockedError, OutputError, Sink, run_key
-    from flamingo_cli.sources import SourceError, check_inputs, iter_items, parse_shard, select_shard
+    from flamingo_cli import api
+    from flamingo_cli.spec import CaptionSpec
 
-    preset, model_id, family, prompt_text = _job_settings(task, model, prompt)
-    try:
-        shard_spec = parse_shard(shard) if shard else None
-    except SourceError as exc:
-        raise Fail(ExitStatus.USAGE, str(exc)) from exc
-
-    def items():
-        found = iter_items(inputs, extensions)
-        return select_shard(found, *shard_spec) if shard_spec else found
-
-    sampling = _sampling(
-        preset, max_tokens, temperature, top_p, top_k, repetition_penalty, seed, ignore_eos, family=family
-    )
-    max_chunk_s = float(family.max_audio_s)
-    if chunk_seconds is not None and not (0 < chunk_seconds <= family.max_audio_s):
-        raise Fail(ExitStatus.USAGE, f"--chunk-seconds must be in (0, {family.max_audio_s}] for {family.name}")
-    if chunk_seconds is not None and not (0 <= overlap < chunk_seconds):
-        raise Fail(ExitStatus.USAGE, "--overlap must be ≥ 0 and shorter than --chunk-seconds")
-    if chunk_seconds is None and overlap:
-        raise Fail(ExitStatus.USAGE, "--overlap needs --chunk-seconds")
-    extensions = [e for group in (ext or []) for e in group.split(",") if e.strip()] or None
-    try:
-        check_inputs(inputs)
-    except SourceError as exc:
-        raise Fail(ExitStatus.USAGE, str(exc)) from exc
-
-    identity = {
-        "model": model_id,
-        "task": preset.name,
-        "prompt": prompt_text,
-        "sampling": sampling.identity(),
-        "chunk_seconds": chunk_seconds,
-        "overlap": overlap,
-    }
-    key = run_key(identity)
+    options = {k: v for k, v in locals().items() if k not in ("inputs", "out", "dry_run", "as_json", "api")}
+    options.pop("CaptionSpec", None)
     if dry_run:
-        _dry_run(items(), family, model_id, preset.name, chunk_seconds, overlap, workers or 4, out, key, as_json)
+        _dry_run(CaptionSpec.build(inputs, out, **options), as_json)
         return
-    if executor not in ("local", "ray"):
-        raise Fail(ExitStatus.USAGE, f"--executor {executor!r}: expected local or ray")
-    ray_settings = _ray_settings(ray_address, ray_replicas) if executor == "ray" else None
-    devices = _devices(gpus, tensor_parallel_size, replicas) if executor == "local" else ()
-    if workers is None:
-        workers = max(4, min(4 * len(devices), os.cpu_count() or 4))
-    run_info: dict[str, Any] = {"identity": identity, "argv": sys.argv[1:], "family": family.name}
-    if shard_spec:
-        run_info["shard"] = f"{shard_spec[0]}/{shard_spec[1]}"
-    try:
-        sink = Sink(
-            out,
-            key,
-            run_info,
-            model=model_id,
-            task=preset.name,
-            rows_per_part=rows_per_part,
-            retry_failed=retry_failed,
-            shard=shard_spec,
-        )
-    except OutputError as exc:  # checked before the model loads: a bad --out costs nothing
-        raise Fail(ExitStatus.LOCKED if isinstance(exc, LockedError) else ExitStatus.USAGE, str(exc)) from exc
-
-    stop = threading.Event()
-    graceful = threading.Event()  # set once captioning runs: a first signal then stops cleanly
-    received: list[int] = []
-    with _closing(sink), _signals(stop, received, graceful):
-        try:
-            index = sink.load_index()
-        except OutputError as exc:
-            raise Fail(ExitStatus.OUTPUT, str(exc)) from exc
-        if not quiet:
-            _env.info(f"flamingo {__version__}: {family.name} {model_id}, task {preset.name}, run {key} → {out}")
-            if len(index):
-                _env.info(f"resuming: {len(index)} rows already written for this run")
-        config = _engine_config(
-            model_id,
-            family,
-            max_chunk_s,  # sized for the cap: one engine serves any --chunk-seconds
-            sampling,
-            dtype=dtype,
-            gpu_memory_utilization=gpu_memory_utilization,
-            tensor_parallel_size=tensor_parallel_size,
-            max_num_seqs=max_num_seqs,
-            max_num_batched_tokens=max_num_batched_tokens,
-            enforce_eager=enforce_eager,
-            seed=seed,
-            verbose=verbose,
-            devices=devices,
-        )
-        progress = Progress(
-            _env,
-            model=model_id,
-            task=preset.name,
-            quiet=quiet,
-            interval=log_interval,
-            log_file=log_file,
-            summary_json=summary_json,
-            out=out,
-            run_key=key,
-        )
-        engine = None
-        if ray_settings is None:
-            with progress.engine_start():
-                engine = _start_engine(config)
-            reap_children_on_exit()  # vLLM's processes die with this one, even on SIGKILL / OOM kill
-            unblock_on_engine_death(engine)  # a dead engine process is exit 3, not a hang
-            sink.run_info.update(
-                {"versions": engine.versions, "sampling_effective": engine.effective_sampling(sampling)}
-            )
-        job = CaptionJob(
-            inputs=list(inputs),
-            prompts=PromptBuilder(family, load_chat_template(model_id)),
-            prompt=prompt_text,
-            max_chunk_s=max_chunk_s,
-            sampling=sampling,
-            chunk_s=chunk_seconds,
-            overlap_s=overlap,
-            extensions=extensions,
-            workers=workers,
-            retry_failed=retry_failed,
-            content_hash=content_hash,
-        )
-        stats = Stats()
-        progress.start(stats, inputs=list(inputs), extensions=extensions, shard=shard_spec)
-
-        def tick() -> None:
-            progress.tick()
-            sink.flush_if_due()
-
-        try:
-            graceful.set()
-            if ray_settings is not None:
-                from flamingo_cli.ray_data import RayNotInstalledError, run_ray_pipeline
-
-                try:
-                    run_ray_pipeline(
-                        job,
-                        items(),
-                        config,
-                        progress.watch(sink, index, retry_failed),
-                        stats,
-                        index,
-                        settings=ray_settings,
-                        chat_template=job.prompts.chat_template,
-                        on_tick=tick,
-                        stop_event=stop,
-                        run_info=sink.run_info,
-                    )
-                except RayNotInstalledError as exc:
-                    raise Fail(ExitStatus.USAGE, str(exc)) from exc
-            else:
-                run_pipeline(
-                    job,
-                    items(),
-                    engine,
-                    progress.watch(sink, index, retry_failed),
-                    stats,
-                    index,
-                    on_tick=tick,
-                    stop_event=stop,
-                )
-        except EngineError as exc:
-            if received:  # vLLM's engine process got the signal too (Ctrl-C, systemd stop) and quit
-                raise Fail(_signal_status(received[0]), "stopped; finished rows are saved") from exc
-            raise Fail(ExitStatus.ENGINE, f"{exc} (finished rows are saved; run the same command to resume)") from exc
-        except OutputError as exc:
-            raise Fail(ExitStatus.OUTPUT, f"{exc} (finished parts are kept; run the same command to resume)") from exc
-        except KeyboardInterrupt as exc:
-            raise Fail(ExitStatus.INTERRUPTED, "interrupted; finished rows are saved") from exc
-        finally:
-            progress.close()
-            if engine is not None and (received or stop.is_set()):
-                engine.abort_all()
-    s = stats.snapshot()
-    if received:
-        progress.finish(_signal_status(received[0]))
-    else:
-        progress.finish(ExitStatus.ITEMS_FAILED if s["items_failed"] or s["chunks_failed"] else ExitStatus.OK)
-    if received:
-        raise Fail(_signal_status(received[0]), "stopped")
-    if s["items_failed"] or s["chunks_failed"]:
-        raise typer.Exit(ExitStatus.ITEMS_FAILED)
-
-
-class _Collect:
-    def __init__(self) -> None:
-        self.results: list = []
-
-    def write(self, result) -> None:
-        self.results.append(result)
+    report = api.caption(inputs, out, env=_env, argv=sys.argv[1:], **options)
+    raise typer.Exit(int(report.status))
 
 
 @app.command("describe-music")
@@ -582,80 +248,20 @@ def describe_music(
     verbose: VerboseOpt = False,
 ) -> None:
     """Describe one music track with Music Flamingo (long tracks: one section per chunk)."""
-    from flamingo_cli.pipeline import CaptionJob, run_pipeline
-    from flamingo_cli.prompts import PromptBuilder, load_chat_template
-    from flamingo_cli.records import AudioItem
+    from flamingo_cli.api import describe
 
-    if not track.exists():
-        raise Fail(ExitStatus.USAGE, f"{track}: file not found")
-    if track.is_dir():
-        raise Fail(
-            ExitStatus.USAGE,
-            f"{track}: is a directory (describe-music takes one file; use caption for folders)",
-        )
-    preset, model_id, family, prompt_text = _job_settings(task, model, prompt)
-    sampling = _sampling(preset, max_tokens, temperature, None, None, None, seed, family=family)
-    t0 = time.perf_counter()
-    config = _engine_config(
-        model_id,
-        family,
-        float(family.max_audio_s),
-        sampling,
-        dtype=dtype,
-        gpu_memory_utilization=gpu_memory_utilization,
-        tensor_parallel_size=tensor_parallel_size,
-        seed=seed,
-        verbose=verbose,
-    )
-    engine = _start_engine(config)
-    job = CaptionJob(
-        inputs=[str(track)],
-        prompts=PromptBuilder(family, load_chat_template(model_id)),
-        prompt=prompt_text,
-        max_chunk_s=float(family.max_audio_s),
-        sampling=sampling,
-        chunk_s=chunk_seconds,
-        workers=1,
-    )
-    sink = _Collect()
-    t1 = time.perf_counter()
-    item = AudioItem(id=track.name, path=str(track.resolve()), origin=str(track))
-    run_pipeline(job, iter([item]), engine, sink)
-    results = sorted(sink.results, key=lambda r: r.chunk.index)
-    timing = {"engine_start_s": round(t1 - t0, 2), "generate_s": round(time.perf_counter() - t1, 2)}
-    errors = [r.error for r in results if r.error]
-    duration = next((r.chunk.duration_s for r in results if r.chunk.duration_s == r.chunk.duration_s), None)
-    doc = {
-        "path": str(track),
-        "model": model_id,
-        "task": preset.name,
-        "prompt": prompt_text,
-        "duration_s": duration,
-        "sections": [
-            {
-                "chunk_index": r.chunk.index,
-                "start_s": r.chunk.start_s if r.chunk.num_chunks else None,
-                "end_s": r.chunk.end_s if r.chunk.num_chunks else None,
-                "description": r.caption,
-                "finish_reason": r.finish_reason,
-                "output_tokens": r.output_tokens,
-                "error": r.error,
-            }
-            for r in results
-        ],
-        "timing": timing,
-        "flamingo_version": __version__,
-    }
+    options = {k: v for k, v in locals().items() if k not in ("track", "as_json", "describe")}
+    doc = describe(track, env=_env, **options)
     if as_json:
         _env.stdout.write(json.dumps(doc, ensure_ascii=False) + "\n")
         _env.stdout.flush()
     else:
         _print_description(doc)
-    if errors:
-        if not as_json:
-            for e in errors:
-                _env.error(e)
-        raise typer.Exit(ExitStatus.ITEMS_FAILED)
+    errors = [s["error"] for s in doc["sections"] if s["error"]]
+    if errors and not as_json:
+        for e in errors:
+            _env.error(e)
+    raise typer.Exit(ExitStatus.ITEMS_FAILED if errors else ExitStatus.OK)
 
 
 def _print_description(doc: dict[str, Any]) -> None:
@@ -835,7 +441,12 @@ def demo(
 
 
 def main(argv: list[str] | None = None, env: Environment | None = None) -> int:
-    """Run the CLI in-process; returns the exit status instead of exiting."""
+    """Run the CLI in-process; returns the exit status instead of exiting.
+
+    The one place that maps failures to exit codes (``errors.exit_status``): flamingo's errors print one
+    line; Typer's own usage errors (unknown flag, bad value, missing option, unknown command, no command)
+    print one line and exit 2, never a traceback; a bug prints its traceback and exits 70.
+    """
     global _env
     previous = _env
     _env = env or Environment()
@@ -846,19 +457,36 @@ def main(argv: list[str] | None = None, env: Environment | None = None) -> int:
             return int(rv) if isinstance(rv, int) else ExitStatus.OK
         except typer.Exit as exc:
             return int(exc.exit_code)
-        except Fail as exc:
-            if str(exc) != "stopped":
-                _env.error(str(exc))
-            return int(exc.status)
-        except (typer.Abort, KeyboardInterrupt):
+        except typer.Abort:
             _env.error("interrupted")
             return ExitStatus.INTERRUPTED
-        except Exception as exc:  # click usage errors carry their own exit code
-            import click
+        except BaseException as exc:
+            status = exit_status(exc)
+            if isinstance(exc, Stopped):
+                pass  # the signal handler already said so; the summary has it
+            elif type(exc).__name__ == "NoArgsIsHelpError":  # a bare `flamingo`: the help, then one line
+                ctx = getattr(exc, "ctx", None)
+                if ctx is not None:
+                    _env.stdout.write(ctx.get_help() + "\n")
+                _env.error(f"no command given (see: {getattr(ctx, 'command_path', 'flamingo')} --help)")
+            elif is_click_usage(exc):
+                _env.error(_usage_line(exc))
+            elif status == ExitStatus.INTERNAL:
+                import traceback
 
-            if isinstance(exc, click.ClickException):
-                exc.show(file=_env.stderr)
-                return ExitStatus.USAGE
-            raise
+                _env.stderr.write("".join(traceback.format_exception(exc)))
+                _env.error(f"internal error (a bug in flamingo {__version__}): {type(exc).__name__}: {exc}")
+            else:
+                _env.error(str(exc) or type(exc).__name__)
+            return int(status)
     finally:
         _env = previous
+
+
+def _usage_line(exc: BaseException) -> str:
+    """Typer/click's usage error in one line, with the command to ask for help."""
+    ctx = getattr(exc, "ctx", None)
+    command = getattr(ctx, "command_path", None) or "flamingo"
+    message = exc.format_message() if hasattr(exc, "format_message") else str(exc)  # type: ignore[attr-defined]
+    message = " ".join(message.split()) or "no command given"
+    return f"{message} (see: {command} --help)"

@@ -12,10 +12,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from flamingo_cli.errors import UsageError
+
 SAMPLING_KEYS = ("temperature", "top_p", "top_k", "repetition_penalty", "max_tokens", "seed", "ignore_eos")
 
 
-class ConfigError(Exception):
+class ConfigError(UsageError):
     """A preset that cannot be found or read; the message names it and the reason."""
 
 

@@ -30,7 +30,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
 from typing import Any
 
-from flamingo_cli.engine import END, EngineConfig, EngineError, Sampling
+from flamingo_cli.engine import END, EngineConfig, EngineError, Sampling, effective_sampling, sampling_kwargs
 from flamingo_cli.records import Request, Result
 
 DEFAULT_FACTORY = "flamingo_cli.engine:VllmEngine"
@@ -118,6 +118,16 @@ def _load(factory: str) -> Callable[[EngineConfig], Any]:
     return getattr(importlib.import_module(module), name)
 
 
+def _defaults_dict(defaults: Any) -> dict[str, Any]:
+    """An engine's checkpoint sampling defaults as a dict (a mapping, or an object with the fields)."""
+    if defaults is None:
+        return {}
+    if isinstance(defaults, dict):
+        return dict(defaults)
+    fields = ("temperature", "top_p", "top_k", "repetition_penalty", "max_tokens")
+    return {name: getattr(defaults, name) for name in fields if getattr(defaults, name, None) is not None}
+
+
 def _result_fields(result: Result) -> dict[str, Any]:
     return {name: getattr(result, name) for name in _RESULT_FIELDS}
 
@@ -144,15 +154,12 @@ def _worker_main(wid: int, devices: str | None, config: EngineConfig, factory: s
     if torch is not None and config.replica_threads:
         torch.set_num_threads(config.replica_threads)
     with contextlib.suppress(Exception):
-        from flamingo_cli.env import unblock_on_engine_death
+        from flamingo_cli.engine import watch_engine_death
 
-        unblock_on_engine_death(engine)
-    defaults = getattr(engine, "defaults", None)
+        watch_engine_death(engine)
     info = {
         "versions": getattr(engine, "versions", {}),
-        "defaults": {
-            name: getattr(defaults, name, None) for name in ("temperature", "top_p", "top_k", "repetition_penalty")
-        },
+        "defaults": _defaults_dict(getattr(engine, "defaults", None)),
         "pid": os.getpid(),
     }
     outbox.put(("ready", wid, info))
@@ -187,6 +194,10 @@ def _serve(wid: int, engine: Any, inbox, outbox) -> None:
                 elif m[0] == "abort":
                     with contextlib.suppress(Exception):
                         engine.abort_all()
+                elif m[0] == "drop":
+                    drop = getattr(engine, "drop_waiting", None)
+                    if drop is not None:
+                        drop()
                 elif m[0] in ("end", "close"):
                     if m[0] == "close":
                         closing.set()
@@ -237,7 +248,7 @@ class DataParallelEngine:
             )
             for i, dev in enumerate(self.devices)
         ]
-        self.llm = self  # "running" marker for env.unblock_on_engine_death and the engine cache
+        self.llm = self  # "running" marker for engine.watch_engine_death and the engine cache
         self.versions: dict[str, str] = {}
         self.defaults: dict[str, Any] = {}
         self.pids: list[int] = []
@@ -282,16 +293,17 @@ class DataParallelEngine:
 
     def effective_sampling(self, sampling: Sampling) -> dict[str, Any]:
         """What the replicas will use: the overrides over the checkpoint's generation_config."""
-        eff = {name: getattr(sampling, name) for name in ("temperature", "top_p", "top_k", "repetition_penalty")}
-        for name, value in eff.items():
-            if value is None:
-                eff[name] = self.defaults.get(name)
-        eff.update(
-            max_tokens=sampling.max_tokens,
-            seed=self.config.seed if sampling.seed is None else sampling.seed,
-            ignore_eos=sampling.ignore_eos,
-        )
-        return eff
+        seed = self.config.seed if sampling.seed is None else sampling.seed
+        return effective_sampling(sampling_kwargs(sampling, self.defaults), seed)
+
+    def alive(self) -> bool:
+        return self.llm is not None and all(p.is_alive() for p in self._procs)
+
+    def drop_waiting(self) -> None:
+        """A stop: every replica drops the requests it has not started (they come back as aborted)."""
+        for inbox in self._inboxes:
+            with contextlib.suppress(Exception):
+                inbox.put(("drop",))
 
     def _check_alive(self) -> None:
         for wid, p in enumerate(self._procs):

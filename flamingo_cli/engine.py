@@ -15,19 +15,16 @@ import os
 import queue
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from flamingo_cli.errors import EngineError
 from flamingo_cli.models import TOKENS_PER_WINDOW, WINDOW_S, ModelFamily
 from flamingo_cli.quiet import engine_log_path, log_tail, quiet_env, redirect_fds, remove_quietly
 from flamingo_cli.reasoning import with_reasoning
 from flamingo_cli.records import SAMPLE_RATE, Request, Result, Sampling
 
 END = None  # put on a feed to say no more requests will come
-
-
-class EngineError(Exception):
-    """The engine could not start or died; the run's finished rows are kept."""
 
 
 @dataclass(frozen=True)
@@ -67,11 +64,60 @@ class EngineConfig:
 
 
 class Engine(Protocol):
-    def run(self, feed: queue.Queue, sampling: Sampling) -> Iterator[Result]:
-        """Take Requests from ``feed`` until END; yield one Result per Request, in finish order."""
+    """What executors and the API use of an engine: the in-process vLLM engine, the data-parallel
+    replicas (``data_parallel.DataParallelEngine``) and test engines all provide it."""
+
+    versions: dict[str, str]
+
+    def run(self, feed: queue.Queue, sampling: Sampling, on_step: Callable[[], None] | None = None) -> Iterator[Result]:
+        """Take Requests from ``feed`` until END; yield one Result per Request, in finish order.
+        ``on_step`` is called between engine steps and while waiting for the feed."""
+        ...
+
+    def effective_sampling(self, sampling: Sampling) -> dict[str, Any]:
+        """The sampling every request really gets (checkpoint defaults merged), for the run metadata."""
+        ...
+
+    def abort_all(self) -> None:
+        """Drop every request in flight (a stop): their rows are redone on resume."""
+        ...
+
+    def alive(self) -> bool:
+        """False once the engine (or a replica) died: the run must end with exit 3."""
         ...
 
     def close(self) -> None: ...
+
+
+SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "repetition_penalty")
+
+
+def sampling_kwargs(sampling: Sampling, defaults: dict[str, Any] | None = None) -> dict[str, Any]:
+    """``vllm.SamplingParams`` keyword arguments: the checkpoint's generation defaults (``defaults``, as
+    vLLM's ``ModelConfig.get_diff_sampling_param`` reads them), then the spec's ``Sampling`` (preset and
+    flags). The one merge, for the in-process engine, the replicas and the Ray path alike; the
+    per-request seed is added by the caller (``request_seed``)."""
+    params = {k: v for k, v in (defaults or {}).items() if v is not None}
+    if "max_new_tokens" in params:
+        params["max_tokens"] = params.pop("max_new_tokens")
+    for name in SAMPLING_FIELDS:
+        value = getattr(sampling, name)
+        if value is not None:
+            params[name] = value
+    params["max_tokens"] = sampling.max_tokens
+    params["ignore_eos"] = sampling.ignore_eos
+    return params
+
+
+# vLLM's neutral values for what neither the checkpoint nor the spec sets (vllm.SamplingParams' defaults).
+NEUTRAL_SAMPLING = {"temperature": 1.0, "top_p": 1.0, "top_k": 0, "repetition_penalty": 1.0}
+
+
+def effective_sampling(params: dict[str, Any], seed: int) -> dict[str, Any]:
+    """What the run metadata records of ``sampling_kwargs``' result: the merged values, vLLM's neutral
+    ones where nothing was set (computed without importing vLLM)."""
+    values = {k: params.get(k, NEUTRAL_SAMPLING.get(k)) for k in (*SAMPLING_FIELDS, "max_tokens")}
+    return {**values, "seed": seed, "ignore_eos": bool(params.get("ignore_eos"))}
 
 
 def request_seed(base: int, request: Request) -> int:
@@ -100,9 +146,14 @@ class VllmEngine:
         if self.log_path is not None:
             atexit.register(remove_quietly, self.log_path)
         self._engine = self.llm.llm_engine
-        self.defaults = self.llm.get_default_sampling_params()
+        # The checkpoint's generation_config.json, as vLLM reads it (the first layer of the merge).
+        self.defaults: dict[str, Any] = dict(self._engine.model_config.get_diff_sampling_param())
         self._counter = 0
+        self._started: set[str] = set()  # requests that produced a token: running, not waiting
+        self._pending: dict[str, Request] = {}
+        self._drop = False  # drop_waiting() asked (from any thread); done between steps
         self.versions = engine_versions()
+        watch_engine_death(self)  # a dead engine process is exit 3, not a hang
 
     @staticmethod
     def _start(config: EngineConfig) -> tuple[Any, str | None]:
@@ -119,28 +170,25 @@ class VllmEngine:
             return None, f"{type(exc).__name__}: {exc}"
 
     def sampling_params(self, sampling: Sampling, request: Request | None = None):
-        params = self.defaults.clone()
-        for name in ("temperature", "top_p", "top_k", "repetition_penalty"):
-            value = getattr(sampling, name)
-            if value is not None:
-                setattr(params, name, value)
-        params.max_tokens = sampling.max_tokens
-        params.ignore_eos = sampling.ignore_eos
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        params = SamplingParams(**sampling_kwargs(sampling, self.defaults))
+        # Deltas: each step reports which requests produced a token, so a stop can tell the running
+        # requests (finish them) from the waiting ones (drop them), and no step re-sends whole texts.
+        params.output_kind = RequestOutputKind.DELTA
         if request is not None and params.temperature > 0:
             params.seed = request_seed(self.config.seed if sampling.seed is None else sampling.seed, request)
         return params
 
     def effective_sampling(self, sampling: Sampling) -> dict[str, Any]:
-        p = self.sampling_params(sampling)
-        return {
-            "temperature": p.temperature,
-            "top_p": p.top_p,
-            "top_k": p.top_k,
-            "repetition_penalty": p.repetition_penalty,
-            "max_tokens": p.max_tokens,
-            "seed": self.config.seed if sampling.seed is None else sampling.seed,
-            "ignore_eos": p.ignore_eos,
-        }
+        seed = self.config.seed if sampling.seed is None else sampling.seed
+        return effective_sampling(sampling_kwargs(sampling, self.defaults), seed)
+
+    def alive(self) -> bool:
+        core = getattr(getattr(self.llm, "llm_engine", None), "engine_core", None)
+        resources = getattr(core, "resources", None)
+        return self.llm is not None and not getattr(resources, "engine_dead", False)
 
     def _add(self, request: Request, sampling: Sampling) -> str:
         self._counter += 1
@@ -154,7 +202,11 @@ class VllmEngine:
         return rid
 
     def run(self, feed: queue.Queue, sampling: Sampling, on_step: Callable[[], None] | None = None) -> Iterator[Result]:
-        pending: dict[str, Request] = {}
+        pending = self._pending
+        pending.clear()
+        self._started.clear()
+        texts: dict[str, list[str]] = {}
+        tokens: dict[str, list[int]] = {}
         audio_s = 0.0
         done = False
         cfg = self.config
@@ -178,6 +230,7 @@ class VllmEngine:
                     yield Result(chunk=request.chunk, prompt=request.prompt, error=f"rejected by the engine: {exc}")
                     continue
                 pending[rid] = request
+                texts[rid], tokens[rid] = [], []
                 audio_s += request.chunk.end_s - request.chunk.start_s
             if not pending:
                 if done:
@@ -187,27 +240,52 @@ class VllmEngine:
                 outputs = self._engine.step()
             except Exception as exc:
                 raise EngineError(f"the vLLM engine failed: {type(exc).__name__}: {exc}") from exc
-            if on_step:
-                on_step()
             for out in outputs:
-                if not out.finished:
-                    continue
-                request = pending.pop(out.request_id, None)
+                request = pending.get(out.request_id)
                 if request is None:
                     continue
-                audio_s -= request.chunk.end_s - request.chunk.start_s
                 completion = out.outputs[0]
+                self._started.add(out.request_id)
+                texts[out.request_id].append(completion.text)
+                tokens[out.request_id].extend(completion.token_ids)
+                if not out.finished:
+                    continue
+                del pending[out.request_id]
+                self._started.discard(out.request_id)
+                audio_s -= request.chunk.end_s - request.chunk.start_s
+                token_ids = tokens.pop(out.request_id)
                 result = Result(
                     chunk=request.chunk,
                     prompt=request.prompt,
-                    caption=completion.text,
+                    caption="".join(texts.pop(out.request_id)),
                     finish_reason=completion.finish_reason,
                     prompt_tokens=len(out.prompt_token_ids or []),
-                    output_tokens=len(completion.token_ids),
+                    output_tokens=len(token_ids),
                     prompt_token_ids=list(out.prompt_token_ids or []),
-                    token_ids=list(completion.token_ids),
+                    token_ids=token_ids,
                 )
                 yield with_reasoning(result, self.config.family.think)
+            if on_step:
+                on_step()  # after the results: a stop requested now still sees these as finished
+            if self._drop:
+                yield from self._drop_waiting_now(texts, tokens)
+
+    def drop_waiting(self) -> None:
+        """A stop: the requests vLLM has not started (no token yet) are aborted between steps and come
+        back as ``finish_reason="abort"`` Results (not written; redone on resume); the running ones
+        finish. Safe from any thread (a replica's message pump calls it)."""
+        self._drop = True
+
+    def _drop_waiting_now(self, texts: dict[str, list[str]], tokens: dict[str, list[int]]) -> Iterator[Result]:
+        self._drop = False
+        waiting = [rid for rid in self._pending if rid not in self._started]
+        if waiting:
+            with contextlib.suppress(Exception):
+                self._engine.abort_request(waiting)
+        for rid in waiting:  # vLLM reports no output for a request aborted here: report it ourselves
+            request = self._pending.pop(rid)
+            texts.pop(rid, None), tokens.pop(rid, None)
+            yield Result(chunk=request.chunk, prompt=request.prompt, finish_reason="abort")
 
     def abort_all(self) -> None:
         with contextlib.suppress(Exception):
@@ -292,35 +370,46 @@ def _is_cpu_build() -> bool:
         return False
 
 
-_CACHE: dict[tuple, Any] = {}
+def watch_engine_death(engine: object, interval: float = 0.5) -> bool:
+    """Make a vLLM engine whose engine process died raise instead of hanging; returns whether it watches.
 
-
-def get_engine(config: EngineConfig) -> Any:
-    """One engine per configuration per process: an engine takes ~1 min to start, so reuse it.
-
-    Two or more ``config.devices`` give a ``DataParallelEngine`` (one replica process each); one
-    device pins this process's engine to it (``CUDA_VISIBLE_DEVICES``, set before vLLM loads).
+    vLLM 0.24's synchronous multiprocess client notices a dead engine process (a monitor thread sets
+    ``resources.engine_dead``) but then stops its output thread without telling ``get_output()``,
+    which waits forever: a flamingo run whose engine process was killed (OOM killer, a GPU fault)
+    would hang instead of exiting 3. This daemon thread watches the flag and hands the waiting call
+    the EngineDeadError vLLM meant it to get. A no-op for engines without that client (in-process
+    engine core, other engines); idempotent per engine.
     """
-    key = tuple(sorted((k, repr(v)) for k, v in asdict(config).items()))
-    engine = _CACHE.get(key)
-    if engine is None or engine.llm is None:
-        t0 = time.perf_counter()
-        if len(config.devices) > 1:
-            from flamingo_cli.data_parallel import DataParallelEngine
+    import threading
+    import weakref
 
-            engine = DataParallelEngine(config, config.devices)
-        else:
-            if config.devices and config.devices[0] is not None:
-                os.environ["CUDA_VISIBLE_DEVICES"] = config.devices[0]
-            engine = VllmEngine(config)
-        if not _CACHE:
-            atexit.register(close_all)
-        engine.start_seconds = time.perf_counter() - t0
-        _CACHE[key] = engine
-    return engine
+    core = getattr(getattr(getattr(engine, "llm", None), "llm_engine", None), "engine_core", None)
+    resources = getattr(core, "resources", None)
+    outputs = getattr(core, "outputs_queue", None)
+    if resources is None or outputs is None or not hasattr(resources, "engine_dead"):
+        return False
+    if getattr(engine, "_flamingo_death_watch", False):
+        return True
 
+    # A weak reference: this thread must not keep the engine (and, through vLLM's client, request
+    # tensors) alive until interpreter shutdown, where freeing them aborts the process.
+    ref = weakref.ref(engine)
 
-def close_all() -> None:
-    for engine in _CACHE.values():
-        engine.close()
-    _CACHE.clear()
+    def closed() -> bool:  # closed on purpose (or gone): nobody waits
+        live = ref()
+        return live is None or getattr(live, "llm", None) is None
+
+    def watch() -> None:
+        while not resources.engine_dead:
+            time.sleep(interval)
+            if closed():
+                return
+        if closed():
+            return
+        from vllm.v1.engine.exceptions import EngineDeadError
+
+        outputs.put_nowait(EngineDeadError())
+
+    threading.Thread(target=watch, name="flamingo-engine-death-watch", daemon=True).start()
+    engine._flamingo_death_watch = True  # type: ignore[attr-defined]
+    return True

@@ -9,7 +9,7 @@ from __future__ import annotations
 import enum
 import sys
 from dataclasses import dataclass, field
-from typing import IO
+from typing import IO, Any
 
 from rich.console import Console
 
@@ -23,6 +23,7 @@ class ExitStatus(enum.IntEnum):
     ENGINE = 3  # the model could not be loaded or the engine died; finished rows are kept
     OUTPUT = 4  # the output could not be written (disk full, permissions); finished rows are kept
     LOCKED = 5  # another flamingo process is writing the same output run
+    INTERNAL = 70  # a bug in flamingo (EX_SOFTWARE): a traceback was printed; finished rows are kept
     INTERRUPTED = 130  # SIGINT (Ctrl-C)
     TERMINATED = 143  # SIGTERM
 
@@ -33,6 +34,9 @@ class Environment:
     stderr: IO[str] = field(default_factory=lambda: sys.stderr)
     stdout_isatty: bool | None = None
     stderr_isatty: bool | None = None
+    # An already started engine (``engine.Engine``) for every run of this environment instead of vLLM:
+    # how tests and embedding programs swap engines, with no monkeypatching.
+    engine: Any = None
 
     def __post_init__(self) -> None:
         if self.stdout_isatty is None:
@@ -147,49 +151,3 @@ def reap_children_on_exit() -> int:
     Costs one small helper process per flamingo process; idempotent (only new children are sent).
     """
     return _reaper.guard()
-
-
-def unblock_on_engine_death(engine: object, interval: float = 0.5) -> bool:
-    """Make a vLLM engine whose engine process died raise instead of hanging; returns whether it watches.
-
-    vLLM 0.24's synchronous multiprocess client notices a dead engine process (a monitor thread sets
-    ``resources.engine_dead``) but then stops its output thread without telling ``get_output()``,
-    which waits forever: a flamingo run whose engine process was killed (OOM killer, a GPU fault)
-    would hang instead of exiting 3. This daemon thread watches the flag and hands the waiting call
-    the EngineDeadError vLLM meant it to get. A no-op for engines without that client (in-process
-    engine core, other engines); idempotent per engine.
-    """
-    import threading
-    import time
-    import weakref
-
-    core = getattr(getattr(getattr(engine, "llm", None), "llm_engine", None), "engine_core", None)
-    resources = getattr(core, "resources", None)
-    outputs = getattr(core, "outputs_queue", None)
-    if resources is None or outputs is None or not hasattr(resources, "engine_dead"):
-        return False
-    if getattr(engine, "_flamingo_death_watch", False):
-        return True
-
-    # A weak reference: this thread must not keep the engine (and, through vLLM's client, request
-    # tensors) alive until interpreter shutdown, where freeing them aborts the process.
-    ref = weakref.ref(engine)
-
-    def closed() -> bool:  # closed on purpose (or gone): nobody waits
-        live = ref()
-        return live is None or getattr(live, "llm", None) is None
-
-    def watch() -> None:
-        while not resources.engine_dead:
-            time.sleep(interval)
-            if closed():
-                return
-        if closed():
-            return
-        from vllm.v1.engine.exceptions import EngineDeadError
-
-        outputs.put_nowait(EngineDeadError())
-
-    threading.Thread(target=watch, name="flamingo-engine-death-watch", daemon=True).start()
-    engine._flamingo_death_watch = True  # type: ignore[attr-defined]
-    return True

@@ -15,6 +15,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from flamingo_cli.errors import UsageError
+
 # Columns read for the statistics (captions are not among them).
 _STAT_COLUMNS = [
     "run",
@@ -36,7 +38,7 @@ _NUMBER = re.compile(r"(?<![A-Za-z])\d+(?:\.\d+)?")
 _ABS_PATH = re.compile(r"(?:(?<=\s)|^)/[^\s;,()]+")
 
 
-class InspectError(Exception):
+class InspectError(UsageError):
     """OUT is not a flamingo result dataset (or cannot be read); the message says why."""
 
 

@@ -20,94 +20,26 @@ from __future__ import annotations
 
 import queue
 import threading
-import time
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from dataclasses import dataclass
+from typing import Any
 
 from flamingo_cli.audio import AudioDecodeError, decode, probe_duration
 from flamingo_cli.chunking import chunk_audio
-from flamingo_cli.engine import END, Sampling
-from flamingo_cli.models import WINDOW_S
-from flamingo_cli.prompts import PromptBuilder
-from flamingo_cli.records import AudioItem, Chunk, DecodedAudio, Result
-from flamingo_cli.sink import ResumeIndex, error_result
-from flamingo_cli.sources import Fingerprint, fingerprint, source_changed
+from flamingo_cli.engine import END
+from flamingo_cli.planner import CaptionJob, ItemPlan, Planner, ResultSink, Stats
+from flamingo_cli.records import AudioItem, DecodedAudio, Result
+from flamingo_cli.sink import ResumeIndex
+from flamingo_cli.sources import fingerprint
 
-
-class ResultSink(Protocol):
-    def write(self, result: Result) -> None: ...
-
-
-@dataclass
-class Stats:
-    """Counters the progress display and the end-of-run summary read; updated under a lock."""
-
-    items_seen: int = 0
-    items_skipped: int = 0  # already in the output
-    items_queued: int = 0
-    items_failed: int = 0  # failed before chunking
-    chunks_queued: int = 0
-    chunks_done: int = 0
-    chunks_failed: int = 0
-    chunks_dropped: int = 0  # queued or aborted when a stop came; redone on resume
-    items_changed: int = 0  # captioned again because their file changed
-    audio_s_queued: float = 0.0
-    audio_s_done: float = 0.0
-    windows_done: int = 0
-    prompt_tokens: int = 0
-    output_tokens: int = 0
-    sources_exhausted: bool = False
-    started: float = field(default_factory=time.monotonic)
-    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
-
-    @property
-    def elapsed(self) -> float:
-        return time.monotonic() - self.started
-
-    def snapshot(self) -> dict[str, Any]:
-        with self.lock:
-            return {k: v for k, v in self.__dict__.items() if k != "lock"}
-
-
-@dataclass
-class CaptionJob:
-    """What to caption and how; built by the CLI or by Python callers."""
-
-    inputs: list[str]
-    prompts: PromptBuilder
-    prompt: str
-    max_chunk_s: float
-    sampling: Sampling
-    chunk_s: float | None = None
-    overlap_s: float = 0.0
-    extensions: Iterable[str] | None = None
-    workers: int = 4
-    queue_size: int = 64
-    retry_failed: bool = False
-    use_row_prompts: bool = True
-    content_hash: bool = False  # detect changed files by sha256 instead of size + mtime
-    # Seconds of audio held ahead of the engine: decoded items waiting for the feed, and chunks waiting in
-    # it. Counts alone (workers * 2 items, queue_size requests) let 3-hour files pile up to GBs.
-    max_pending_audio_s: float = 3600.0
-    max_feed_audio_s: float = 3600.0
-
-
-@dataclass(slots=True)
-class _Plan:
-    """What to do with one item: its source fingerprint, the version its rows get, which chunks to skip."""
-
-    source: Fingerprint | None
-    version: int
-    fresh: bool  # a new version (or a new item): write every chunk
-    wanted: bool = True
+__all__ = ["CaptionJob", "Planner", "Producer", "ResultSink", "Stats", "run_pipeline"]
 
 
 @dataclass(slots=True)
 class _Prepared:
-    plan: _Plan
+    plan: ItemPlan
     decoded: DecodedAudio | None = None
     error: str | None = None
 
@@ -143,61 +75,6 @@ class _Feed(queue.Queue):
         return max(n, self.maxsize) if n and self.audio_s >= self.max_audio_s else n
 
 
-def _windows(chunk: Chunk) -> int:
-    return max(1, -(-round((chunk.end_s - chunk.start_s) * 1000) // (WINDOW_S * 1000)))
-
-
-class Planner:
-    """The per-item decisions every executor shares (this pipeline, the Ray path): unique ids, skip,
-    finish or redo from what the output holds, which chunks are left, which prompt. No I/O but a stat."""
-
-    def __init__(self, job: CaptionJob, index: ResumeIndex | None, stats: Stats) -> None:
-        self.job, self.index, self.stats = job, index, stats
-        self._seen_ids: dict[str, int] = {}
-
-    def unique(self, item: AudioItem) -> AudioItem:
-        """Two inputs may yield the same id; the second gets a suffix and an error row."""
-        count = self._seen_ids.get(item.id, 0)
-        self._seen_ids[item.id] = count + 1
-        if count == 0:
-            return item
-        reason = item.error or f"duplicate id {item.id!r} ({item.path} and an earlier input)"
-        return AudioItem(id=f"{item.id}#{count}", path=item.path, origin=item.origin, extra=item.extra, error=reason)
-
-    def plan(self, item: AudioItem, source: Fingerprint | None) -> _Plan:
-        """Skip, finish or redo the item, from what the output holds and the file now."""
-        index = self.index
-        if index is None or item.id not in index:
-            version = 0 if index is None else (index.version(item.id) or 0)
-            return _Plan(source, version, fresh=True)
-        version = index.version(item.id)
-        if index.source_recorded(item.id) and source_changed(
-            index.recorded_source(item.id), source, self.job.content_hash
-        ):
-            with self.stats.lock:
-                self.stats.items_changed += 1
-            return _Plan(source, (version or 0) + 1, fresh=True)
-        plan = _Plan(source, version or 0, fresh=False)
-        if self.job.retry_failed and index.is_failed(item.id):
-            return plan
-        plan.wanted = not index.is_done(item.id)
-        return plan
-
-    def done_chunks(self, item: AudioItem, plan: _Plan) -> set[int]:
-        """Chunk indexes already on disk for this version (failed ones count as not done with --retry-failed)."""
-        if plan.fresh or self.index is None:
-            return set()
-        done = self.index.done_chunks(item.id)
-        if self.job.retry_failed:
-            done -= self.index.failed_chunks(item.id)
-        return done
-
-    def prompt(self, item: AudioItem) -> str:
-        """The manifest row's own prompt where it has one (and row prompts are on), else the job's."""
-        job = self.job
-        return (item.prompt if job.use_row_prompts and item.prompt else None) or job.prompt
-
-
 class Producer(threading.Thread):
     """Sources -> decode pool -> chunks -> Requests on the feed; error rows straight to the sink."""
 
@@ -218,7 +95,7 @@ class Producer(threading.Thread):
         self._begin = getattr(sink, "begin_item", None)
 
     @staticmethod
-    def _audio_estimate(item: AudioItem, plan: _Plan | None) -> float:
+    def _audio_estimate(item: AudioItem, plan: ItemPlan | None) -> float:
         """Seconds the item decodes to, from its header (0 for small files: not worth the read)."""
         if item.duration is not None:
             return float(item.duration)
@@ -235,7 +112,7 @@ class Producer(threading.Thread):
                 continue
         return False
 
-    def _emit(self, item: AudioItem, decoded: DecodedAudio, plan: _Plan) -> None:
+    def _emit(self, item: AudioItem, decoded: DecodedAudio, plan: ItemPlan) -> None:
         job = self.job
         chunks = chunk_audio(decoded, job.max_chunk_s, job.chunk_s, job.overlap_s)
         prompt = self.planner.prompt(item)
@@ -260,14 +137,10 @@ class Producer(threading.Thread):
             if not self._put(job.prompts.request(chunk, prompt)):
                 return
 
-    def _fail(self, item: AudioItem, reason: str, plan: _Plan) -> None:
-        if self._begin is not None:
-            self._begin(item.id, plan.source, plan.version, 1)
-        self.sink.write(error_result(item, reason))
-        with self.stats.lock:
-            self.stats.items_failed += 1
+    def _fail(self, item: AudioItem, reason: str, plan: ItemPlan) -> None:
+        self.planner.fail_item(self.sink, item, reason, plan)
 
-    def _prepare(self, item: AudioItem, plan: _Plan | None) -> _Prepared:
+    def _prepare(self, item: AudioItem, plan: ItemPlan | None) -> _Prepared:
         """In a pool thread: (with --hash) fingerprint and plan the item, then decode it if wanted."""
         if plan is None:
             plan = self.planner.plan(item, fingerprint(item.path, content_hash=True))
@@ -299,7 +172,7 @@ class Producer(threading.Thread):
                 item = self.planner.unique(item)
                 with self.stats.lock:
                     self.stats.items_seen += 1
-                plan: _Plan | None = None
+                plan: ItemPlan | None = None
                 if item.error:  # bad before decoding (missing file, bad manifest row): nothing to stat
                     plan = self.planner.plan(item, None)
                 elif not self.job.content_hash:
@@ -382,6 +255,9 @@ def run_pipeline(
             dropped = _end_feed(feed)
             with stats.lock:
                 stats.chunks_dropped += dropped
+            drop_waiting = getattr(engine, "drop_waiting", None)
+            if drop_waiting is not None:  # requests the engine holds but has not started: dropped too
+                drop_waiting()
         if on_tick:
             on_tick()
 
@@ -394,15 +270,7 @@ def run_pipeline(
                     stats.chunks_dropped += 1
                 continue
             sink.write(result)
-            with stats.lock:
-                if result.error:
-                    stats.chunks_failed += 1
-                else:
-                    stats.chunks_done += 1
-                    stats.audio_s_done += result.chunk.end_s - result.chunk.start_s
-                    stats.windows_done += _windows(result.chunk)
-                    stats.prompt_tokens += result.prompt_tokens or 0
-                    stats.output_tokens += result.output_tokens or 0
+            stats.add_result(result)
             if on_result:
                 on_result(result)
     finally:

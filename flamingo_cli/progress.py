@@ -27,6 +27,7 @@ from typing import Any
 
 from flamingo_cli import __version__
 from flamingo_cli.env import Environment, ExitStatus
+from flamingo_cli.errors import exit_status
 
 UNKNOWN = "…"
 REFRESH_PER_SECOND = 4
@@ -40,6 +41,7 @@ _STATUS_NAMES = {
     ExitStatus.LOCKED: "locked",
     ExitStatus.INTERRUPTED: "interrupted",
     ExitStatus.TERMINATED: "terminated",
+    ExitStatus.INTERNAL: "internal_error",
 }
 
 
@@ -279,9 +281,7 @@ class Progress:
                 self._plain(f"{what} …")
                 yield
         except BaseException as exc:
-            status = getattr(exc, "status", None)
-            if status is None:
-                status = ExitStatus.INTERRUPTED if isinstance(exc, KeyboardInterrupt) else ExitStatus.ENGINE
+            status = exit_status(exc)
             self.finish(int(status), error=str(exc), show=False)
             raise
         self.engine_start_s = time.monotonic() - t0
@@ -502,14 +502,12 @@ class Progress:
             self._line_thread = None
         exc = sys.exc_info()[1]
         if exc is not None and not self._finished:
-            status = getattr(exc, "status", None)
-            if status is None:
-                status = ExitStatus.INTERRUPTED if isinstance(exc, KeyboardInterrupt) else ExitStatus.ENGINE
+            status = exit_status(exc)
             self.finish(int(status), error=str(exc), show=False)
 
     # -- the end -----------------------------------------------------------------------------------
 
-    def summary(self, status: int, error: str | None = None) -> dict[str, Any]:
+    def summary(self, status: int, error: str | None = None, reason: str | None = None) -> dict[str, Any]:
         p = self.snapshot()
         sink = self.watched.sink if self.watched is not None else None
         rows = parts = None
@@ -524,6 +522,8 @@ class Progress:
             "status": name,
             "exit_code": int(status),
             "error": error,
+            # why the run ended as it did, in words (the error, or e.g. "nothing to do")
+            "reason": error or reason,
             "flamingo_version": __version__,
             "model": self.model,
             "task": self.task,
@@ -552,12 +552,14 @@ class Progress:
             "parts_written": parts,
         }
 
-    def finish(self, status: int, error: str | None = None, show: bool = True) -> dict[str, Any]:
+    def finish(
+        self, status: int, error: str | None = None, show: bool = True, reason: str | None = None
+    ) -> dict[str, Any]:
         """The end-of-run summary: a table (terminal) or a line (logs), the log file, the JSON file."""
         if self._finished:
             return {}
         self._finished = True
-        doc = self.summary(status, error)
+        doc = self.summary(status, error, reason)
         if show and not self.quiet:
             if self.env.stderr_isatty:
                 self.env.err.print(self.summary_table(doc))
@@ -578,7 +580,7 @@ class Progress:
             f"files_skipped={doc['files_skipped']} chunks_ok={doc['chunks_ok']} chunks_failed={doc['chunks_failed']} "
             f"audio_h={doc['audio_hours']:.3f} wall={hms(doc['wall_s'])} processing_s={doc['processing_s']:.1f} "
             f"x_rt={doc['x_realtime']:.1f} rows={doc['rows_written']} out={doc['out']}"
-        )
+        ) + (f" reason={json.dumps(doc['reason'], ensure_ascii=False)}" if doc.get("reason") else "")
 
     @staticmethod
     def summary_table(doc: dict[str, Any]) -> Any:

@@ -29,7 +29,6 @@ import importlib.util
 import logging
 import math
 import os
-import sys
 import threading
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -45,12 +44,14 @@ from flamingo_cli.engine import (
     EngineConfig,
     EngineError,
     Sampling,
+    effective_sampling,
     engine_kwargs,
     engine_versions,
     request_seed,
+    sampling_kwargs,
 )
-from flamingo_cli.models import FAMILIES, WINDOW_S
-from flamingo_cli.pipeline import CaptionJob, Planner, ResultSink, Stats
+from flamingo_cli.models import FAMILIES
+from flamingo_cli.planner import CaptionJob, Planner, ResultSink, Stats
 from flamingo_cli.prompts import PromptBuilder
 from flamingo_cli.quiet import QUIET_ENV, quiet_env
 from flamingo_cli.reasoning import with_reasoning
@@ -119,34 +120,13 @@ def generation_defaults(model: str) -> dict[str, Any]:
             config = GenerationConfig.from_model_config(AutoConfig.from_pretrained(model)).to_diff_dict()
         except OSError:
             config = {}
-    params = {p: config[p] for p in _GENERATION_PARAMS if config.get(p) is not None}
-    if "max_new_tokens" in params:
-        params["max_tokens"] = params.pop("max_new_tokens")
-    return params
+    return {p: config[p] for p in _GENERATION_PARAMS if config.get(p) is not None}
 
 
 def sampling_dict(model: str, sampling: Sampling) -> dict[str, Any]:
-    """Keyword arguments of ``vllm.SamplingParams`` for every request (before its per-request seed)."""
-    params = generation_defaults(model)
-    for name in ("temperature", "top_p", "top_k", "repetition_penalty"):
-        value = getattr(sampling, name)
-        if value is not None:
-            params[name] = value
-    params["max_tokens"] = sampling.max_tokens
-    params["ignore_eos"] = sampling.ignore_eos
-    return params
-
-
-def effective_sampling(params: dict[str, Any], seed: int) -> dict[str, Any]:
-    """What ``VllmEngine.effective_sampling`` reports, for the run metadata."""
-    try:
-        from vllm import SamplingParams
-
-        p = SamplingParams(**params)
-        values = {k: getattr(p, k) for k in ("temperature", "top_p", "top_k", "repetition_penalty", "max_tokens")}
-    except Exception:  # vLLM only on the workers: report the arguments as given
-        values = {k: params.get(k) for k in ("temperature", "top_p", "top_k", "repetition_penalty", "max_tokens")}
-    return {**values, "seed": seed, "ignore_eos": bool(params.get("ignore_eos"))}
+    """Keyword arguments of ``vllm.SamplingParams`` for every request (before its per-request seed):
+    the same merge as the local engines (``engine.sampling_kwargs``) over the checkpoint's defaults."""
+    return sampling_kwargs(sampling, generation_defaults(model))
 
 
 def stop_token_ids(model: str) -> frozenset[int]:
@@ -305,7 +285,6 @@ def _plan(
     a new source_version; items bad before decoding get their error row here.
     """
     planner = Planner(job, index, stats)
-    begin = getattr(sink, "begin_item", None)
     rows: list[dict[str, Any]] = []
     pending: dict[int, _Pending] = {}
     for raw in items:
@@ -321,11 +300,7 @@ def _plan(
                 stats.items_skipped += 1
             continue
         if item.error:
-            if begin is not None:
-                begin(item.id, plan.source, plan.version, 1)
-            sink.write(error_result(item, item.error))
-            with stats.lock:
-                stats.items_failed += 1
+            planner.fail_item(sink, item, item.error, plan)
             continue
         with stats.lock:
             stats.items_queued += 1
@@ -615,7 +590,7 @@ def _consume(
                 begin(entry.item.id, entry.source, entry.version, remaining[seq])
         result = with_reasoning(_result(row, entry), think)
         sink.write(result)
-        _count(stats, result)
+        stats.add_result(result, queued=True)
         remaining[seq] -= 1
         if remaining[seq] <= 0:
             del remaining[seq], pending[seq]
@@ -628,25 +603,6 @@ def _consume(
             flush_if_due()
     with contextlib.suppress(Exception):
         rows.close()  # type: ignore[attr-defined]
-
-
-def _count(stats: Stats, result: Result) -> None:
-    chunk = result.chunk
-    with stats.lock:
-        if chunk.num_chunks == 0:
-            stats.items_failed += 1
-            return
-        stats.chunks_queued += 1
-        if result.error:
-            stats.chunks_failed += 1
-            return
-        span = chunk.end_s - chunk.start_s
-        stats.chunks_done += 1
-        stats.audio_s_queued += span
-        stats.audio_s_done += span
-        stats.windows_done += max(1, -(-round(span * 1000) // (WINDOW_S * 1000)))
-        stats.prompt_tokens += result.prompt_tokens or 0
-        stats.output_tokens += result.output_tokens or 0
 
 
 def _last_line(exc: BaseException) -> str:
@@ -673,111 +629,49 @@ class RayRun:
         return bool(s.items_failed or s.chunks_failed)
 
 
-def run_identity(
-    model_id: str, task: str, prompt: str, sampling: Sampling, chunk_s: float | None, overlap_s: float
-) -> dict[str, Any]:
-    """What makes a run (hashed into the run key): the same fields ``flamingo caption`` hashes."""
-    return {
-        "model": model_id,
-        "task": task,
-        "prompt": prompt,
-        "sampling": sampling.identity(),
-        "chunk_seconds": chunk_s,
-        "overlap": overlap_s,
-    }
-
-
 def caption_with_ray(
     inputs: Sequence[str | Path],
     out: str | Path,
     *,
-    model: str | None = None,
-    task: str = "caption",
-    prompt: str | None = None,
     sampling: Sampling | None = None,
-    chunk_s: float | None = None,
-    overlap_s: float = 0.0,
-    extensions: Iterable[str] | None = None,
-    retry_failed: bool = False,
-    content_hash: bool = False,
-    rows_per_part: int = 1000,
-    dtype: str = "auto",
-    gpu_memory_utilization: float = 0.9,
-    tensor_parallel_size: int = 1,
-    max_num_seqs: int | None = None,
-    max_num_batched_tokens: int | None = None,
-    enforce_eager: bool = False,
-    cpu_kv_cache_gb: float = 2.0,
     settings: RaySettings | None = None,
-    verbose: bool = False,
+    chunk_s: float | None = None,
+    overlap_s: float | None = None,
+    extensions: Iterable[str] | None = None,
     stop_event: threading.Event | None = None,
+    **options: Any,
 ) -> RayRun:
-    """Caption ``inputs`` on a Ray cluster into ``out`` as ``flamingo caption`` would (same run key).
+    """``flamingo_cli.caption(inputs, out, executor="ray", ...)`` with this module's older keywords.
 
-    ``model``/``task``/``prompt``/``sampling`` resolve as in the CLI: the task preset gives the model,
-    prompt and sampling defaults (``sampling=None``: the preset's, seed 0). Re-running the same call
-    captions only what ``out`` does not hold yet. A second writer on the same run raises LockedError.
+    ``sampling`` values override the preset's like the CLI's flags (they used to replace it, which gave
+    the same settings another run key); ``chunk_s``/``overlap_s``/``extensions`` are ``chunk_seconds``/
+    ``overlap``/``ext``. Everything else is ``flamingo_cli.caption``'s options.
     """
-    from flamingo_cli.config import load_preset
-    from flamingo_cli.models import family_for, resolve_model_id
-    from flamingo_cli.prompts import load_chat_template
-    from flamingo_cli.sink import Sink, run_key
-    from flamingo_cli.sources import check_inputs, iter_items
+    from flamingo_cli.api import caption
 
-    preset = load_preset(task)
-    model_id = resolve_model_id(model or preset.model)
-    family = family_for(model_id)
-    prompt_text = prompt or preset.prompt
-    if sampling is None:
-        sampling = Sampling(**{"max_tokens": 512, **preset.sampling, "seed": 0})
-    check_inputs(inputs)
-    identity = run_identity(model_id, preset.name, prompt_text, sampling, chunk_s, overlap_s)
-    key = run_key(identity)
-    run_info: dict[str, Any] = {"identity": identity, "argv": sys.argv[1:], "family": family.name}
-    max_chunk_s = float(family.max_audio_s)
-    config = EngineConfig(
-        model=model_id,
-        family=family,
-        max_chunk_s=max_chunk_s,
-        max_tokens=sampling.max_tokens,
-        dtype=dtype,
-        gpu_memory_utilization=gpu_memory_utilization,
-        tensor_parallel_size=tensor_parallel_size,
-        max_num_seqs=max_num_seqs,
-        max_num_batched_tokens=max_num_batched_tokens,
-        enforce_eager=enforce_eager,
-        seed=0 if sampling.seed is None else sampling.seed,
-        cpu_kv_cache_gb=cpu_kv_cache_gb,
-        verbose=verbose,
+    if sampling is not None:
+        for name, value in sampling.identity().items():
+            if value is not None:
+                options.setdefault(name, value)
+    options.setdefault("quiet", True)
+    report = caption(
+        inputs,
+        out,
+        executor="ray",
+        ray_settings=settings,
+        ray_replicas=(settings.num_replicas if settings is not None else 1),
+        ray_address=(settings.address if settings is not None else None),
+        chunk_seconds=chunk_s,
+        overlap=overlap_s,
+        ext=list(extensions) if extensions is not None else None,
+        stop_event=stop_event,
+        **options,
     )
-    job = CaptionJob(
-        inputs=[str(i) for i in inputs],
-        prompts=PromptBuilder(family),  # unused by the Ray path: prompts are built in Ray tasks
-        prompt=prompt_text,
-        max_chunk_s=max_chunk_s,
-        sampling=sampling,
-        chunk_s=chunk_s,
-        overlap_s=overlap_s,
-        extensions=extensions,
-        retry_failed=retry_failed,
-        content_hash=content_hash,
+    stats = Stats(**{k: v for k, v in report.stats.items() if k != "started"})
+    return RayRun(
+        run_key=report.run_key,
+        run_dir=Path(report.run_dir),
+        stats=stats,
+        rows_written=report.rows_written,
+        info=report.info,
     )
-    stats = Stats()
-    sink = Sink(
-        out, key, run_info, model=model_id, task=preset.name, rows_per_part=rows_per_part, retry_failed=retry_failed
-    )
-    with sink:
-        index = sink.load_index()
-        run_ray_pipeline(
-            job,
-            iter_items(list(inputs), extensions),
-            config,
-            sink,
-            stats,
-            index,
-            settings=settings,
-            chat_template=load_chat_template(model_id),
-            stop_event=stop_event,
-            run_info=sink.run_info,
-        )
-    return RayRun(run_key=key, run_dir=sink.run_dir, stats=stats, rows_written=sink.rows_written, info=sink.run_info)

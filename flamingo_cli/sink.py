@@ -56,6 +56,7 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from flamingo_cli import __version__
+from flamingo_cli.errors import LockedError, OutputError
 from flamingo_cli.records import AudioItem, Chunk, Result
 from flamingo_cli.sources import Fingerprint
 
@@ -107,14 +108,6 @@ _INDEX_COLUMNS = [
 _INDEX_SCHEMA = pa.schema([SCHEMA.field(c) for c in _INDEX_COLUMNS])
 _PART_RE = re.compile(r"^part-(\d+)-[0-9a-f]+\.parquet$")
 _RUN_KEY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
-
-
-class OutputError(Exception):
-    """The output cannot be written or read; the message names the path and the reason."""
-
-
-class LockedError(OutputError):
-    """Another process holds the run's lock (an overlapping cron job, a second terminal)."""
 
 
 def run_key(identity: Mapping[str, Any]) -> str:

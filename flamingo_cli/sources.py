@@ -24,6 +24,7 @@ from typing import Any, TextIO
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from flamingo_cli.errors import UsageError
 from flamingo_cli.records import AudioItem
 
 DEFAULT_EXTENSIONS: frozenset[str] = frozenset(
@@ -39,7 +40,7 @@ _PARQUET_BATCH_ROWS = 4096
 _JSONL_PROBE_LINES = 1000
 
 
-class SourceError(Exception):
+class SourceError(UsageError):
     """A usage-level input problem (missing input, unreadable manifest); the message names the file."""
 
 

@@ -166,7 +166,8 @@ def cmd_flamingo(a):
     """flamingo's own pipeline from files on disk: decode pool -> chunks -> engine -> Parquet."""
     import shutil
 
-    from flamingo_cli.engine import Sampling, get_engine
+    from flamingo_cli.engine import Sampling
+    from flamingo_cli.launch import get_engine
     from flamingo_cli.models import family_for
     from flamingo_cli.pipeline import CaptionJob, Stats, run_pipeline
     from flamingo_cli.prompts import PromptBuilder, load_chat_template

@@ -17,7 +17,7 @@ single-threaded unless --workers says otherwise, so a busy neighbour on a shared
 wall time but not the figure. Memory is the process's resident set from /proc/self/status: the peak
 (VmHWM, reset through /proc/self/clear_refs after imports where the kernel allows it) and a sampled
 curve. ``manifest`` and ``long`` run the real ``flamingo caption`` in-process (``cli.main``) with
-``engine.get_engine`` replaced by a fake engine, so every stage but the model runs: sources, resume
+a fake engine injected (``Environment(engine=...)``), so every stage but the model runs: sources, resume
 index, stat/fingerprint, decode pool, chunking, prompts, the bounded feed, Parquet sink. The fake
 answers at once (``manifest``), or (``long``, by default) keeps requests in flight up to flamingo's
 engine caps and finishes --pace windows/s, like a GPU that is slower than the decode pool.
@@ -362,24 +362,22 @@ def run_caption(
     """``flamingo caption ARGS`` in-process with the fake engine; RSS sampled against Stats."""
     os.environ["HF_HUB_OFFLINE"] = "1"
     import flamingo_cli.cli as cli
-    import flamingo_cli.engine
-    import flamingo_cli.pipeline
+    import flamingo_cli.planner
     import flamingo_cli.prompts
     import flamingo_cli.sink  # imported up front: part of the baseline, not of the run
     import flamingo_cli.sources
     from flamingo_cli.env import Environment
 
     engine = InstantEngine(*hold, pace=pace)
-    flamingo_cli.engine.get_engine = lambda config: engine
     flamingo_cli.prompts.load_chat_template = lambda model: None
     made: list[Any] = []
 
-    class Stats(flamingo_cli.pipeline.Stats):
+    class Stats(flamingo_cli.planner.Stats):
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
             made.append(self)
 
-    flamingo_cli.pipeline.Stats = Stats  # cli.caption imports it at call time
+    flamingo_cli.planner.Stats = Stats  # api imports it at call time
 
     def progress() -> int:
         return getattr(made[0], progress_of) if made else 0
@@ -394,7 +392,7 @@ def run_caption(
     sampler.start()
     t0 = time.perf_counter()
     c0 = time.process_time()
-    status = cli.main(["caption", *args], env=Environment(stdout=devnull, stderr=devnull))
+    status = cli.main(["caption", *args], env=Environment(stdout=devnull, stderr=devnull, engine=engine))
     wall = time.perf_counter() - t0
     cpu = time.process_time() - c0
     sampler.stop()

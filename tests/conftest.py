@@ -83,13 +83,30 @@ class CliResult:
     stderr: str
 
 
-def run_cli(args: list[str]) -> CliResult:
-    """Call flamingo's main() in-process with captured, non-TTY streams."""
+# The engine run_cli hands flamingo when a test gives none (the ``use_engine`` fixture sets it).
+_ENGINE: list = [None]
+
+
+@pytest.fixture
+def use_engine():
+    """``use_engine(engine)``: every run_cli of this test runs on ``engine`` (injected, not patched)."""
+
+    def use(engine):
+        _ENGINE[0] = engine
+        return engine
+
+    yield use
+    _ENGINE[0] = None
+
+
+def run_cli(args: list[str], engine=None) -> CliResult:
+    """Call flamingo's main() in-process with captured, non-TTY streams (and an injected engine)."""
     from flamingo_cli.cli import main
     from flamingo_cli.env import Environment
 
     out, err = io.StringIO(), io.StringIO()
-    status = main([str(a) for a in args], env=Environment(stdout=out, stderr=err))
+    env = Environment(stdout=out, stderr=err, engine=engine if engine is not None else _ENGINE[0])
+    status = main([str(a) for a in args], env=env)
     return CliResult(int(status), out.getvalue(), err.getvalue())
 
 

@@ -87,7 +87,8 @@ def test_prompt_token_ids_match_transformers_processor(tiny_af3, tiny_mf, tmp_pa
     from transformers import AutoProcessor
 
     from flamingo_cli.chunking import chunk_audio
-    from flamingo_cli.engine import END, EngineConfig, Sampling, get_engine
+    from flamingo_cli.engine import END, EngineConfig, Sampling
+    from flamingo_cli.launch import get_engine
     from flamingo_cli.models import family_for
     from flamingo_cli.prompts import PromptBuilder, conversation, load_chat_template
     from flamingo_cli.records import AudioItem, DecodedAudio

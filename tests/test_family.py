@@ -206,17 +206,18 @@ def test_think_results_keep_reasoning_apart_and_never_pass_a_cut_block_off_as_a_
     assert with_reasoning(failed, think=True) is failed
 
 
-def test_max_tokens_default_comes_from_the_checkpoint_unless_preset_or_flag_set_it():
-    from flamingo_cli.cli import _sampling
-    from flamingo_cli.config import load_preset
+def test_max_tokens_default_comes_from_the_checkpoint_unless_preset_or_flag_set_it(tmp_path, monkeypatch):
+    from flamingo_cli.spec import CaptionSpec
 
-    reason = load_preset("reason")
-    assert "max_tokens" not in reason.sampling
-    args = (None, None, None, None, None, 0)
-    assert _sampling(reason, *args, family=FAMILIES["afnext-think"]).max_tokens == 2048
-    assert _sampling(reason, *args, family=AF3).max_tokens == 512  # AF3's generation config sets none
-    assert _sampling(load_preset("caption"), *args, family=FAMILIES["afnext"]).max_tokens == 512  # the preset's
-    assert _sampling(reason, 77, *args[1:], family=FAMILIES["afnext-think"]).max_tokens == 77  # the flag's
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))  # built-in defaults, whatever is cached
+
+    def max_tokens(**options) -> int:
+        return CaptionSpec.build([str(tmp_path)], tmp_path / "out", **options).sampling.max_tokens
+
+    assert max_tokens(task="reason") == 2048  # no max_tokens in the preset: AF-Next-Think's max_new_tokens
+    assert max_tokens(task="reason", model="af3") == 512  # AF3's generation config sets none
+    assert max_tokens(task="caption", model="afnext") == 512  # the preset's
+    assert max_tokens(task="reason", max_tokens=77) == 77  # the flag's
 
 
 def test_presets_pick_a_model_of_the_right_variant():

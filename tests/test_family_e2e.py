@@ -40,18 +40,20 @@ def test_think_rows_carry_reasoning_and_caption_apart(fixture, clips, tmp_path, 
 
 
 @pytest.mark.parametrize("fixture", ["tiny_mf_think", "tiny_afnext_think"])
-def test_a_think_block_cut_by_max_tokens_is_an_error_row_not_a_caption(fixture, clips, request):
-    """The same engine as the CLI test above; three tokens end inside <think>."""
+def test_a_think_block_cut_by_max_tokens_is_an_error_row_not_a_caption(fixture, clips, tmp_path, request):
+    """The engine of the CLI test above (same spec, same plan-sized config); three tokens end inside <think>."""
     from flamingo_cli.audio import decode
     from flamingo_cli.chunking import chunk_audio
-    from flamingo_cli.engine import END, EngineConfig, get_engine
-    from flamingo_cli.models import family_for
+    from flamingo_cli.engine import END
+    from flamingo_cli.launch import get_engine
     from flamingo_cli.prompts import PromptBuilder, load_chat_template
     from flamingo_cli.records import AudioItem, Sampling
+    from flamingo_cli.spec import CaptionSpec
 
     ckpt = str(request.getfixturevalue(fixture))
-    family = family_for(ckpt)
-    engine = get_engine(EngineConfig(model=ckpt, family=family, max_chunk_s=float(family.max_audio_s), max_tokens=8))
+    spec = CaptionSpec.build([clips], tmp_path / "out", model=ckpt, task="reason", temperature=0.0, max_tokens=8)
+    family = spec.family
+    engine = get_engine(spec.engine_config(longest_chunk_s=31.0))  # b.flac, the clips' longest
     builder = PromptBuilder(family, load_chat_template(ckpt))
     (chunk,) = chunk_audio(decode(AudioItem(id="a", path=str(clips / "a.wav"))), family.max_audio_s)
     feed: queue.Queue = queue.Queue()

@@ -36,7 +36,8 @@ def _cases(kind: str) -> list[Case]:
 
 @pytest.fixture(scope="module", params=["af3", "mf", "af-next"])
 def parity(request, tiny_af3, tiny_mf, tiny_afnext):
-    from flamingo_cli.engine import EngineConfig, get_engine
+    from flamingo_cli.engine import EngineConfig
+    from flamingo_cli.launch import get_engine
     from flamingo_cli.models import family_for
     from flamingo_cli.prompts import PromptBuilder, load_chat_template
 

@@ -122,31 +122,47 @@ def _by_key(rows: list[dict]) -> dict[tuple[str, int], dict]:
 RAY_DRIVER = """
 import json, sys
 
-from flamingo_cli.engine import Sampling
-from flamingo_cli.ray_data import RaySettings, caption_with_ray
+import flamingo_cli
+from flamingo_cli.ray_data import RaySettings
 
 if __name__ == "__main__":
     root, out, model = sys.argv[1:4]
-    run = caption_with_ray(
+    # The same options, by the same names, as the CLI's flags: the same spec, the same run key.
+    report = flamingo_cli.caption(
         [root],
         out,
         model=model,
-        sampling=Sampling(temperature=0.0, max_tokens=8, seed=0),
-        chunk_s=20.0,
-        settings=RaySettings(num_cpus=2, batch_size=4),
+        temperature=0,
+        max_tokens=8,
+        seed=0,
+        chunk_seconds=20,
+        quiet=True,
+        executor="ray",
+        ray_settings=RaySettings(num_cpus=2, batch_size=4),
     )
-    doc = {"run_dir": str(run.run_dir), "stats": run.stats.snapshot(), "info": run.info, "rows": run.rows_written}
+    doc = {"run_dir": report.run_dir, "stats": report.stats, "info": report.info, "rows": report.rows_written}
     print("RESULT " + json.dumps(doc, default=str))
 """
 
 
 @pytest.mark.engine
 def test_ray_data_matches_flamingo_caption_then_resumes(corpus, tiny_af3, tmp_path):
+    import flamingo_cli
     from flamingo_cli.ray_data import RaySettings, caption_with_ray
 
-    ref_out, ray_out = tmp_path / "ref", tmp_path / "ray"
+    ref_out, ray_out, api_out = tmp_path / "ref", tmp_path / "ray", tmp_path / "api"
     ref = run_cli(["caption", corpus, "--out", ref_out, "--model", tiny_af3, "--chunk-seconds", "20", *ENGINE_ARGS])
     assert ref.status == 1, ref.stderr  # the broken and the too-short file failed
+    # The Python API, local executor, same options by the same names: same run key, same rows.
+    report = flamingo_cli.caption(
+        [corpus], api_out, model=str(tiny_af3), temperature=0, max_tokens=8, chunk_seconds=20, quiet=True
+    )
+    assert report.failed and report.run_dir.endswith(next(ref_out.iterdir()).name)
+    api_by = _by_key(read_rows(api_out))
+    assert set(api_by) == set(_by_key(read_rows(ref_out)))
+    for key, want in _by_key(read_rows(ref_out)).items():
+        assert {c: api_by[key][c] for c in COMPARED} == {c: want[c] for c in COMPARED}, key
+        assert api_by[key]["caption"] == want["caption"], key
 
     driver = tmp_path / "ray_driver.py"
     driver.write_text(RAY_DRIVER)

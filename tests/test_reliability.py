@@ -98,12 +98,10 @@ class FakeEngine:
 
 
 @pytest.fixture
-def fake(monkeypatch: pytest.MonkeyPatch) -> FakeEngine:
-    import flamingo_cli.engine
+def fake(monkeypatch: pytest.MonkeyPatch, use_engine: Any) -> FakeEngine:
     import flamingo_cli.prompts
 
-    engine = FakeEngine()
-    monkeypatch.setattr(flamingo_cli.engine, "get_engine", lambda config: engine)
+    engine = use_engine(FakeEngine())
     monkeypatch.setattr(flamingo_cli.prompts, "load_chat_template", lambda model: None)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     return engine
@@ -632,10 +630,10 @@ _SECOND_SIGNAL = textwrap.dedent(
                         time.sleep(0.01)
 
     engine = Stuck()
-    flamingo_cli.engine.get_engine = lambda config: engine
     flamingo_cli.prompts.load_chat_template = lambda model: None
     from flamingo_cli.cli import main
-    sys.exit(main(sys.argv[2:]))
+    from flamingo_cli.env import Environment
+    sys.exit(main(sys.argv[2:], env=Environment(engine=engine)))
     """
 )
 
@@ -731,12 +729,13 @@ def test_real_full_disk_on_a_small_tmpfs(fake: FakeEngine, tmp_path: Path) -> No
 def test_out_under_a_regular_file_is_exit_2_before_the_model_loads(
     fake: FakeEngine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import flamingo_cli.engine
+    import flamingo_cli.launch
 
     def no_engine(config):
         raise AssertionError("the model must not load")
 
-    monkeypatch.setattr(flamingo_cli.engine, "get_engine", no_engine)
+    monkeypatch.setattr(flamingo_cli.launch, "get_engine", no_engine)
+    monkeypatch.setattr(fake, "run", no_engine)
     make_audio(tmp_path / "a.wav", 0.5)
     (tmp_path / "file").write_text("x")
     res = caption([tmp_path / "a.wav"], tmp_path / "file" / "out")

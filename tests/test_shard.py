@@ -9,6 +9,7 @@ import subprocess
 import sys
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import make_audio, read_rows, run_cli
@@ -20,12 +21,10 @@ from flamingo_cli.sources import SourceError, parse_shard, select_shard, shard_o
 
 
 @pytest.fixture
-def fake(monkeypatch: pytest.MonkeyPatch) -> FakeEngine:
-    import flamingo_cli.engine
+def fake(monkeypatch: pytest.MonkeyPatch, use_engine: Any) -> FakeEngine:
     import flamingo_cli.prompts
 
-    engine = FakeEngine()
-    monkeypatch.setattr(flamingo_cli.engine, "get_engine", lambda config: engine)
+    engine = use_engine(FakeEngine())
     monkeypatch.setattr(flamingo_cli.prompts, "load_chat_template", lambda model: None)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     return engine

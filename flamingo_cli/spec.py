@@ -1,0 +1,408 @@
+"""One caption run, fully specified and validated once: ``CaptionSpec``.
+
+The CLI, ``flamingo_cli.caption(...)`` and the Ray executor all build this, so the same settings give
+the same run key and the same rows, and a bad value fails the same way through each (``SpecError``,
+exit 2, before any model loads). The merge rule, lowest to highest: the checkpoint's
+``generation_config.json`` (applied by the engine, ``engine.sampling_kwargs``), then the task preset,
+then the caller's overrides. ``seed`` and ``max_tokens`` live in ``Sampling`` only.
+
+To add an option: a field here (with its check in ``_validate``), the Typer option in ``cli.py`` with
+the same name; ``api.caption`` takes it as a keyword at once. Options that change what is generated
+belong in ``identity()`` (and so in the run key); how it runs (GPUs, workers, logs) does not.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from flamingo_cli.config import Preset, load_preset
+from flamingo_cli.errors import UsageError
+from flamingo_cli.models import ModelFamily, family_for, resolve_model_id
+from flamingo_cli.records import AudioItem, Sampling
+
+EXECUTORS = ("local", "ray")
+DTYPES = ("auto", "bfloat16", "float16", "float32", "half", "float")
+DEFAULT_MAX_TOKENS = 512
+
+
+class SpecError(UsageError):
+    """An option with a bad value or an unknown option: the message names it and says what is allowed."""
+
+
+@dataclass(frozen=True)
+class CaptionSpec:
+    """Every setting of one caption run. Build with ``CaptionSpec.build(inputs, out, **options)``."""
+
+    inputs: tuple[str, ...]
+    out: str
+    model: str  # hub id or local checkpoint folder
+    family: ModelFamily
+    task: str  # the preset's name
+    prompt: str
+    sampling: Sampling
+    preset: Preset | None = field(default=None, compare=False, repr=False)
+    # what is captioned and how it is cut
+    chunk_seconds: float | None = None
+    overlap: float = 0.0
+    extensions: tuple[str, ...] | None = None
+    shard: tuple[int, int] | None = None
+    retry_failed: bool = False
+    content_hash: bool = False
+    # output
+    rows_per_part: int = 1000
+    # where it runs
+    executor: str = "local"
+    gpus: str = "all"
+    replicas: int | None = None
+    devices: tuple[str | None, ...] = ()
+    ray_address: str | None = None
+    ray_replicas: int | tuple[int, int] = 1
+    ray_settings: Any = field(default=None, compare=False)  # ray_data.RaySettings: the rest of Ray's knobs
+    workers: int | None = None
+    # the engine
+    dtype: str = "auto"
+    gpu_memory_utilization: float = 0.9
+    tensor_parallel_size: int = 1
+    max_num_seqs: int | None = None
+    max_num_batched_tokens: int | None = None
+    enforce_eager: bool = False
+    cpu_kv_cache_gb: float = 2.0
+    # what the operator sees
+    quiet: bool = False
+    verbose: bool = False
+    log_file: str | None = None
+    log_interval: float = 30.0
+    summary_json: str | None = None
+
+    # -- building ----------------------------------------------------------------------------------
+
+    @classmethod
+    def build(cls, inputs: Sequence[str | Path] | str | Path, out: str | Path, **options: Any) -> CaptionSpec:
+        """Merge preset and overrides, resolve the model, validate everything; raises SpecError.
+
+        ``options`` are ``flamingo caption``'s options with underscores: ``task``, ``model``, ``prompt``,
+        ``temperature``, ``top_p``, ``top_k``, ``repetition_penalty``, ``seed``, ``max_tokens``,
+        ``chunk_seconds``, ``overlap``, ``ext``, ``shard`` ("i/N" or (i, N)), ``executor``, ``gpus``, …
+        (``hash`` is accepted for ``content_hash``). None means "not given".
+        """
+        opts = {k: v for k, v in options.items() if v is not None}
+        if "hash" in opts:
+            opts["content_hash"] = opts.pop("hash")
+        for name in ("log_file", "summary_json"):
+            if name in opts:
+                opts[name] = str(opts[name])
+        task = str(opts.pop("task", "caption"))
+        sampling_opts = {k: opts.pop(k) for k in _SAMPLING_OPTIONS if k in opts}
+        ext = opts.pop("ext", None)
+        shard = opts.pop("shard", None)
+        ray_replicas = opts.pop("ray_replicas", 1)
+        model_opt = opts.pop("model", None)
+        prompt_opt = opts.pop("prompt", None)
+        known = {f.name for f in fields(cls)} - {"inputs", "out", "model", "family", "task", "prompt", "sampling"}
+        known -= {"preset", "devices", "extensions"}
+        unknown = sorted(set(opts) - known)
+        if unknown:
+            raise SpecError(f"unknown option(s) {', '.join(unknown)}; known: {', '.join(sorted(known | _PUBLIC))}")
+
+        preset = load_preset(task)
+        model = resolve_model_id(str(model_opt or preset.model))
+        try:
+            family = family_for(model)
+        except ValueError as exc:
+            raise SpecError(str(exc)) from exc
+        prompt = prompt_opt if prompt_opt is not None else preset.prompt
+        sampling = _sampling(preset, sampling_opts, default_max_tokens=family.max_new_tokens or DEFAULT_MAX_TOKENS)
+        if isinstance(inputs, (str, Path)):
+            inputs = [inputs]
+        spec = cls(
+            inputs=tuple(str(i) for i in inputs),
+            out=str(out),
+            model=model,
+            family=family,
+            task=preset.name,
+            prompt=prompt,
+            sampling=sampling,
+            preset=preset,
+            extensions=_extensions(ext),
+            shard=_shard(shard),
+            ray_replicas=_ray_replicas(ray_replicas),
+            **opts,
+        )
+        spec._validate()
+        if spec.executor == "local":
+            object.__setattr__(spec, "devices", spec._devices())
+        return spec
+
+    def with_options(self, **options: Any) -> CaptionSpec:
+        """A copy with run-time options changed (not the identity: use ``build`` for that)."""
+        spec = replace(self, **options)
+        spec._validate()
+        return spec
+
+    def _validate(self) -> None:
+        if not self.inputs:
+            raise SpecError("no inputs: give at least one folder, audio file or manifest")
+        if not str(self.out).strip():
+            raise SpecError("--out is empty")
+        if not isinstance(self.prompt, str) or not self.prompt.strip():
+            raise SpecError("--prompt is empty")
+        cap = self.family.max_audio_s
+        if self.chunk_seconds is not None and not (0 < self.chunk_seconds <= cap):
+            raise SpecError(f"--chunk-seconds must be in (0, {cap}] for {self.family.name}")
+        if self.chunk_seconds is not None and not (0 <= self.overlap < self.chunk_seconds):
+            raise SpecError("--overlap must be ≥ 0 and shorter than --chunk-seconds")
+        if self.chunk_seconds is None and self.overlap:
+            raise SpecError("--overlap needs --chunk-seconds")
+        _check_range("--rows-per-part", self.rows_per_part, lo=1, integer=True)
+        if self.workers is not None:
+            _check_range("--workers", self.workers, lo=1, integer=True)
+        if self.executor not in EXECUTORS:
+            raise SpecError(f"--executor {self.executor!r}: expected {' or '.join(EXECUTORS)}")
+        if self.dtype not in DTYPES:
+            raise SpecError(f"--dtype {self.dtype!r}: expected one of {', '.join(DTYPES)}")
+        _check_range("--gpu-memory-utilization", self.gpu_memory_utilization, lo=0, hi=1, lo_open=True)
+        _check_range("--tensor-parallel-size", self.tensor_parallel_size, lo=1, integer=True)
+        for name, value in (
+            ("--replicas", self.replicas),
+            ("--max-num-seqs", self.max_num_seqs),
+            ("--max-num-batched-tokens", self.max_num_batched_tokens),
+        ):
+            if value is not None:
+                _check_range(name, value, lo=1, integer=True)
+        _check_range("--log-interval", self.log_interval, lo=0, lo_open=True)
+        _check_range("cpu_kv_cache_gb", self.cpu_kv_cache_gb, lo=0, lo_open=True)
+
+    def _devices(self) -> tuple[str | None, ...]:
+        from flamingo_cli.data_parallel import plan_replicas
+
+        try:
+            return tuple(plan_replicas(self.gpus, self.tensor_parallel_size, self.replicas))
+        except ValueError as exc:
+            raise SpecError(str(exc)) from exc
+
+    # -- what the run is ---------------------------------------------------------------------------
+
+    def identity(self) -> dict[str, Any]:
+        """What makes a run (hashed into the run key): changing any of it starts a separate result set."""
+        return {
+            "model": self.model,
+            "task": self.task,
+            "prompt": self.prompt,
+            "sampling": self.sampling.identity(),
+            "chunk_seconds": self.chunk_seconds,
+            "overlap": self.overlap,
+        }
+
+    @property
+    def run_key(self) -> str:
+        from flamingo_cli.sink import run_key
+
+        return run_key(self.identity())
+
+    def run_info(self, argv: Sequence[str] | None = None) -> dict[str, Any]:
+        """The run metadata stored with every part (the engine adds versions and effective sampling)."""
+        info: dict[str, Any] = {
+            "identity": self.identity(),
+            "argv": list(sys.argv[1:] if argv is None else argv),
+            "family": self.family.name,
+        }
+        if self.shard:
+            info["shard"] = f"{self.shard[0]}/{self.shard[1]}"
+        if self.executor != "local":
+            info["executor"] = self.executor
+        return info
+
+    @property
+    def max_chunk_s(self) -> float:
+        """The longest chunk the spec allows: --chunk-seconds, else the model's cap."""
+        return float(self.chunk_seconds or self.family.max_audio_s)
+
+    def engine_config(self, longest_chunk_s: float | None = None) -> Any:
+        """The engine's settings; ``longest_chunk_s`` (from the plan) sizes it below the cap."""
+        from flamingo_cli.engine import EngineConfig
+        from flamingo_cli.models import WINDOW_S
+
+        max_chunk_s = float(self.family.max_audio_s)
+        if longest_chunk_s is not None and longest_chunk_s > 0:
+            # A power of two of encoder windows: room for a file that grew since the plan, and few
+            # distinct sizes, so an engine cached in a process (notebooks, tests) is reused.
+            windows = 1 << max(0, math.ceil(math.log2(max(1.0, longest_chunk_s / WINDOW_S))))
+            max_chunk_s = min(max_chunk_s, float(windows * WINDOW_S))
+        return EngineConfig(
+            model=self.model,
+            family=self.family,
+            max_chunk_s=max_chunk_s,
+            max_tokens=self.sampling.max_tokens,
+            dtype=self.dtype,
+            gpu_memory_utilization=self.gpu_memory_utilization,
+            tensor_parallel_size=self.tensor_parallel_size,
+            max_num_seqs=self.max_num_seqs,
+            max_num_batched_tokens=self.max_num_batched_tokens,
+            enforce_eager=self.enforce_eager,
+            seed=self.seed,
+            cpu_kv_cache_gb=self.cpu_kv_cache_gb,
+            verbose=self.verbose,
+            devices=self.devices if self.executor == "local" else (),
+        )
+
+    @property
+    def seed(self) -> int:
+        return 0 if self.sampling.seed is None else int(self.sampling.seed)
+
+    def items(self) -> Iterator[AudioItem]:
+        """The inputs as a lazy, deterministic AudioItem stream (this shard's share of it)."""
+        from flamingo_cli.sources import iter_items, select_shard
+
+        found = iter_items(list(self.inputs), self.extensions)
+        return select_shard(found, *self.shard) if self.shard else found
+
+    def check_inputs(self) -> None:
+        """Every input exists and every manifest opens: before a model loads."""
+        from flamingo_cli.sources import check_inputs
+
+        check_inputs(self.inputs)
+
+    def default_workers(self) -> int:
+        import os
+
+        if self.workers is not None:
+            return self.workers
+        return max(4, min(4 * max(1, len(self.devices)), os.cpu_count() or 4))
+
+    def job(self, chat_template: str | None = None) -> Any:
+        """The executors' view (``planner.CaptionJob``), with the checkpoint's chat template."""
+        from flamingo_cli.planner import CaptionJob
+        from flamingo_cli.prompts import PromptBuilder
+
+        return CaptionJob(
+            inputs=list(self.inputs),
+            prompts=PromptBuilder(self.family, chat_template),
+            prompt=self.prompt,
+            max_chunk_s=float(self.family.max_audio_s),
+            sampling=self.sampling,
+            chunk_s=self.chunk_seconds,
+            overlap_s=self.overlap,
+            extensions=self.extensions,
+            workers=self.default_workers(),
+            retry_failed=self.retry_failed,
+            content_hash=self.content_hash,
+        )
+
+
+# -- option parsing and checks ---------------------------------------------------------------------
+
+_SAMPLING_OPTIONS = ("temperature", "top_p", "top_k", "repetition_penalty", "max_tokens", "seed", "ignore_eos")
+_PUBLIC = {"task", "model", "prompt", "ext", "shard", "ray_replicas", "hash", *_SAMPLING_OPTIONS}
+
+
+def _check_range(
+    name: str,
+    value: Any,
+    lo: float | None = None,
+    hi: float | None = None,
+    *,
+    lo_open: bool = False,
+    integer: bool = False,
+    where: str = "",
+) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if ok and integer:
+        ok = float(value).is_integer()
+    if ok and lo is not None:
+        ok = value > lo if lo_open else value >= lo
+    if ok and hi is not None:
+        ok = value <= hi
+    if not ok:
+        kind = "an integer" if integer else "a number"
+        bounds = []
+        if lo is not None:
+            bounds.append(f"{'>' if lo_open else '≥'} {lo:g}")
+        if hi is not None:
+            bounds.append(f"≤ {hi:g}")
+        rule = f"{kind} {' and '.join(bounds)}".strip()
+        raise SpecError(f"{name} {value!r}{where}: expected {rule}")
+
+
+def check_sampling(values: Mapping[str, Any], where: str = "") -> None:
+    """The ranges vLLM would reject after the model loaded, checked before (a preset's values too)."""
+    checks = {
+        "temperature": dict(lo=0),
+        "top_p": dict(lo=0, hi=1, lo_open=True),
+        "repetition_penalty": dict(lo=0, lo_open=True),
+        "max_tokens": dict(lo=1, integer=True),
+        "seed": dict(lo=0, integer=True),
+    }
+    for name, rule in checks.items():
+        if values.get(name) is not None:
+            _check_range("--" + name.replace("_", "-"), values[name], where=where, **rule)
+    top_k = values.get("top_k")
+    if top_k is not None:
+        _check_range("--top-k", top_k, lo=-1, integer=True, where=where)
+    if "ignore_eos" in values and not isinstance(values["ignore_eos"], bool):
+        raise SpecError(f"ignore_eos {values['ignore_eos']!r}{where}: expected true or false")
+
+
+def _sampling(preset: Preset, overrides: Mapping[str, Any], default_max_tokens: int = DEFAULT_MAX_TOKENS) -> Sampling:
+    """Preset [sampling], then overrides; the checkpoint's generation_config fills the rest later.
+
+    ``max_tokens`` is the one the engine needs up front (it sizes max_model_len): with neither a preset
+    nor an override, the checkpoint's ``max_new_tokens`` (``default_max_tokens``) decides.
+    """
+    check_sampling(preset.sampling, where=f" (preset {preset.source or preset.name})")
+    check_sampling(overrides)
+    values: dict[str, Any] = {"max_tokens": default_max_tokens, **preset.sampling, **overrides}
+    values.setdefault("seed", 0)
+    values["max_tokens"] = int(values["max_tokens"])
+    values["seed"] = int(values["seed"])
+    if values.get("top_k") is not None:
+        values["top_k"] = int(values["top_k"])
+    for name in ("temperature", "top_p", "repetition_penalty"):
+        if values.get(name) is not None:
+            values[name] = float(values[name])
+    return Sampling(**values)
+
+
+def _extensions(ext: Any) -> tuple[str, ...] | None:
+    """``--ext wav,flac`` (repeatable) or a list; "all" tries every file."""
+    if ext is None:
+        return None
+    groups = [ext] if isinstance(ext, str) else list(ext)
+    out = [e.strip().lower() for g in groups for e in str(g).split(",") if e.strip()]
+    if not out:
+        return None
+    bad = [e for e in out if "/" in e or "\\" in e or not e.strip(".")]
+    if bad:
+        raise SpecError(f"--ext {bad[0]!r}: expected extensions like wav,flac,mp3 (or all)")
+    if "all" in out:
+        return ("all",)
+    return tuple(sorted({"." + e.lstrip(".") for e in out}))
+
+
+def _shard(shard: Any) -> tuple[int, int] | None:
+    if shard is None:
+        return None
+    from flamingo_cli.sources import parse_shard
+
+    if isinstance(shard, (tuple, list)) and len(shard) == 2:
+        shard = f"{shard[0]}/{shard[1]}"
+    return parse_shard(str(shard))
+
+
+def _ray_replicas(value: Any) -> int | tuple[int, int]:
+    if isinstance(value, int) and not isinstance(value, bool):
+        parts = [value]
+    elif isinstance(value, (tuple, list)):
+        parts = list(value)
+    else:
+        try:
+            parts = [int(x) for x in str(value).split(",")]
+        except ValueError:
+            parts = []
+    if len(parts) not in (1, 2) or not all(isinstance(p, int) and p >= 1 for p in parts) or parts != sorted(parts):
+        raise SpecError(f"--ray-replicas {value!r}: expected N or MIN,MAX (≥ 1)")
+    return parts[0] if len(parts) == 1 else (parts[0], parts[1])
