@@ -5,6 +5,8 @@ The Python API mirrors the CLI (``flamingo caption`` / ``flamingo describe-music
     import flamingo_cli
     report = flamingo_cli.caption(["/data/audio"], "/data/captions", model="af3", temperature=0)
     doc = flamingo_cli.describe("song.flac")
+    table = flamingo_cli.read_output("/data/captions")  # the current rows, `run` as a column
+    flamingo_cli.export("/data/captions", "current.parquet")  # the same, as one file any reader takes
 
 Imported lazily, so ``import flamingo_cli`` (and ``flamingo --help``) loads neither torch nor vLLM.
 """
@@ -14,7 +16,16 @@ from __future__ import annotations
 from typing import Any
 
 __version__ = "0.1.0"
-__all__ = ["CaptionReport", "CaptionSpec", "SpecError", "__version__", "caption", "describe"]
+__all__ = [
+    "CaptionReport",
+    "CaptionSpec",
+    "SpecError",
+    "__version__",
+    "caption",
+    "describe",
+    "export",
+    "read_output",
+]
 
 _LAZY = {
     "caption": "flamingo_cli.api",
@@ -22,6 +33,8 @@ _LAZY = {
     "CaptionReport": "flamingo_cli.api",
     "CaptionSpec": "flamingo_cli.spec",
     "SpecError": "flamingo_cli.spec",
+    "export": "flamingo_cli.sink",
+    "read_output": "flamingo_cli.sink",
 }
 
 

@@ -104,7 +104,7 @@ def run(
         interval=spec.log_interval,
         log_file=Path(spec.log_file) if spec.log_file else None,
         summary_json=Path(spec.summary_json) if spec.summary_json else None,
-        out=Path(spec.out),
+        out=spec.out,  # a folder or an s3:// URL: Path() would fold "s3://" into "s3:/"
         run_key=spec.run_key,
     )
     try:
@@ -130,7 +130,7 @@ def plan(spec: CaptionSpec, on_file: Any = None) -> Any:
         workers=spec.workers or 4,
         on_file=on_file,
     )
-    result.rows_on_disk = rows_on_disk(Path(spec.out), spec.run_key)
+    result.rows_on_disk = rows_on_disk(spec.out, spec.run_key)
     return result
 
 
@@ -225,11 +225,11 @@ def scout(spec: CaptionSpec, index: Any, budget_s: float = SCOUT_BUDGET_S) -> Sc
             if planner.plan(item, None).wanted:
                 result.errors += 1
             continue
-        if not planner.plan(item, fingerprint(item.path, content_hash=spec.content_hash)).wanted:
+        if not planner.plan(item, fingerprint(item, content_hash=spec.content_hash)).wanted:
             continue
         result.todo += 1
         first_todo = first_todo or time.monotonic()
-        seconds = float(item.duration) if item.duration is not None else probe_duration(item.path)
+        seconds = float(item.duration) if item.duration is not None else probe_duration(item)
         if seconds is None or seconds <= 0:
             result.longest_chunk_s = None  # unknown length (a header that says nothing): size for the cap
         elif result.longest_chunk_s is not None:
@@ -292,12 +292,13 @@ class _Run:
     def execute(self) -> CaptionReport:
         from flamingo_cli.planner import Stats
         from flamingo_cli.sink import LockedError, Sink
+        from flamingo_cli.sources import declared_columns
 
         spec, env, progress = self.spec, self.env, self.progress
         spec.check_inputs()
         try:
             sink = Sink(
-                Path(spec.out),
+                spec.out,  # a folder or an s3:// URL (never Path(): it would fold "s3://" into "s3:/")
                 spec.run_key,
                 spec.run_info(self.argv),
                 model=spec.model,
@@ -305,6 +306,7 @@ class _Run:
                 rows_per_part=spec.rows_per_part,
                 retry_failed=spec.retry_failed,
                 shard=spec.shard,
+                columns=declared_columns(spec.inputs),
             )
         except LockedError:
             raise
@@ -491,6 +493,73 @@ def _early_summary(env: Environment, options: dict[str, Any], out: Any, exc: Bas
         quiet=True,
         log_file=Path(log_file) if log_file else None,
         summary_json=Path(summary_json) if summary_json else None,
-        out=Path(str(out)),
+        out=str(out),
     )
     progress.finish(int(exit_status(exc)), error=str(exc), show=False)
+
+
+# --- the Ray executor's older entry point ---------------------------------------------------------------
+
+
+@dataclass
+class RayRun:
+    """What ``caption_with_ray`` did: the run key, its folder and the counters."""
+
+    run_key: str
+    run_dir: Path
+    stats: Any
+    rows_written: int = 0
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def failed(self) -> bool:
+        s = self.stats
+        return bool(s.items_failed or s.chunks_failed)
+
+
+def caption_with_ray(
+    inputs: Sequence[str | Path],
+    out: str | Path,
+    *,
+    sampling: Any = None,
+    settings: Any = None,
+    chunk_s: float | None = None,
+    overlap_s: float | None = None,
+    extensions: Sequence[str] | None = None,
+    stop_event: threading.Event | None = None,
+    **options: Any,
+) -> RayRun:
+    """``caption(inputs, out, executor="ray", ...)`` with ``ray_data``'s older keywords.
+
+    ``sampling`` values override the preset's like the CLI's flags (they used to replace it, which gave
+    the same settings another run key); ``chunk_s``/``overlap_s``/``extensions`` are ``chunk_seconds``/
+    ``overlap``/``ext``. Everything else is ``flamingo_cli.caption``'s options.
+    """
+    if sampling is not None:
+        for name, value in sampling.identity().items():
+            if value is not None:
+                options.setdefault(name, value)
+    options.setdefault("quiet", True)
+    report = caption(
+        inputs,
+        out,
+        executor="ray",
+        ray_settings=settings,
+        ray_replicas=(settings.num_replicas if settings is not None else 1),
+        ray_address=(settings.address if settings is not None else None),
+        chunk_seconds=chunk_s,
+        overlap=overlap_s,
+        ext=list(extensions) if extensions is not None else None,
+        stop_event=stop_event,
+        **options,
+    )
+    from flamingo_cli.planner import Stats
+
+    stats = Stats(**{k: v for k, v in report.stats.items() if k != "started"})
+    return RayRun(
+        run_key=report.run_key,
+        run_dir=Path(report.run_dir),
+        stats=stats,
+        rows_written=report.rows_written,
+        info=report.info,
+    )

@@ -6,26 +6,40 @@ filter as librosa's default "soxr_hq"), so memory stays at the 16 kHz mono resul
 for a 3-hour 48 kHz stereo file. Files libsndfile cannot open (m4a/aac, ...) go through audioread
 (ffmpeg, GStreamer, ... whichever backend is installed) with the same block pipeline.
 
+An item's audio can also come from a URL (``s3://…``, read through fsspec with ranged reads: a segment
+seeks, it does not download the whole object) or from bytes the source already holds (``item.data``:
+a dataset row, a WebDataset member); libsndfile reads both as file objects. Only the audioread fallback
+needs a real file, so for those it spills the stream to a temporary file first.
+
 Every failure is an AudioDecodeError that names the file and the reason, so the CLI can record it per
 item and keep going. Nothing here holds global state: decode() is safe to call from many threads.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import math
 import os
+import shutil
 import stat
+import tempfile
+from collections.abc import Callable
+from typing import IO
 
 import numpy as np
 import soundfile as sf
 import soxr
 
 from flamingo_cli.records import SAMPLE_RATE, AudioItem, DecodedAudio
+from flamingo_cli.remote import is_url, open_binary, redact
 
 # Source seconds per block: bounds the memory of one read (48 kHz stereo float32: ~11 MB).
 BLOCK_SECONDS = 30
 RESAMPLE_QUALITY = "HQ"  # == librosa res_type="soxr_hq"
 _INT16_SCALE = np.float32(1.0 / 32768.0)  # librosa's buf_to_float for audioread's 16-bit PCM
+# Ranged-read size for remote objects: a segment costs its own bytes plus about one block (the header's).
+REMOTE_BLOCK_BYTES = 2 << 20
 
 
 class AudioDecodeError(Exception):
@@ -125,22 +139,57 @@ def _check_file(path: str) -> None:
         raise AudioDecodeError(path, f"cannot open file ({e.strerror or e})") from None
 
 
-def _segment(item: AudioItem) -> tuple[float, float | None]:
+def _segment(item: AudioItem, path: str) -> tuple[float, float | None]:
     offset = float(item.offset or 0.0)
     duration = None if item.duration is None else float(item.duration)
     if not math.isfinite(offset) or offset < 0:
-        raise AudioDecodeError(item.path, f"invalid offset {offset} s (must be >= 0)")
+        raise AudioDecodeError(path, f"invalid offset {offset} s (must be >= 0)")
     if duration is not None and (not math.isfinite(duration) or duration <= 0):
-        raise AudioDecodeError(item.path, f"invalid duration {duration} s (must be > 0)")
+        raise AudioDecodeError(path, f"invalid duration {duration} s (must be > 0)")
     return offset, duration
+
+
+def shown_path(item: AudioItem) -> str:
+    """The item's path as messages may show it (a URL without credentials)."""
+    return redact(item.path) if is_url(item.path) else item.path
+
+
+def _open_url(url: str, shown: str) -> IO[bytes]:
+    """The object as a seekable file (ranged reads), with the cheap clear failures first."""
+    try:
+        f = open_binary(url, block_size=REMOTE_BLOCK_BYTES)
+    except FileNotFoundError:
+        raise AudioDecodeError(shown, "file not found") from None
+    except PermissionError:
+        raise AudioDecodeError(shown, "permission denied") from None
+    except IsADirectoryError:
+        raise AudioDecodeError(shown, "is a directory, not an audio file") from None
+    except Exception as e:  # the store's own errors (credentials, network) vary by library
+        raise AudioDecodeError(shown, f"cannot open ({redact(str(e)) or type(e).__name__})") from None
+    if getattr(f, "size", None) == 0:
+        f.close()
+        raise AudioDecodeError(shown, "empty file (0 bytes)")
+    return f
+
+
+def _opener(item: AudioItem, shown: str) -> Callable[[], IO[bytes]] | None:
+    """How to open a non-local item (bytes payload or URL); None for a local file (checked here)."""
+    data = item.data
+    if data is not None:
+        if not data:
+            raise AudioDecodeError(shown, "empty audio payload (0 bytes)")
+        return lambda: io.BytesIO(data)
+    if is_url(item.path):
+        return lambda: _open_url(item.path, shown)
+    _check_file(item.path)
+    return None
 
 
 def _beyond_end(path: str, offset: float, total_s: float) -> AudioDecodeError:
     return AudioDecodeError(path, f"offset {float(offset)} s is beyond the end ({_fmt_s(total_s)} s)")
 
 
-def _read_soundfile(f: sf.SoundFile, item: AudioItem, offset: float, duration: float | None) -> DecodedAudio:
-    path = item.path
+def _read_soundfile(f: sf.SoundFile, item: AudioItem, offset: float, duration: float | None, path: str) -> DecodedAudio:
     sr, channels = int(f.samplerate), int(f.channels)
     if sr <= 0 or channels <= 0:
         raise AudioDecodeError(path, f"not decodable audio: bad header ({sr} Hz, {channels} channels)")
@@ -179,11 +228,12 @@ def _read_soundfile(f: sf.SoundFile, item: AudioItem, offset: float, duration: f
     return DecodedAudio(item=item, samples=out.finish(), source_sample_rate=sr, source_channels=channels)
 
 
-def _read_audioread(item: AudioItem, offset: float, duration: float | None) -> DecodedAudio:
+def _read_audioread(
+    item: AudioItem, offset: float, duration: float | None, path: str, local: str | None = None
+) -> DecodedAudio:
     import audioread  # only when libsndfile cannot open the file
 
-    path = item.path
-    with audioread.audio_open(path) as f:
+    with audioread.audio_open(local or item.path) as f:
         sr, channels = int(f.samplerate), int(f.channels)
         if sr <= 0 or channels <= 0:
             raise ValueError(f"bad stream parameters ({sr} Hz, {channels} channels)")
@@ -219,47 +269,83 @@ def _sf_reason(e: Exception) -> str:
     return text.strip()
 
 
-def decode(item: AudioItem) -> DecodedAudio:
-    """Decode item.path (from item.offset, for item.duration seconds) to 16 kHz mono float32."""
-    path = item.path
-    _check_file(path)
-    offset, duration = _segment(item)
-    decoded: DecodedAudio | None = None
+def _spilled(opener: Callable[[], IO[bytes]], suffix: str) -> str:
+    """Copy a stream to a temporary file for audioread (it opens paths only); the caller removes it."""
+    fd, tmp = tempfile.mkstemp(suffix=suffix, prefix="flamingo-")
+    with os.fdopen(fd, "wb") as out, contextlib.closing(opener()) as src:
+        shutil.copyfileobj(src, out, 1 << 20)
+    return tmp
+
+
+def _audioread_fallback(
+    item: AudioItem, offset: float, duration: float | None, path: str, opener: Callable[[], IO[bytes]] | None
+) -> DecodedAudio:
+    if opener is None:
+        return _read_audioread(item, offset, duration, path)
+    tmp = _spilled(opener, os.path.splitext(path.split("?", 1)[0])[1][:8])
     try:
+        return _read_audioread(item, offset, duration, path, local=tmp)
+    finally:
+        os.unlink(tmp)
+
+
+def decode(item: AudioItem) -> DecodedAudio:
+    """Decode the item (its ``data`` bytes, its URL or its local path; from item.offset, for
+    item.duration seconds) to 16 kHz mono float32."""
+    path = shown_path(item)
+    opener = _opener(item, path)
+    offset, duration = _segment(item, path)
+    decoded: DecodedAudio | None = None
+    with contextlib.ExitStack() as stack:
         try:
-            f = sf.SoundFile(path)
-        except (sf.LibsndfileError, RuntimeError, TypeError, ValueError) as sf_err:
-            # libsndfile cannot open it (m4a/aac, ... or garbage): try audioread's backends.
             try:
-                decoded = _read_audioread(item, offset, duration)
+                src = item.path if opener is None else stack.enter_context(contextlib.closing(opener()))
+                f = sf.SoundFile(src)
             except AudioDecodeError:
                 raise
-            except MemoryError:
-                raise
-            except Exception as ar_err:
-                ar_reason = str(ar_err).strip() or type(ar_err).__name__
-                raise AudioDecodeError(
-                    path, f"not decodable audio: soundfile: {_sf_reason(sf_err)}; audioread: {ar_reason}"
-                ) from None
-        else:
-            with f:
-                decoded = _read_soundfile(f, item, offset, duration)
-    except AudioDecodeError:
-        raise
-    except MemoryError:
-        raise
-    except Exception as e:
-        raise AudioDecodeError(path, f"not decodable audio: {_sf_reason(e)}") from None
+            except (sf.LibsndfileError, RuntimeError, TypeError, ValueError) as sf_err:
+                # libsndfile cannot open it (m4a/aac, ... or garbage): try audioread's backends.
+                stack.close()
+                try:
+                    decoded = _audioread_fallback(item, offset, duration, path, opener)
+                except AudioDecodeError:
+                    raise
+                except MemoryError:
+                    raise
+                except Exception as ar_err:
+                    ar_reason = str(ar_err).strip() or type(ar_err).__name__
+                    raise AudioDecodeError(
+                        path, f"not decodable audio: soundfile: {_sf_reason(sf_err)}; audioread: {ar_reason}"
+                    ) from None
+            else:
+                with f:
+                    decoded = _read_soundfile(f, item, offset, duration, path)
+        except AudioDecodeError:
+            raise
+        except MemoryError:
+            raise
+        except Exception as e:
+            raise AudioDecodeError(path, f"not decodable audio: {redact(_sf_reason(e))}") from None
     assert decoded is not None
     if decoded.samples.shape[0] == 0:
         raise AudioDecodeError(path, "no audio samples")
     return decoded
 
 
-def probe_duration(path: str) -> float | None:
-    """Duration in seconds from the header alone (soundfile.info), or None when it cannot tell."""
+def probe_duration(src: str | AudioItem) -> float | None:
+    """Duration in seconds from the header alone (soundfile.info), or None when it cannot tell.
+
+    ``src`` is a local path or an item (its bytes, its URL: a ranged read of the header, or its path)."""
     try:
-        info = sf.info(path)
+        if isinstance(src, str):
+            info = sf.info(src)
+        elif src.data is not None:
+            info = sf.info(io.BytesIO(src.data))
+        elif is_url(src.path):
+            with open_binary(src.path) as f:
+                info = sf.info(f)
+        else:
+            info = sf.info(src.path)
     except Exception:
         return None
     frames, sr = int(info.frames), int(info.samplerate)

@@ -172,7 +172,12 @@ def _dry_run(spec: Any, as_json: bool) -> None:
 @app.command()
 def caption(
     inputs: Annotated[list[str], typer.Argument(help="Folders, audio files or manifests (txt/csv/tsv/jsonl/parquet).")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder (Parquet dataset).")],
+    out: Annotated[
+        str,
+        typer.Option(
+            "--out", "-o", help="Output folder (Parquet dataset): a local path or s3://bucket/prefix (object store)."
+        ),
+    ],
     task: Annotated[str, typer.Option("--task", "-t", "--config", help="Task preset name or TOML path.")] = "caption",
     model: ModelOpt = None,
     prompt: PromptOpt = None,
@@ -333,7 +338,7 @@ def presets(
 
 @app.command("inspect")
 def inspect_cmd(
-    out: Annotated[Path, typer.Argument(help="The --out folder of caption runs.")],
+    out: Annotated[str, typer.Argument(help="The --out folder (or s3:// URL) of caption runs.")],
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
     samples: Annotated[int, typer.Option("--samples", help="Sample captions to show.")] = 3,
 ) -> None:
@@ -349,6 +354,34 @@ def inspect_cmd(
         _env.stdout.flush()
     else:
         render(doc, _report_console())
+
+
+@app.command("export")
+def export_cmd(
+    out: Annotated[str, typer.Argument(help="The --out folder (or s3:// URL) of caption runs.")],
+    to: Annotated[str, typer.Option("--to", help="Where to write: a file (parquet, jsonl) or a new folder (hf).")],
+    fmt: Annotated[
+        str, typer.Option("--format", "-f", help="parquet, jsonl or hf (datasets.load_from_disk).")
+    ] = "parquet",
+    run: Annotated[str | None, typer.Option("--run", help="Only this run key (default: every run).")] = None,
+) -> None:
+    """Write the current rows (one per chunk, superseded ones left out) and a real `run` column, for any reader."""
+    from flamingo_cli.sink import EXPORT_FORMATS, OutputError, export, runs
+
+    if fmt not in EXPORT_FORMATS:
+        raise Fail(ExitStatus.USAGE, f"--format {fmt!r}: expected one of {', '.join(EXPORT_FORMATS)}")
+    try:
+        keys = runs(out)
+    except OutputError as exc:
+        raise Fail(ExitStatus.USAGE, str(exc)) from exc
+    if not keys or (run is not None and run not in keys):
+        what = f"no run {run}" if run is not None else "no run=<key> folders"
+        raise Fail(ExitStatus.USAGE, f"{out}: {what}: not a flamingo output (or nothing written yet)")
+    try:
+        rows = export(out, to, fmt, run=run)
+    except OutputError as exc:
+        raise Fail(ExitStatus.OUTPUT, str(exc)) from exc
+    _env.info(f"{rows} current rows of {out} → {to} ({fmt})")
 
 
 @app.command()
@@ -428,13 +461,11 @@ def demo(
         env=_env,
     )
     if status == 0:
-        import pyarrow.dataset as ds
+        from flamingo_cli.sink import read_output
 
-        table = ds.dataset(out, partitioning="hive").to_table(
-            columns=["id", "chunk_index", "start_s", "end_s", "caption"]
-        )
+        table = read_output(out)  # the current rows, sorted by run, id, chunk
         _env.out.print(f"{table.num_rows} rows in {out} (random-model captions):")
-        for row in table.sort_by([("id", "ascending"), ("chunk_index", "ascending")]).to_pylist():
+        for row in table.to_pylist():
             _env.out.print(f"  {row['id']} [{row['start_s']:.0f}–{row['end_s']:.0f} s]: {row['caption']!r}")
         _env.out.print("Real models on a GPU host: flamingo caption DIR --out OUT --model nvidia/audio-flamingo-3-hf")
     raise typer.Exit(status)

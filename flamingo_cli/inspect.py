@@ -1,6 +1,7 @@
 """``flamingo inspect OUT``: what a result dataset holds, without loading a model.
 
-Reads ``OUT`` with ``pyarrow.dataset`` (hive partitioning: the ``run`` column), applies the sink's
+Reads ``OUT`` (a folder or an ``s3://`` URL) run by run through the sink's layout functions (committed
+parts only, each run with its one schema, ``run`` as a column), applies the sink's
 reading rule (``sink.current_rows``: the latest source version and the latest row per chunk, so a
 retried error does not count twice) and summarises: rows, items, chunks, errors grouped by reason (the
 file path taken out, numbers and quoted names folded, so "x.wav: empty file" and "y.wav: empty file"
@@ -55,29 +56,15 @@ def error_group(error: str, path: str | None) -> str:
     return text
 
 
-def _dataset(out: Path):
-    import pyarrow as pa
-    import pyarrow.dataset as ds
+def _runs(out: str | Path) -> list[tuple[str, list[str]]]:
+    """(run key, its complete parts in sequence order): the layout as sink.py defines it."""
+    from flamingo_cli import sink
 
-    from flamingo_cli.sink import SCHEMA
-
-    schema = pa.schema([*SCHEMA, pa.field("run", pa.string())])
-    partitioning = ds.partitioning(pa.schema([pa.field("run", pa.string())]), flavor="hive")
-    return ds.dataset(str(out), format="parquet", schema=schema, partitioning=partitioning)
+    return [(key, sink.part_files(out, key)) for key in sink.runs(out)]
 
 
-def _runs(out: Path) -> list[tuple[str, list[Path]]]:
-    runs = []
-    for run_dir in sorted(p for p in out.glob("run=*") if p.is_dir()):
-        parts = sorted(p for p in run_dir.glob("part-*.parquet") if p.is_file())
-        runs.append((run_dir.name.split("=", 1)[1], parts))
-    return runs
-
-
-def _run_info(key: str, parts: list[Path]) -> dict[str, Any]:
-    import pyarrow.parquet as pq
-
-    from flamingo_cli.sink import SCHEMA, read_metadata
+def _run_info(out: str | Path, key: str, parts: list[str]) -> dict[str, Any]:
+    from flamingo_cli.sink import SCHEMA, read_metadata, run_dataset
 
     info: dict[str, Any] = {"run": key, "parts": len(parts)}
     if not parts:
@@ -103,7 +90,8 @@ def _run_info(key: str, parts: list[Path]) -> dict[str, Any]:
         }
     )
     try:
-        names = pq.read_schema(parts[-1]).names
+        dataset = run_dataset(out, key)
+        names = dataset.schema.names if dataset is not None else []
         info["extra_columns"] = [n for n in names if n not in SCHEMA.names]
     except Exception:
         info["extra_columns"] = []
@@ -122,23 +110,26 @@ def _count(mask: Any) -> int:
     return int(pc.sum(pc.cast(mask, "int64")).as_py() or 0)
 
 
-def inspect_output(out: Path, samples: int = 3, max_groups: int = 20) -> dict[str, Any]:
+def inspect_output(out: str | Path, samples: int = 3, max_groups: int = 20) -> dict[str, Any]:
     """The summary of a result dataset as a JSON-ready dict."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    out = Path(out)
-    if not out.exists():
-        raise InspectError(f"{out}: no such directory")
-    if not out.is_dir():
-        raise InspectError(f"{out}: not a directory (inspect takes the --out folder of a caption run)")
-    runs = _runs(out)
-    if not runs:
-        raise InspectError(f"{out}: no run=<key> folders: not a flamingo output (or nothing written yet)")
+    from flamingo_cli import objstore, sink
+
+    if not objstore.is_remote(str(out)):
+        out = Path(out)
+        if not out.exists():
+            raise InspectError(f"{out}: no such directory")
+        if not out.is_dir():
+            raise InspectError(f"{out}: not a directory (inspect takes the --out folder of a caption run)")
     try:
-        dataset = _dataset(out)
-        table = dataset.to_table(columns=_STAT_COLUMNS)
-    except (OSError, pa.ArrowException) as exc:
+        runs = _runs(out)
+        if not runs:
+            raise InspectError(f"{out}: no run=<key> folders: not a flamingo output (or nothing written yet)")
+        tables = [sink.read_run(out, key, columns=_STAT_COLUMNS) for key, _ in runs]
+        table = pa.concat_tables(tables, promote_options="permissive")
+    except (OSError, pa.ArrowException, sink.OutputError) as exc:
         raise InspectError(f"{out}: cannot read the dataset: {exc}") from exc
     rows_total = table.num_rows
     try:
@@ -185,7 +176,7 @@ def inspect_output(out: Path, samples: int = 3, max_groups: int = 20) -> dict[st
         per_run_items = dict(zip(g["run"].to_pylist(), g["count_all"].to_pylist(), strict=True))
     run_docs = []
     for key, parts in runs:
-        info = _run_info(key, parts)
+        info = _run_info(out, key, parts)
         info["rows"] = per_run_rows.get(key, 0)
         info["items"] = per_run_items.get(key, 0)
         lo, hi = created.get(key, (None, None))
@@ -197,12 +188,16 @@ def inspect_output(out: Path, samples: int = 3, max_groups: int = 20) -> dict[st
     if samples > 0 and ok.num_rows:
         import pyarrow.dataset as ds
 
-        head = dataset.head(
-            samples,
-            columns=["run", "id", "chunk_index", "num_chunks", "start_s", "end_s", "caption"],
-            filter=ds.field("error").is_null() & ds.field("caption").is_valid(),
-        )
-        sample_rows = head.to_pylist()
+        for key, _ in runs:  # captions are read for the samples only
+            dataset = sink.run_dataset(out, key)
+            if dataset is None or len(sample_rows) >= samples:
+                continue
+            head = dataset.head(
+                samples - len(sample_rows),
+                columns=["id", "chunk_index", "num_chunks", "start_s", "end_s", "caption"],
+                filter=ds.field("error").is_null() & ds.field("caption").is_valid(),
+            )
+            sample_rows += [{"run": key, **row} for row in head.to_pylist()]
 
     def total(col: str) -> int:
         return int(_sum(current[col])) if current.num_rows else 0

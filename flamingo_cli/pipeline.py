@@ -101,7 +101,7 @@ class Producer(threading.Thread):
             return float(item.duration)
         if plan is not None and plan.source is not None and plan.source.size < _PROBE_BYTES:
             return 0.0
-        return probe_duration(item.path) or 0.0
+        return probe_duration(item) or 0.0
 
     def _put(self, obj: Any) -> bool:
         while not self.stop_event.is_set():
@@ -143,7 +143,7 @@ class Producer(threading.Thread):
     def _prepare(self, item: AudioItem, plan: ItemPlan | None) -> _Prepared:
         """In a pool thread: (with --hash) fingerprint and plan the item, then decode it if wanted."""
         if plan is None:
-            plan = self.planner.plan(item, fingerprint(item.path, content_hash=True))
+            plan = self.planner.plan(item, fingerprint(item, content_hash=True))
             if not plan.wanted:
                 return _Prepared(plan)
         try:
@@ -177,7 +177,7 @@ class Producer(threading.Thread):
                     plan = self.planner.plan(item, None)
                 elif not self.job.content_hash:
                     # The stat comes before the decode: a file changed in between is redone next run.
-                    plan = self.planner.plan(item, fingerprint(item.path))
+                    plan = self.planner.plan(item, fingerprint(item))
                 if plan is not None and not plan.wanted:
                     with self.stats.lock:
                         self.stats.items_skipped += 1

@@ -13,7 +13,6 @@ records an error row.
 
 from __future__ import annotations
 
-import os
 from collections import deque
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -94,7 +93,7 @@ def _segment_seconds(item: AudioItem, total: float) -> float | None:
 
 
 def _probe(item: AudioItem) -> float | None:
-    return probe_duration(item.path)
+    return probe_duration(item)
 
 
 def make_plan(
@@ -172,21 +171,14 @@ def _reason_kind(error: str) -> str:
     return head if len(head) < 80 else head[:77] + "…"
 
 
-def rows_on_disk(out: Path, run_key: str) -> int:
-    """Rows already written under OUT/run=<key> (Parquet footers only)."""
-    import pyarrow.parquet as pq
+def rows_on_disk(out: str | Path, run_key: str) -> int:
+    """Rows already written under OUT/run=<key> (Parquet footers of its committed parts only)."""
+    from flamingo_cli import sink
 
-    run_dir = Path(out) / f"run={run_key}"
-    total = 0
-    if not run_dir.is_dir():
+    try:
+        return sink.rows_on_disk(out, run_key)
+    except sink.OutputError:
         return 0
-    for entry in os.scandir(run_dir):
-        if entry.is_file() and entry.name.startswith("part-") and entry.name.endswith(".parquet"):
-            try:
-                total += pq.ParquetFile(entry.path).metadata.num_rows
-            except Exception:
-                continue
-    return total
 
 
 def hours(seconds: float) -> str:

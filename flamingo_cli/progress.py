@@ -185,7 +185,7 @@ class _InputCounter(threading.Thread):
 
         try:
             n = 0
-            found = iter_items(self.inputs, self.extensions)
+            found = iter_items(self.inputs, self.extensions, with_data=False)  # ids only: no audio bytes
             for _ in select_shard(found, *self.shard) if self.shard else found:
                 if self.stop.is_set():
                     return
@@ -216,7 +216,7 @@ class Progress:
         interval: float = 30.0,
         log_file: Path | None = None,
         summary_json: Path | None = None,
-        out: Path | None = None,
+        out: str | Path | None = None,
         run_key: str = "",
     ) -> None:
         self.env, self.model, self.task, self.quiet = env, model, task, quiet

@@ -31,9 +31,8 @@ import math
 import os
 import threading
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import lru_cache, partial
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -199,6 +198,7 @@ def prepare_item(
         path=str(row["path"]),
         offset=float(row.get("offset") or 0.0),
         duration=None if duration is None or (isinstance(duration, float) and math.isnan(duration)) else duration,
+        data=row.get("data"),
     )
     try:
         decoded: DecodedAudio = decode(item)
@@ -293,7 +293,7 @@ def _plan(
         item = planner.unique(raw)
         with stats.lock:
             stats.items_seen += 1
-        source = None if item.error else fingerprint(item.path, content_hash=job.content_hash)
+        source = None if item.error else fingerprint(item, content_hash=job.content_hash)
         plan = planner.plan(item, source)
         if not plan.wanted:
             with stats.lock:
@@ -312,6 +312,7 @@ def _plan(
                 "seq": seq,
                 "id": item.id,
                 "path": item.path,
+                "data": item.data,  # embedded audio (dataset rows, tar members); None for files and URLs
                 "offset": float(item.offset),
                 "duration": None if item.duration is None else float(item.duration),
                 "prompt": prompt,
@@ -611,67 +612,3 @@ def _last_line(exc: BaseException) -> str:
 
 
 # --- one call for Python users -------------------------------------------------------------------------
-
-
-@dataclass
-class RayRun:
-    """What ``caption_with_ray`` did: the run key, its folder and the counters."""
-
-    run_key: str
-    run_dir: Path
-    stats: Stats
-    rows_written: int = 0
-    info: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def failed(self) -> bool:
-        s = self.stats
-        return bool(s.items_failed or s.chunks_failed)
-
-
-def caption_with_ray(
-    inputs: Sequence[str | Path],
-    out: str | Path,
-    *,
-    sampling: Sampling | None = None,
-    settings: RaySettings | None = None,
-    chunk_s: float | None = None,
-    overlap_s: float | None = None,
-    extensions: Iterable[str] | None = None,
-    stop_event: threading.Event | None = None,
-    **options: Any,
-) -> RayRun:
-    """``flamingo_cli.caption(inputs, out, executor="ray", ...)`` with this module's older keywords.
-
-    ``sampling`` values override the preset's like the CLI's flags (they used to replace it, which gave
-    the same settings another run key); ``chunk_s``/``overlap_s``/``extensions`` are ``chunk_seconds``/
-    ``overlap``/``ext``. Everything else is ``flamingo_cli.caption``'s options.
-    """
-    from flamingo_cli.api import caption
-
-    if sampling is not None:
-        for name, value in sampling.identity().items():
-            if value is not None:
-                options.setdefault(name, value)
-    options.setdefault("quiet", True)
-    report = caption(
-        inputs,
-        out,
-        executor="ray",
-        ray_settings=settings,
-        ray_replicas=(settings.num_replicas if settings is not None else 1),
-        ray_address=(settings.address if settings is not None else None),
-        chunk_seconds=chunk_s,
-        overlap=overlap_s,
-        ext=list(extensions) if extensions is not None else None,
-        stop_event=stop_event,
-        **options,
-    )
-    stats = Stats(**{k: v for k, v in report.stats.items() if k != "started"})
-    return RayRun(
-        run_key=report.run_key,
-        run_dir=Path(report.run_dir),
-        stats=stats,
-        rows_written=report.rows_written,
-        info=report.info,
-    )

@@ -17,7 +17,13 @@ SAMPLE_RATE = 16_000
 
 @dataclass(frozen=True, slots=True)
 class AudioItem:
-    """One input to caption: a file, or a segment of one (offset/duration), plus manifest extras."""
+    """One input to caption: a file, or a segment of one (offset/duration), plus manifest extras.
+
+    ``path`` is a local path or a URL fsspec opens (``s3://…``; ``tar://m::s3://…`` names a shard member).
+    ``data`` holds the encoded audio bytes when the source already read them (a dataset row with
+    embedded audio, a WebDataset member): the decoder reads those instead of ``path``. Items stream
+    lazily and the pipeline bounds how many are in flight, so only a few payloads live at once.
+    """
 
     id: str
     path: str
@@ -29,6 +35,7 @@ class AudioItem:
     origin: str = ""
     # Set when the source already knows the item is bad (missing file, bad manifest row).
     error: str | None = None
+    data: bytes | None = field(default=None, repr=False)
 
 
 @dataclass(slots=True)

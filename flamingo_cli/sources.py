@@ -1,5 +1,9 @@
 """Turn input paths (directories, manifests, single files) into a lazy, deterministic stream of AudioItems.
 
+Inputs may be local paths or URLs (``s3://``, ``gs://``, ``az://``, ``hf://``, ``http(s)://``: see
+flamingo_cli/remote.py), and besides folders and manifests, dataset formats (HF ``datasets``,
+WebDataset shards, lhotse manifests: flamingo_cli/corpora.py); ``_kind`` tells them apart.
+
 Nothing here decodes audio. Problems with one file or one manifest row become an AudioItem with
 ``error`` set, so a million-file run reports them instead of dying; only usage-level problems (an input
 that does not exist, a manifest that cannot be read as a whole) raise SourceError.
@@ -10,6 +14,7 @@ the text manifests (.txt, .csv, .tsv, .jsonl; a CSV header is line 1) and 1-base
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import json
@@ -24,6 +29,7 @@ from typing import Any, TextIO
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from flamingo_cli import corpora, remote
 from flamingo_cli.errors import UsageError
 from flamingo_cli.records import AudioItem
 
@@ -54,50 +60,149 @@ def _normalise_extensions(extensions: Collection[str] | None) -> tuple[str, ...]
     return tuple(sorted(out))
 
 
+def _manifest_ext(path: str) -> str:
+    """ ".csv", ".jsonl", … (a ".gz" suffix is looked through: the text is gunzipped as it is read)."""
+    name = remote.basename(path) if remote.is_url(path) else path
+    stem, ext = os.path.splitext(name.lower())
+    if ext == ".gz":
+        ext = os.path.splitext(stem)[1]
+        return ext if ext in (".txt", ".csv", ".tsv", ".jsonl") else ".gz"
+    return ext
+
+
 def _is_manifest(path: str) -> bool:
-    return os.path.splitext(path)[1].lower() in MANIFEST_EXTENSIONS
+    return _manifest_ext(path) in MANIFEST_EXTENSIONS
 
 
 def _input_path(raw: str | Path) -> str:
-    return os.path.expanduser(os.fspath(raw))
+    text = os.fspath(raw)
+    return text if remote.is_url(text) or corpora.hf_kind(text) else os.path.expanduser(text)
+
+
+def _shown(raw: str | Path) -> str:
+    text = os.fspath(raw)
+    return remote.redact(text) if remote.is_url(text) else text
 
 
 def _missing_input(raw: str | Path, path: str) -> SourceError:
+    if remote.is_url(path):
+        return SourceError(f"{_shown(raw)}: input not found (no such object or prefix)")
     reason = "broken symlink" if os.path.lexists(path) else "no such file or directory"
     return SourceError(f"{raw}: input not found ({reason})")
+
+
+def _stat(raw: str | Path, path: str) -> tuple[bool, bool]:
+    """(exists, is a directory), local or remote; a store that refuses (credentials) is a SourceError."""
+    if not remote.is_url(path):
+        return os.path.exists(path), os.path.isdir(path)
+    try:
+        return remote.exists(path)
+    except OSError as e:
+        raise SourceError(f"{_shown(raw)}: cannot access ({remote.redact(str(e)) or type(e).__name__})") from e
+    except Exception as e:  # botocore's NoCredentialsError and friends are not OSErrors
+        raise SourceError(f"{_shown(raw)}: cannot access ({type(e).__name__}: {remote.redact(str(e))})") from e
+
+
+def _is_parquet_dataset(path: str) -> bool:
+    """A Parquet file whose audio column holds embedded audio (struct of bytes/path, HF's Audio)."""
+    if _manifest_ext(path) != ".parquet":
+        return False
+    try:
+        with contextlib.ExitStack() as stack:
+            src = stack.enter_context(remote.open_binary(path)) if remote.is_url(path) else path
+            schema = pq.read_schema(src)
+    except Exception:
+        return False  # the manifest reader reports it
+    for name in PATH_COLUMNS:
+        if name in schema.names:
+            typ = schema.field(name).type
+            return pa.types.is_struct(typ) and typ.get_field_index("bytes") >= 0
+    return False
+
+
+def _kind(raw: str | Path, path: str) -> str:
+    """What an input is: dir, manifest, file, hf, wds (WebDataset shard) or lhotse. Raises when missing."""
+    if corpora.hf_kind(path):
+        return "hf"
+    exists, is_dir = _stat(raw, path)
+    if not exists:
+        raise _missing_input(raw, path)
+    if is_dir:
+        return "hf" if corpora.is_saved_dataset(path) else "dir"
+    if corpora.is_tar(path):
+        return "wds"
+    ext = _manifest_ext(path)
+    if ext == ".jsonl":
+        try:
+            if corpora.is_lhotse_row(corpora.first_object(path)):
+                return "lhotse"
+        except (OSError, EOFError, UnicodeError):
+            pass  # the manifest reader says what is wrong
+        return "manifest"
+    if ext == ".parquet" and _is_parquet_dataset(path):
+        return "hf"
+    return "manifest" if ext in MANIFEST_EXTENSIONS else "file"
 
 
 def check_inputs(inputs: Iterable[str | Path]) -> None:
     """Fail fast, before a model loads: every input exists; every manifest opens and has a path column."""
     for raw in inputs:
         path = _input_path(raw)
-        if not os.path.exists(path):
-            raise _missing_input(raw, path)
-        if os.path.isdir(path):
-            try:
-                os.scandir(path).close()
-            except OSError as e:
-                raise SourceError(f"{raw}: cannot read directory ({e.strerror})") from e
-        elif _is_manifest(path):
-            _probe_manifest(str(raw), path)
-        elif not os.access(path, os.R_OK):
-            raise SourceError(f"{raw}: file is not readable")
+        kind = _kind(raw, path)
+        try:
+            if kind == "hf":
+                corpora.probe_hf(_shown(raw), path)
+            elif kind == "wds":
+                corpora.probe_webdataset(_shown(raw), path)
+            elif kind == "lhotse":
+                pass  # _kind read its first object
+            elif remote.is_url(path):
+                if kind == "manifest":
+                    _probe_manifest(_shown(raw), path)
+            elif kind == "dir":
+                try:
+                    os.scandir(path).close()
+                except OSError as e:
+                    raise SourceError(f"{raw}: cannot read directory ({e.strerror})") from e
+            elif kind == "manifest":
+                _probe_manifest(str(raw), path)
+            elif not os.access(path, os.R_OK):
+                raise SourceError(f"{raw}: file is not readable")
+        except corpora.CorpusError as e:
+            raise SourceError(str(e)) from e
+        except OSError as e:
+            raise SourceError(f"{_shown(raw)}: cannot read ({remote.redact(str(e)) or type(e).__name__})") from e
 
 
-def iter_items(inputs: Sequence[str | Path], extensions: Collection[str] | None = None) -> Iterator[AudioItem]:
-    """Yield AudioItems for every input in order; `extensions` filters directory scans only."""
+def iter_items(
+    inputs: Sequence[str | Path], extensions: Collection[str] | None = None, with_data: bool = True
+) -> Iterator[AudioItem]:
+    """Yield AudioItems for every input in order; `extensions` filters folder scans and shard members.
+
+    ``with_data=False`` is for counting: dataset inputs leave their audio bytes unread (``data`` None)."""
     exts = _normalise_extensions(extensions)
     for raw in inputs:
         path = _input_path(raw)
-        if not os.path.exists(path):
-            raise _missing_input(raw, path)
-        if os.path.isdir(path):
-            yield from _scan_dir(str(raw), path, exts)
-        elif _is_manifest(path):
-            yield from _iter_manifest(str(raw), path)
-        else:
-            full = os.path.abspath(path)
-            yield AudioItem(id=os.path.basename(full), path=full, origin=str(raw))
+        shown = _shown(raw)
+        kind = _kind(raw, path)
+        try:
+            if kind == "hf":
+                yield from corpora.iter_hf(shown, path, with_data)
+            elif kind == "wds":
+                yield from corpora.iter_webdataset(shown, path, exts, with_data)
+            elif kind == "lhotse":
+                yield from corpora.iter_lhotse(shown, path)
+            elif kind == "dir":
+                yield from (_scan_remote(shown, path, exts) if remote.is_url(path) else _scan_dir(shown, path, exts))
+            elif kind == "manifest":
+                yield from _iter_manifest(shown, path)
+            elif remote.is_url(path):
+                yield AudioItem(id=remote.basename(path), path=path, origin=shown)
+            else:
+                full = os.path.abspath(path)
+                yield AudioItem(id=os.path.basename(full), path=full, origin=shown)
+        except corpora.CorpusError as e:
+            raise SourceError(str(e)) from e
 
 
 # --- static sharding ---------------------------------------------------------------------------------
@@ -143,8 +248,40 @@ class Fingerprint:
     sha256: str | None = None
 
 
-def fingerprint(path: str, content_hash: bool = False) -> Fingerprint | None:
-    """Stat (and with ``content_hash`` read and hash) the file; None when it cannot be stat'ed or read."""
+def _remote_fingerprint(url: str, content_hash: bool) -> Fingerprint | None:
+    """size + mtime (or an ETag/version stamp) from the store's metadata; sha256 reads the object."""
+    try:
+        st = remote.info(url)
+        if st.get("type") == "directory":
+            return None
+        size, mtime = remote.version_of(st)
+        digest = None
+        if content_hash:
+            h = hashlib.sha256()
+            with remote.open_binary(url) as f:
+                while block := f.read(_HASH_BLOCK):
+                    h.update(block)
+            digest = h.hexdigest()
+    except Exception:  # not found, no credentials, network: "cannot read now", never "changed"
+        return None
+    return Fingerprint(size, mtime or 0, digest)
+
+
+def fingerprint(src: str | AudioItem, content_hash: bool = False) -> Fingerprint | None:
+    """Stat (and with ``content_hash`` read and hash) the item's source; None when it cannot be read.
+
+    ``src`` is a path, a URL (the store's size and modification time, or an ETag/version stamp where it
+    has none) or an item: one with embedded bytes is fingerprinted by its bytes (size, and a 63-bit
+    content stamp in the mtime slot, so a changed row is seen without --hash)."""
+    if isinstance(src, AudioItem):
+        if src.data is not None:
+            data = src.data
+            sha = hashlib.sha256(data).hexdigest() if content_hash else None
+            return Fingerprint(len(data), remote.stamp(data), sha)
+        src = src.path
+    if remote.is_url(src):
+        return _remote_fingerprint(src, content_hash)
+    path = src
     try:
         st = os.stat(path)
         if not stat.S_ISREG(st.st_mode):
@@ -199,6 +336,17 @@ def _listing(path: str) -> list[tuple[str, os.DirEntry[str], bool]]:
     keyed = [(e.name + "/" if is_dir else e.name, e, is_dir) for e, is_dir in entries]
     keyed.sort(key=lambda t: t[0])
     return keyed
+
+
+def _scan_remote(shown: str, url: str, exts: tuple[str, ...]) -> Iterator[AudioItem]:
+    """A remote folder: ids are relative paths, in the same sorted order as a local scan."""
+    try:
+        listed = list(remote.walk_files(url))
+    except Exception as e:
+        raise SourceError(f"{shown}: cannot list ({type(e).__name__}: {remote.redact(str(e))})") from e
+    for rel, full in listed:
+        if rel.lower().endswith(exts):
+            yield AudioItem(id=rel, path=full, origin=shown)
 
 
 def _scan_dir(shown: str, root: str, exts: tuple[str, ...]) -> Iterator[AudioItem]:
@@ -266,6 +414,13 @@ def _undecodable(text: str) -> bool:
 
 def _open_text(path: str, newline: str | None = None) -> TextIO:
     # utf-8-sig drops a BOM; surrogateescape turns bad bytes into a per-row error instead of a crash.
+    if remote.is_url(path) or path.endswith(".gz"):
+        import fsspec
+
+        opened = fsspec.open(
+            path, "rt", encoding="utf-8-sig", errors="surrogateescape", newline=newline, compression="infer"
+        )
+        return opened.open()
     return open(path, encoding="utf-8-sig", errors="surrogateescape", newline=newline)
 
 
@@ -354,7 +509,7 @@ def _jsonl_rows(shown: str, path: str) -> _Rows:
 
 def _open_parquet(shown: str, path: str) -> pq.ParquetFile:
     try:
-        pf = pq.ParquetFile(path)
+        pf = pq.ParquetFile(remote.open_binary(path) if remote.is_url(path) else path)
     except (OSError, pa.ArrowException) as e:
         raise SourceError(f"{shown}: cannot read Parquet ({e})") from e
     schema = pf.schema_arrow
@@ -363,7 +518,8 @@ def _open_parquet(shown: str, path: str) -> pq.ParquetFile:
     if not (pa.types.is_string(typ) or pa.types.is_large_string(typ) or pa.types.is_null(typ)):
         pf.close()
         raise SourceError(
-            f"{shown}: path column '{col}' has type {typ}, expected strings (embedded audio is not supported)"
+            f"{shown}: path column '{col}' has type {typ}, expected strings (for embedded audio: an Audio"
+            " column of bytes/path structs, read as an HF dataset)"
         )
     return pf
 
@@ -379,7 +535,7 @@ def _parquet_rows(shown: str, path: str) -> _Rows:
 
 
 def _manifest_rows(shown: str, path: str) -> _Rows:
-    ext = os.path.splitext(path)[1].lower()
+    ext = _manifest_ext(path)
     if ext == ".txt":
         return _txt_rows(path)
     if ext in (".csv", ".tsv"):
@@ -391,7 +547,7 @@ def _manifest_rows(shown: str, path: str) -> _Rows:
 
 def _probe_manifest(shown: str, path: str) -> None:
     """Open a manifest and read just enough (header, schema, first object) to know iter_items can use it."""
-    ext = os.path.splitext(path)[1].lower()
+    ext = _manifest_ext(path)
     try:
         if ext in (".csv", ".tsv"):
             with _open_text(path, newline="") as f:
@@ -409,7 +565,7 @@ def _probe_manifest(shown: str, path: str) -> None:
             with _open_text(path) as f:
                 f.read(1)
     except OSError as e:
-        raise SourceError(f"{shown}: cannot read manifest ({e.strerror or e})") from e
+        raise SourceError(f"{shown}: cannot read manifest ({e.strerror or remote.redact(str(e))})") from e
 
 
 def _seconds(value: Any, name: str) -> float | None:
@@ -438,8 +594,8 @@ def _text(value: Any) -> str | None:
 
 def _iter_manifest(shown: str, path: str) -> Iterator[AudioItem]:
     """Rows to AudioItems: resolve paths against the manifest folder, derive ids, flag bad rows and dupes."""
-    base = os.path.dirname(os.path.abspath(path))
-    name = os.path.basename(path)
+    base = remote.parent(path) if remote.is_url(path) else os.path.dirname(os.path.abspath(path))
+    name = remote.basename(path) if remote.is_url(path) else os.path.basename(path)
     seen: dict[str, int] = {}
     try:
         for n, row in _manifest_rows(shown, path):
@@ -462,7 +618,12 @@ def _row_item(
     raw_path = row.get(key) if key else None
     full = ""
     if isinstance(raw_path, str) and raw_path.strip():
-        full = os.path.abspath(os.path.join(base, os.path.expanduser(raw_path)))
+        if remote.is_url(raw_path):
+            full = raw_path
+        elif remote.is_url(base):
+            full = remote.join(base + "/", raw_path)
+        else:
+            full = os.path.abspath(os.path.join(base, os.path.expanduser(raw_path)))
 
     def bad(reason: str, item_id: str | None = None) -> AudioItem:
         return AudioItem(id=item_id or given_id or placeholder, path=full, origin=origin, extra=extra, error=reason)
@@ -491,7 +652,9 @@ def _row_item(
 
     error = None
     try:
-        if stat.S_ISDIR(os.stat(full).st_mode):
+        if remote.is_url(full):  # no HEAD per row: the fingerprint and the decoder say if it is missing
+            pass
+        elif stat.S_ISDIR(os.stat(full).st_mode):
             error = f"is a directory: {full}"
     except FileNotFoundError:
         error = f"{'broken symlink' if os.path.lexists(full) else 'file not found'}: {full}"
@@ -507,3 +670,98 @@ def _row_item(
         origin=origin,
         error=error,
     )
+
+
+# --- the run's passthrough columns ---------------------------------------------------------------------
+
+# How many rows of a JSONL manifest decide its columns' types (CSV has a header and only strings;
+# Parquet has a schema).
+DECLARE_ROWS = 1000
+
+
+def value_kind(value: Any) -> str | None:
+    """The column type one passthrough value asks for: string, int64, float64, bool; json for the rest."""
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        return "bool"
+    if isinstance(value, int):
+        return "int64" if -(2**63) <= value < 2**63 else "json"
+    if isinstance(value, float):
+        return "float64"
+    if isinstance(value, str):
+        return "string"
+    if getattr(value, "ndim", None) == 0 and hasattr(value, "item"):  # numpy scalars
+        return value_kind(value.item())
+    return "json"
+
+
+def merge_kinds(kinds: Iterable[str | None]) -> str | None:
+    """One column type for a set of value kinds: ints with floats are float64, any other mix is string."""
+    found = {k for k in kinds if k is not None}
+    if not found:
+        return None
+    if len(found) == 1 and "json" not in found:
+        return found.pop()
+    if found <= {"int64", "float64"}:
+        return "float64"
+    return "string"
+
+
+def _arrow_kind(typ: pa.DataType) -> str:
+    if pa.types.is_boolean(typ):
+        return "bool"
+    if pa.types.is_integer(typ) and not (pa.types.is_uint64(typ)):
+        return "int64"
+    if pa.types.is_floating(typ):
+        return "float64"
+    return "string"
+
+
+def declared_columns(inputs: Sequence[str | Path], rows: int = DECLARE_ROWS) -> dict[str, str]:
+    """The passthrough columns a run writes, {manifest key: type}, decided before its first part.
+
+    Read from every manifest input: a CSV/TSV header (all strings), a Parquet schema, the keys and
+    values of a JSONL manifest's first ``rows`` objects (a key only seen later is not declared; its
+    values go to the ``warnings`` column). Folders, single files and .txt manifests declare nothing.
+    A key two manifests type differently is float64 (ints and floats) or string. Types: string,
+    int64, float64, bool. Inputs that cannot be read declare nothing here (check_inputs reports them).
+    """
+    kinds: dict[str, list[str | None]] = {}
+
+    def add(key: str, kind: str | None) -> None:
+        kinds.setdefault(key, []).append(kind)
+
+    for raw in inputs:
+        path = _input_path(raw)
+        if not os.path.isfile(path) or not _is_manifest(path):
+            continue
+        ext = os.path.splitext(path)[1].lower()
+        try:
+            if ext in (".csv", ".tsv"):
+                with _open_text(path, newline="") as f:
+                    header = _csv_header(str(raw), csv.reader(f, delimiter="\t" if ext == ".tsv" else ","))
+                key = next((k for k in PATH_COLUMNS if k in header), None)
+                for name in header:
+                    if name != key and name not in _KNOWN_COLUMNS:
+                        add(name, "string")
+            elif ext == ".parquet":
+                with _open_parquet(str(raw), path) as pf:
+                    schema = pf.schema_arrow
+                key = next((k for k in PATH_COLUMNS if k in schema.names), None)
+                for field in schema:
+                    if field.name != key and field.name not in _KNOWN_COLUMNS:
+                        add(field.name, _arrow_kind(field.type))
+            elif ext == ".jsonl":
+                for n, (_, row) in enumerate(_jsonl_rows(str(raw), path)):
+                    if n >= rows:
+                        break
+                    if isinstance(row, str):
+                        continue
+                    key = next((k for k in PATH_COLUMNS if k in row), None)
+                    for name, value in row.items():
+                        if name != key and name not in _KNOWN_COLUMNS:
+                            add(name, value_kind(value))
+        except (OSError, SourceError, pa.ArrowException):
+            continue
+    return {k: merge_kinds(v) or "string" for k, v in kinds.items()}

@@ -96,6 +96,10 @@ class CaptionSpec:
         for name in ("log_file", "summary_json"):
             if name in opts:
                 opts[name] = str(opts[name])
+        for name in ("chunk_seconds", "overlap", "gpu_memory_utilization", "log_interval"):
+            # the CLI hands floats: 20 and 20.0 must be one run key
+            if isinstance(opts.get(name), int) and not isinstance(opts[name], bool):
+                opts[name] = float(opts[name])
         task = str(opts.pop("task", "caption"))
         sampling_opts = {k: opts.pop(k) for k in _SAMPLING_OPTIONS if k in opts}
         ext = opts.pop("ext", None)

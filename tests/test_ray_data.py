@@ -148,7 +148,8 @@ if __name__ == "__main__":
 @pytest.mark.engine
 def test_ray_data_matches_flamingo_caption_then_resumes(corpus, tiny_af3, tmp_path):
     import flamingo_cli
-    from flamingo_cli.ray_data import RaySettings, caption_with_ray
+    from flamingo_cli.api import caption_with_ray
+    from flamingo_cli.ray_data import RaySettings
 
     ref_out, ray_out, api_out = tmp_path / "ref", tmp_path / "ray", tmp_path / "api"
     ref = run_cli(["caption", corpus, "--out", ref_out, "--model", tiny_af3, "--chunk-seconds", "20", *ENGINE_ARGS])

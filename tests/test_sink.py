@@ -109,6 +109,7 @@ def test_schema_column_order_and_types(tmp_path: Path) -> None:
         "source_mtime_ns",
         "source_sha256",
         "source_version",
+        "warnings",
     ]
     assert SCHEMA.field("created_at").type == pa.timestamp("us", tz="UTC")
     assert SCHEMA.field("reasoning").type == pa.string() and SCHEMA.field("reasoning").nullable
@@ -554,14 +555,60 @@ def test_passthrough_all_null_column_is_string(tmp_path: Path) -> None:
     assert table.schema.field("note").type == pa.string()
 
 
-def test_parts_with_different_passthrough_types_stay_readable(tmp_path: Path) -> None:
+def test_one_schema_per_run_misfits_are_null_with_a_warning(tmp_path: Path) -> None:
+    """The first part fixes the passthrough columns; later parts keep them (names and types)."""
     with make_sink(tmp_path, rows_per_part=1) as s:
         s.write(make_result("a", extra={"bpm": 120}))
         s.write(make_result("b", extra={"bpm": 92.5, "key": "C"}))
+        s.write(make_result("c", extra={}))
     schemas = [pq.read_schema(p) for p in parts(tmp_path)]
-    unified = pa.unify_schemas(schemas, promote_options="permissive")
-    table = ds.dataset(tmp_path / f"run={KEY}", schema=unified, format="parquet").to_table()
-    assert sorted(table["bpm"].to_pylist()) == [92.5, 120.0]
+    assert len(schemas) == 3
+    assert all(sch.remove_metadata() == schemas[0].remove_metadata() for sch in schemas)
+    assert schemas[0].field("bpm").type == pa.int64()
+    rows = {r["id"]: r for r in ds.dataset(tmp_path / f"run={KEY}", format="parquet").to_table().to_pylist()}
+    assert rows["a"]["bpm"] == 120 and rows["a"]["warnings"] is None
+    assert rows["b"]["bpm"] is None
+    assert "bpm: 92.5 is not int64; stored null" in rows["b"]["warnings"]
+    assert "key: not a column of this run" in rows["b"]["warnings"]
+    assert "key" not in rows["b"]
+    assert rows["c"]["bpm"] is None and rows["c"]["warnings"] is None
+
+
+def test_declared_columns_fix_the_schema_before_the_first_part(tmp_path: Path) -> None:
+    columns = {"year": "int64", "genre": "string", "score": "float64", "live": "bool", "id": "string"}
+    with make_sink(tmp_path, rows_per_part=1, columns=columns) as s:
+        s.write(make_result("a", extra={"year": "1999"}))  # a string where an int is declared
+        s.write(make_result("b", extra={"year": 2001, "score": 3, "live": True, "genre": 7, "id": "x"}))
+    schemas = [pq.read_schema(p).remove_metadata() for p in parts(tmp_path)]
+    assert schemas[0] == schemas[1]
+    assert [(f.name, f.type) for f in schemas[0]][len(SCHEMA) :] == [
+        ("year", pa.int64()),
+        ("genre", pa.string()),
+        ("score", pa.float64()),
+        ("live", pa.bool_()),
+        ("extra_id", pa.string()),
+    ]
+    rows = {
+        r["id"]: r
+        for r in pq.read_table(parts(tmp_path)[0]).to_pylist() + pq.read_table(parts(tmp_path)[1]).to_pylist()
+    }
+    assert rows["a"]["year"] is None and "year: '1999' is not int64" in rows["a"]["warnings"]
+    assert (rows["b"]["year"], rows["b"]["score"], rows["b"]["live"], rows["b"]["genre"]) == (2001, 3.0, True, "7")
+    assert rows["b"]["extra_id"] == "x" and rows["b"]["warnings"] is None
+    # A resume keeps the first part's schema whatever it declares.
+    with make_sink(tmp_path, columns={"other": "string"}) as s:
+        assert s.columns == {
+            "year": "int64",
+            "genre": "string",
+            "score": "double",
+            "live": "bool",
+            "extra_id": "string",
+        }
+
+
+def test_declared_column_type_names_are_checked(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="not one of"):
+        make_sink(tmp_path, columns={"year": "integer"})
 
 
 # --- output errors -------------------------------------------------------------------------------
@@ -691,3 +738,32 @@ def test_close_failure_keeps_sink_open(tmp_path: Path, monkeypatch: pytest.Monke
     s.close()
     assert s.rows_written == 1
     assert os.listdir(tmp_path / f"run={KEY}" / ".tmp") == []
+
+
+def test_resume_keeps_the_column_of_each_manifest_key(tmp_path: Path) -> None:
+    extra = {"id": "manifest-id", "extra_id": "taken", "lang": "en"}
+    with make_sink(tmp_path) as s:
+        s.write(make_result("a", extra=extra))
+    with make_sink(tmp_path) as s:
+        s.write(make_result("b", extra=extra))
+    rows = {r["id"]: r for r in read_run(tmp_path).to_pylist()}
+    assert rows["b"]["extra_id"] == "taken" and rows["b"]["extra_extra_id"] == "manifest-id"
+    assert rows["b"]["warnings"] is None
+
+
+def test_layout_functions(tmp_path: Path) -> None:
+    assert sink_mod.runs(tmp_path) == [] and sink_mod.part_files(tmp_path, KEY) == []
+    with make_sink(tmp_path, rows_per_part=2) as s:
+        for i in range(5):
+            s.write(make_result(f"i{i}"))
+    other = run_key({"other": 1})
+    with Sink(tmp_path, other, {}, model="m", task="t") as s:
+        s.write(make_result("x"))
+    (tmp_path / f"run={KEY}" / "notes.txt").write_text("not a part")
+    assert sink_mod.runs(tmp_path) == sorted([KEY, other])
+    files = sink_mod.part_files(tmp_path, KEY)
+    assert [Path(f).name[:11] for f in files] == ["part-000000", "part-000001", "part-000002"]
+    assert sink_mod.rows_on_disk(tmp_path, KEY) == 5 and sink_mod.rows_on_disk(tmp_path, "abc") == 0
+    table = sink_mod.read_output(tmp_path)
+    assert table.num_rows == 6 and table.schema.names[-1] == "run"
+    assert sorted(set(table["run"].to_pylist())) == sorted([KEY, other])

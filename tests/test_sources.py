@@ -259,11 +259,14 @@ def test_parquet_manifest_streams_many_rows(tmp_path: Path) -> None:
     assert ids(itertools.islice(iter_items([manifest]), 3)) == ["r0", "r1", "r2"]
 
 
-def test_parquet_embedded_audio_column_is_rejected(tmp_path: Path) -> None:
+def test_parquet_embedded_audio_column_is_read_as_a_dataset(tmp_path: Path) -> None:
+    """A Parquet file whose audio column holds bytes/path structs (HF's Audio) is a dataset input, not a
+    manifest: its rows carry the bytes for flamingo's decoder."""
     manifest = tmp_path / "hf.parquet"
-    pq.write_table(pa.table({"audio": [{"bytes": b"x", "path": "a.wav"}]}), manifest)
-    with pytest.raises(SourceError, match="embedded audio"):
-        check_inputs([manifest])
+    pq.write_table(pa.table({"audio": [{"bytes": b"x", "path": "a.wav"}], "lang": ["en"]}), manifest)
+    check_inputs([manifest])
+    (item,) = iter_items([manifest])
+    assert (item.id, item.data, dict(item.extra), item.error) == ("train/0", b"x", {"lang": "en"}, None)
 
 
 def test_duplicate_ids_flag_second_and_later(tmp_path: Path) -> None:
@@ -394,3 +397,34 @@ def test_check_inputs(tmp_path: Path) -> None:
         check_inputs([corrupt])
     with pytest.raises(SourceError, match="cannot read Parquet"):
         list(iter_items([corrupt]))
+
+
+def test_declared_columns_from_manifest_headers_schemas_and_first_rows(tmp_path: Path) -> None:
+    from flamingo_cli.sources import declared_columns
+
+    (tmp_path / "a.csv").write_text("path,id,year,genre\nx.wav,1,1999,rock\n")
+    rows = [
+        {"audio_filepath": "x.wav", "year": 1999, "score": 1, "live": True, "tags": ["a"]},
+        {"audio_filepath": "y.wav", "score": 2.5, "note": None},
+    ]
+    (tmp_path / "b.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    pq.write_table(
+        pa.table({"path": ["x.wav"], "bpm": pa.array([120], pa.int32()), "rating": [4.5], "offset": [0.0]}),
+        tmp_path / "c.parquet",
+    )
+    (tmp_path / "d.txt").write_text("x.wav\n")
+    assert declared_columns([tmp_path / "a.csv"]) == {"year": "string", "genre": "string"}
+    assert declared_columns([tmp_path / "b.jsonl"]) == {
+        "year": "int64",
+        "score": "float64",  # ints with floats
+        "live": "bool",
+        "tags": "string",  # lists as JSON text
+        "note": "string",  # only nulls seen
+    }
+    assert declared_columns([tmp_path / "c.parquet"]) == {"bpm": "int64", "rating": "float64"}
+    # Two manifests that type a key differently: int64 with string -> string.
+    assert declared_columns([tmp_path / "b.jsonl", tmp_path / "a.csv"])["year"] == "string"
+    # Folders, single files and .txt manifests declare nothing; only the first `rows` objects count.
+    assert declared_columns([tmp_path, tmp_path / "d.txt"]) == {}
+    assert "score" in declared_columns([tmp_path / "b.jsonl"], rows=1)
+    assert "note" not in declared_columns([tmp_path / "b.jsonl"], rows=1)

@@ -1,0 +1,72 @@
+"""The shape the code keeps (docs/extending.md): no import cycles between flamingo's modules, the
+package root imports nothing heavy, and the CLI, the Python API and a spec agree on run keys."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parent.parent / "flamingo_cli"
+
+
+def _imports(path: Path) -> set[str]:
+    """flamingo modules a file imports, at module level or inside functions (lazy imports count)."""
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("flamingo_cli"):
+            parts = node.module.split(".")
+            if len(parts) > 1:
+                found.add(parts[1])
+            else:
+                found.update(a.name for a in node.names if (PACKAGE / f"{a.name}.py").exists())
+        elif isinstance(node, ast.Import):
+            found.update(a.name.split(".")[1] for a in node.names if a.name.startswith("flamingo_cli."))
+    found.discard(path.stem)
+    return found
+
+
+def test_no_module_imports_one_that_imports_it_back() -> None:
+    graph = {p.stem: _imports(p) for p in PACKAGE.glob("*.py")}
+    cycles = []
+
+    def walk(start: str, node: str, path: list[str]) -> None:
+        for dep in sorted(graph.get(node, ())):
+            if dep == start:
+                cycles.append([*path, dep])
+            elif dep not in path and dep in graph:
+                walk(start, dep, [*path, dep])
+
+    for module in graph:
+        walk(module, module, [module])
+    assert not cycles, cycles[:5]
+
+
+def test_the_package_root_imports_nothing_heavy() -> None:
+    code = (
+        "import sys, flamingo_cli; flamingo_cli.caption; flamingo_cli.CaptionSpec; "
+        "print([m for m in ('torch', 'vllm', 'transformers', 'pyarrow', 'librosa') if m in sys.modules])"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_the_cli_and_the_api_build_the_same_spec(tmp_path: Path) -> None:
+    """Options arrive by the same names; types from Typer (floats) and Python (ints) give one run key."""
+    from flamingo_cli.spec import CaptionSpec, SpecError
+
+    (tmp_path / "a.wav").write_bytes(b"")
+    cli_like = CaptionSpec.build([str(tmp_path)], tmp_path / "o", temperature=0.0, max_tokens=8, chunk_seconds=20.0)
+    py_like = CaptionSpec.build(str(tmp_path), str(tmp_path / "o"), temperature=0, max_tokens=8, chunk_seconds=20)
+    assert cli_like.run_key == py_like.run_key
+    assert cli_like.identity()["sampling"]["max_tokens"] == 8
+    # the preset's sampling is merged, not replaced (describe-music's max_tokens stays unless overridden)
+    mf = CaptionSpec.build([str(tmp_path)], tmp_path / "o", task="describe-music", temperature=0)
+    assert mf.sampling.max_tokens == 2048 and mf.sampling.temperature == 0.0
+    with pytest.raises(SpecError, match="unknown option"):
+        CaptionSpec.build([str(tmp_path)], tmp_path / "o", temprature=0)
+    with pytest.raises(SpecError, match="--top-k"):
+        CaptionSpec.build([str(tmp_path)], tmp_path / "o", top_k=-5)
