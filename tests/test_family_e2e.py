@@ -74,8 +74,10 @@ def test_af_next_captions_a_25_minute_file_in_one_prompt(tiny_afnext, clips, tmp
     long = rows["long_25min.flac"]
     assert (long["num_chunks"], long["start_s"], long["end_s"]) == (1, 0.0, 1500.0)
     # 50 windows of 750 tokens + <|sound_bos|>/<|sound_eos|> + the chat turn around them
-    assert long["prompt_tokens"] > 50 * 750 + 2 and long["caption"] and long["error"] is None
-    assert long["reasoning"] is None and rows["short.wav"]["caption"]
+    assert long["prompt_tokens"] > 50 * 750 + 2 and long["error"] is None
+    # Random weights may stop at once (an empty caption); what matters is a finished, error-free row.
+    assert long["caption"] is not None and long["output_tokens"] >= 1 and long["reasoning"] is None
+    assert rows["short.wav"]["caption"] is not None and rows["short.wav"]["error"] is None
 
 
 def test_af_next_captioner_runs_its_preset(tiny_afnext_captioner, clips, tmp_path):
