@@ -1,4 +1,4 @@
-"""Build random-weight AF3 / MF checkpoints in the exact layout of the hub checkpoints.
+"""Build random-weight AF3 / MF / AF-Next checkpoints in the exact layout of the hub checkpoints.
 
 No model weights can be downloaded where flamingo is developed and tested, so CI runs on a tiny
 random checkpoint and GPU benchmarks on a full-size one built from the real configs. Both use the real
@@ -10,13 +10,37 @@ Imports torch/transformers lazily: this module is only used by scripts, tests an
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 from typing import Any
 
-from flamingo_cli.models import AF3, MF, ModelFamily
+from flamingo_cli.models import (
+    AF3,
+    AFNEXT,
+    AFNEXT_CAPTIONER,
+    AFNEXT_THINK,
+    MF,
+    MF_THINK,
+    THINK_CLOSE,
+    THINK_OPEN,
+    ModelFamily,
+)
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<sound>", "<|sound_bos|>", "<|sound_eos|>"]
+# Think checkpoints: Qwen3-style added tokens that are not "special", so decoding keeps them in the text
+# (whether the real AF-Next-think tokenizer adds them is doubtful: docs/model-family.md).
+THINK_TOKENS = [THINK_OPEN, THINK_CLOSE]
+
+# --kind → the family whose files the checkpoint carries.
+KINDS: dict[str, ModelFamily] = {
+    "af3": AF3,
+    "mf": MF,
+    "mf-think": MF_THINK,
+    "af-next": AFNEXT,
+    "af-next-think": AFNEXT_THINK,
+    "af-next-captioner": AFNEXT_CAPTIONER,
+}
 
 # Sizes: "tiny" fits CPU CI (a few MB); "full" is the real Qwen2.5-7B + Whisper-large-v3 geometry.
 # vLLM's CPU attention needs head_dim in {32, 64, 80, 96, 112, 128, ...}.
@@ -56,14 +80,14 @@ def processor_chat_template(family: ModelFamily) -> str:
 
 
 def _training_text() -> list[str]:
-    from flamingo_cli.models import AF3_SYSTEM_PROMPT, MF_SYSTEM_PROMPT
+    from flamingo_cli.models import AF3_SYSTEM_PROMPT, AFNEXT_SYSTEM_PROMPT, MF_SYSTEM_PROMPT
 
     words = (
         "the a music audio sound speech song track describe caption transcribe lyrics genre tempo key "
         "instrument guitar piano drums bass voice vocals mood energy production style recording noise "
         "detail detailed what is in this clip listen carefully and write one sentence about it"
     )
-    return [AF3_SYSTEM_PROMPT, MF_SYSTEM_PROMPT, words] * 4
+    return [AF3_SYSTEM_PROMPT, MF_SYSTEM_PROMPT, AFNEXT_SYSTEM_PROMPT, words] * 4
 
 
 # Where Qwen2.5 / AF3 / MF keep their special tokens (the full-size tokenizer uses these exact ids).
@@ -74,11 +98,13 @@ REAL_SPECIAL_IDS = {
     "<sound>": 151669,
     "<|sound_bos|>": 151670,
     "<|sound_eos|>": 151671,
+    THINK_OPEN: 151667,  # Qwen3's ids; doubtful for AF-Next-think (docs/model-family.md)
+    THINK_CLOSE: 151668,
 }
 REAL_VOCAB_SIZE = 151672
 
 
-def build_tokenizer(vocab_size: int):
+def build_tokenizer(vocab_size: int, think: bool = False):
     """A byte-level BPE tokenizer with Qwen2's special tokens and AF3/MF's sound tokens.
 
     Small sizes train a real BPE on a little text; the full size (151672) keeps that BPE and fills
@@ -91,11 +117,12 @@ def build_tokenizer(vocab_size: int):
     from transformers import PreTrainedTokenizerFast
 
     small = min(vocab_size, 640)
+    extra = THINK_TOKENS if think else []
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=small - len(SPECIAL_TOKENS),
+        vocab_size=small - len(SPECIAL_TOKENS) - len(extra),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
@@ -105,7 +132,7 @@ def build_tokenizer(vocab_size: int):
         vocab = dict(model["vocab"])
         merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
         alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-        specials_at = {i: t for t, i in REAL_SPECIAL_IDS.items()}
+        specials_at = {i: t for t, i in REAL_SPECIAL_IDS.items() if t in SPECIAL_TOKENS or t in extra}
         next_id = len(vocab)
         n = 0
         while next_id < vocab_size:
@@ -126,6 +153,8 @@ def build_tokenizer(vocab_size: int):
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         tok.decoder = decoders.ByteLevel()
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
+    if extra:
+        tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in extra])
     return PreTrainedTokenizerFast(
         tokenizer_object=tok,
         eos_token="<|im_end|>",
@@ -156,8 +185,12 @@ def build_checkpoint(
     seed: int = 0,
     lm_head_std: float | None = None,
 ) -> Path:
-    """Write a random-weight AF3 ('af3') or MF ('mf') checkpoint to ``out`` and return its path.
+    """Write a random-weight checkpoint of one of KINDS to ``out`` and return its path.
 
+    AF-Next kinds carry what the AF-Next conversion script writes (docs/model-family.md): MF's
+    architecture with rope_theta 1800, a processor with max_audio_len 1800 and the AF-Next system
+    prompt, and an LLM that takes 128K positions. Think kinds add ``<think>``/``</think>`` to the
+    tokenizer and, when tiny, wire the output layer so greedy decoding goes through a think block.
     ``lm_head_std`` sharpens the output layer (default: 0.5 tiny, 0.02 full): quality comparisons
     (fp8 vs bf16) need logits with a spread, or every greedy step is a near-tie.
     """
@@ -175,13 +208,15 @@ def build_checkpoint(
         WhisperFeatureExtractor,
     )
 
-    family = {"af3": AF3, "mf": MF}[kind]
+    if kind not in KINDS:
+        raise ValueError(f"unknown checkpoint kind {kind!r}; choose one of {', '.join(KINDS)}")
+    family = KINDS[kind]
     spec = SIZES[size]
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
 
-    tokenizer = build_tokenizer(spec["vocab_size"] or REAL_VOCAB_SIZE)
+    tokenizer = build_tokenizer(spec["vocab_size"] or REAL_VOCAB_SIZE, think=family.think)
     vocab = tokenizer.get_vocab()
     ids = {t: vocab[t] for t in SPECIAL_TOKENS}
     vocab_size = spec["vocab_size"] or REAL_VOCAB_SIZE
@@ -193,7 +228,7 @@ def build_checkpoint(
         rope_theta=1000000.0,
         tie_word_embeddings=False,
         dtype=dtype,
-        **spec["text"],
+        **{**spec["text"], **({"max_position_embeddings": 131072} if family.family == "afnext" else {})},
     )
     audio_config = {"model_type": "audioflamingo3_encoder", "num_mel_bins": 128, **spec["audio"]}
     feature_extractor = WhisperFeatureExtractor(feature_size=128, return_attention_mask=True)
@@ -219,9 +254,11 @@ def build_checkpoint(
             audio_token_id=ids["<sound>"],
             audio_bos_token_id=ids["<|sound_bos|>"],
             audio_eos_token_id=ids["<|sound_eos|>"],
-            rope_parameters={"rope_type": "default", "rope_theta": 1200, "partial_rotary_factor": 0.2},
+            rope_parameters={"rope_type": "default", "rope_theta": family.max_audio_s, "partial_rotary_factor": 0.2},
         )
-        processor = MusicFlamingoProcessor(feature_extractor, tokenizer, chat_template=template)
+        processor = MusicFlamingoProcessor(
+            feature_extractor, tokenizer, chat_template=template, max_audio_len=family.max_audio_s
+        )
         model_cls = MusicFlamingoForConditionalGeneration
         generation = GenerationConfig(
             bos_token_id=ids["<|endoftext|>"],
@@ -241,6 +278,8 @@ def build_checkpoint(
     if lm_head_std is None:
         lm_head_std = 0.5 if size == "tiny" else 0.02
     _init_random(model, seed, lm_head_std=lm_head_std)
+    if family.think and size == "tiny":
+        _wire_think_chain(model, tokenizer, seed)
 
     state = {}
     for key, tensor in model.state_dict().items():
@@ -265,6 +304,37 @@ def build_checkpoint(
         )
     )
     return out
+
+
+# What a tiny think checkpoint says under greedy decoding: a think block, then an answer.
+THINK_CHAIN = ["\n", THINK_OPEN, " listen", " carefully", THINK_CLOSE, " music", "<|im_end|>"]
+
+
+def _wire_think_chain(model, tokenizer, seed: int, scale: float = 8.0) -> None:
+    """Make greedy decoding follow THINK_CHAIN from the prompt's last token (``assistant\n``).
+
+    In a tiny random transformer the last position's hidden state is dominated by the current token's
+    embedding (the residual stream), so giving each chain token a large embedding and pointing the
+    output row of its successor at it makes a deterministic next-token table, in transformers and in
+    vLLM alike. The rest of the model stays random.
+    """
+    import torch
+
+    ids = []
+    for piece in THINK_CHAIN:
+        enc = tokenizer.encode(piece, add_special_tokens=False)
+        if len(enc) != 1:
+            raise ValueError(f"think chain piece {piece!r} is {len(enc)} tokens in this tokenizer; expected 1")
+        ids.append(enc[0])
+    embed = model.get_input_embeddings().weight
+    head = model.get_output_embeddings().weight
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for a in ids[:-1]:
+            v = torch.randn(embed.shape[1], generator=gen)
+            embed[a] = (v / v.norm() * scale).to(embed.dtype)
+        for a, b in itertools.pairwise(ids):
+            head[b] += (embed[a] / embed[a].norm() * scale * 4).to(head.dtype)
 
 
 def _init_random(model, seed: int, lm_head_std: float = 0.02) -> None:

@@ -36,6 +36,7 @@ from flamingo_cli.records import Request, Result
 DEFAULT_FACTORY = "flamingo_cli.engine:VllmEngine"
 _RESULT_FIELDS = (
     "caption",
+    "reasoning",
     "finish_reason",
     "prompt_tokens",
     "output_tokens",

@@ -275,17 +275,26 @@ def check_model(model: str, cache_dir: Path | None = None) -> Check:
             )
     config = find("config.json")
     if not config:
-        return Check("models", name, "error", f"not found in {where} (no config.json)", fix_missing)
+        from flamingo_cli.models import FAMILIES
+
+        known = next((f for f in FAMILIES.values() if f.hub_id == model_id), None)
+        planning = (
+            f"; --dry-run plans with built-in defaults ({known.name}, cap {known.max_audio_s} s)" if known else ""
+        )
+        return Check("models", name, "error", f"not found in {where} (no config.json){planning}", fix_missing)
     try:
         family = family_for(str(Path(config).parent))
     except (ValueError, OSError) as exc:
-        return Check("models", name, "error", f"config.json: {exc}", "point --model at an AF3 or MF checkpoint")
+        fix = "point --model at an AF3, Music Flamingo or AF-Next checkpoint"
+        return Check("models", name, "error", f"config.json: {exc}", fix)
     missing, weights = _weights_missing(find)
     missing += [f for f in _TOKENIZER_FILES if not find(f)]
     if missing:
         shown = ", ".join(missing[:4]) + (f" and {len(missing) - 4} more" if len(missing) > 4 else "")
         return Check("models", name, "error", f"{family.name} in {where}, but missing {shown}", fix_missing)
-    return Check("models", name, "ok", f"{family.name}, {weights}, tokenizer: loadable offline from {where}")
+    think = ", think" if family.think else ""
+    facts = f"{family.name}, cap {family.max_audio_s} s ({family.max_windows} windows){think}, read from the checkpoint"
+    return Check("models", name, "ok", f"{facts}, {weights}, tokenizer: loadable offline from {where}")
 
 
 def _decode_check(path: Path, label: str, fix: str = "reinstall soundfile (libsndfile)") -> Check:

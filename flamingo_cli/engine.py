@@ -23,6 +23,7 @@ from typing import Any, Protocol
 from flamingo_cli.errors import EngineError
 from flamingo_cli.models import TOKENS_PER_WINDOW, WINDOW_S, ModelFamily
 from flamingo_cli.quiet import engine_log_path, log_tail, quiet_env, redirect_fds, remove_quietly
+from flamingo_cli.reasoning import with_reasoning
 from flamingo_cli.records import SAMPLE_RATE, Request, Result, Sampling
 
 END = None  # put on a feed to say no more requests will come
@@ -287,7 +288,7 @@ class VllmEngine:
                 self._started.discard(out.request_id)
                 audio_s -= request.chunk.end_s - request.chunk.start_s
                 token_ids = tokens.pop(out.request_id)
-                yield Result(
+                result = Result(
                     chunk=request.chunk,
                     prompt=request.prompt,
                     caption="".join(texts.pop(out.request_id)),
@@ -297,6 +298,7 @@ class VllmEngine:
                     prompt_token_ids=list(out.prompt_token_ids or []),
                     token_ids=token_ids,
                 )
+                yield with_reasoning(result, self.config.family.think)
             if on_step:
                 on_step()  # after the results: a stop requested now still sees these as finished
             if self._drop:

@@ -29,9 +29,10 @@ from flamingo_cli.records import SAMPLE_RATE, AudioItem
 # Encoder windows (30 s of audio each) per second of GPU time, whole flamingo pipeline, one H100,
 # full-size AF3 in bf16, 128 output tokens per request. measured: see BENCHMARKS.md (30.25 at
 # max_num_batched_tokens 32768, 29.1 with vLLM's defaults; 29.5 is the round planning figure).
-# Music Flamingo: not measured; it has the same 7B language model and the same audio encoder, so the
-# AF3 rate is assumed. Longer outputs (captions up to 512-2048 tokens) take longer: an estimate only.
-GPU_WINDOWS_PER_S: dict[str, float] = {"af3": 29.5, "mf": 29.5}
+# Music Flamingo and AF-Next (all variants): not measured; they have the same 7B language model and
+# the same audio encoder, so the AF3 rate is assumed. Longer outputs (captions up to 512-2048 tokens)
+# take longer: an estimate only.
+GPU_WINDOWS_PER_S: dict[str, float] = {"af3": 29.5, "mf": 29.5, "afnext": 29.5}  # by ModelFamily.family
 GPU_RATE_SOURCE = "H100, full-size AF3, 128 output tokens per window (BENCHMARKS.md)"
 EXAMPLES_PER_PROBLEM = 3
 
@@ -117,7 +118,7 @@ def make_plan(
         max_chunk_s=max_chunk_s,
         chunk_s=chunk_s,
         overlap_s=overlap_s,
-        gpu_windows_per_s=GPU_WINDOWS_PER_S.get(family.name, 0.0),
+        gpu_windows_per_s=GPU_WINDOWS_PER_S.get(family.family, 0.0),
     )
 
     def account(item: AudioItem, total: float | None) -> None:

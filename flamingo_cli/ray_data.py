@@ -53,6 +53,7 @@ from flamingo_cli.models import FAMILIES
 from flamingo_cli.planner import CaptionJob, Planner, ResultSink, Stats
 from flamingo_cli.prompts import PromptBuilder
 from flamingo_cli.quiet import QUIET_ENV, quiet_env
+from flamingo_cli.reasoning import with_reasoning
 from flamingo_cli.records import SAMPLE_RATE, AudioItem, Chunk, DecodedAudio, Result
 from flamingo_cli.schema import output_check
 from flamingo_cli.sink import ResumeIndex, error_result
@@ -493,7 +494,10 @@ def run_ray_pipeline(
         if use_gpu is None:
             use_gpu = ray.cluster_resources().get("GPU", 0) > 0
         dataset = _dataset(job, config, settings, rows, params, seed, use_gpu, chat_template)
-        _consume(dataset, pending, sink, stats, on_result, on_tick, stop_event, output_check(job.sampling))
+        _consume(
+            dataset, pending, sink, stats, on_result, on_tick, stop_event, output_check(job.sampling),
+            think=config.family.think,
+        )  # fmt: skip
     finally:
         if settings.shutdown or (settings.shutdown is None and started):
             ray.shutdown()
@@ -565,8 +569,10 @@ def _consume(
     on_tick: Callable[[], None] | None,
     stop_event: threading.Event | None,
     check: Callable[[Result], Result] | None = None,
+    think: bool = False,
 ) -> None:
-    """Stream the dataset's rows into the sink as they finish (any order); ``check`` validates outputs."""
+    """Stream the dataset's rows into the sink as they finish (any order); think output split apart,
+    then ``check`` validates outputs (a schema run)."""
     begin = getattr(sink, "begin_item", None)
     remaining: dict[int, int] = {}
     rows = iter(dataset.iter_rows())
@@ -589,7 +595,7 @@ def _consume(
             remaining[seq] = int(row.get("todo") or 1)
             if begin is not None:
                 begin(entry.item.id, entry.source, entry.version, remaining[seq])
-        result = _result(row, entry)
+        result = with_reasoning(_result(row, entry), think)
         if check is not None:
             result = check(result)
         sink.write(result)

@@ -109,6 +109,8 @@ SCHEMA = pa.schema(
         ("task", pa.string()),
         ("prompt", pa.string()),
         ("caption", pa.string()),
+        # Think models: the text inside <think> … </think> (null for other models and for errors).
+        ("reasoning", pa.string()),
         ("finish_reason", pa.string()),
         ("prompt_tokens", pa.int32()),
         ("output_tokens", pa.int32()),
@@ -1353,6 +1355,7 @@ class Sink:
             "task": self.task,
             "prompt": result.prompt,
             "caption": result.caption,
+            "reasoning": result.reasoning,
             "finish_reason": result.finish_reason,
             "prompt_tokens": _opt_int(result.prompt_tokens),
             "output_tokens": _opt_int(result.output_tokens),

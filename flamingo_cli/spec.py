@@ -126,7 +126,7 @@ class CaptionSpec:
         except ValueError as exc:
             raise SpecError(str(exc)) from exc
         prompt = prompt_opt if prompt_opt is not None else preset.prompt
-        sampling = _sampling(preset, sampling_opts)
+        sampling = _sampling(preset, sampling_opts, default_max_tokens=family.max_new_tokens or DEFAULT_MAX_TOKENS)
         json_schema = _json_schema(schema_opt, preset)
         if json_schema is not None:
             sampling = replace(sampling, json_schema=json_schema.text)
@@ -394,11 +394,15 @@ def check_sampling(values: Mapping[str, Any], where: str = "") -> None:
         raise SpecError(f"ignore_eos {values['ignore_eos']!r}{where}: expected true or false")
 
 
-def _sampling(preset: Preset, overrides: Mapping[str, Any]) -> Sampling:
-    """Preset [sampling], then overrides; the checkpoint's generation_config fills the rest later."""
+def _sampling(preset: Preset, overrides: Mapping[str, Any], default_max_tokens: int = DEFAULT_MAX_TOKENS) -> Sampling:
+    """Preset [sampling], then overrides; the checkpoint's generation_config fills the rest later.
+
+    ``max_tokens`` is the one the engine needs up front (it sizes max_model_len): with neither a preset
+    nor an override, the checkpoint's ``max_new_tokens`` (``default_max_tokens``) decides.
+    """
     check_sampling(preset.sampling, where=f" (preset {preset.source or preset.name})")
     check_sampling(overrides)
-    values: dict[str, Any] = {"max_tokens": DEFAULT_MAX_TOKENS, **preset.sampling, **overrides}
+    values: dict[str, Any] = {"max_tokens": default_max_tokens, **preset.sampling, **overrides}
     values.setdefault("seed", 0)
     values["max_tokens"] = int(values["max_tokens"])
     values["seed"] = int(values["seed"])

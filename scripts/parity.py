@@ -2,6 +2,9 @@
 
     python scripts/parity.py --kind af3 --ckpt /tmp/af3-full --size full --dtype bfloat16 \
         --n 64 --min-s 30 --max-s 120 --max-new-tokens 32 --device cuda --out parity-af3-bf16.json
+    # AF-Next (the AF-Next conversion script's config: cap 1800 s, rope_theta 1800), long audio:
+    python scripts/parity.py --kind af-next --ckpt /tmp/af-next-full --size full --dtype bfloat16 \
+        --n 16 --min-s 1200 --max-s 1800 --max-new-tokens 32 --batch-size 2 --device cuda
 
 Builds the random-weight checkpoint if --ckpt does not exist. The vLLM side runs in a child process so
 its GPU memory is released before transformers loads the reference model.
@@ -17,6 +20,7 @@ import sys
 import time
 from pathlib import Path
 
+from flamingo_cli.checkpoints import KINDS
 from flamingo_cli.parity import Case
 
 
@@ -63,7 +67,7 @@ def vllm_phase(args) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--kind", choices=["af3", "mf"], required=True)
+    ap.add_argument("--kind", choices=list(KINDS), required=True)
     ap.add_argument("--ckpt", required=True)
     ap.add_argument("--size", choices=["tiny", "full"], default="tiny")
     ap.add_argument("--dtype", default="float32")

@@ -36,6 +36,32 @@ def tiny_mf(tmp_path_factory) -> Path:
     return build_checkpoint("mf", tmp_path_factory.mktemp("ckpt") / "tiny-mf")
 
 
+def _tiny(tmp_path_factory, kind: str) -> Path:
+    from flamingo_cli.checkpoints import build_checkpoint
+
+    return build_checkpoint(kind, tmp_path_factory.mktemp("ckpt") / f"tiny-{kind}")
+
+
+@pytest.fixture(scope="session")
+def tiny_mf_think(tmp_path_factory) -> Path:
+    return _tiny(tmp_path_factory, "mf-think")
+
+
+@pytest.fixture(scope="session")
+def tiny_afnext(tmp_path_factory) -> Path:
+    return _tiny(tmp_path_factory, "af-next")
+
+
+@pytest.fixture(scope="session")
+def tiny_afnext_think(tmp_path_factory) -> Path:
+    return _tiny(tmp_path_factory, "af-next-think")
+
+
+@pytest.fixture(scope="session")
+def tiny_afnext_captioner(tmp_path_factory) -> Path:
+    return _tiny(tmp_path_factory, "af-next-captioner")
+
+
 def make_audio(
     path: Path, seconds: float, sr: int = 16000, channels: int = 1, seed: int = 0, subtype: str | None = None
 ) -> Path:

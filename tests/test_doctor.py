@@ -38,6 +38,15 @@ COMPLETE = {
     "model-00002-of-00002.safetensors": "w2",
     "tokenizer.json": "{}",
     "tokenizer_config.json": "{}",
+    # What flamingo reads the cap, window and system prompt from (flamingo_cli/models.py).
+    "processor_config.json": json.dumps(
+        {
+            "processor_class": "AudioFlamingo3Processor",
+            "max_audio_len": 600,
+            "feature_extractor": {"chunk_length": 30, "hop_length": 160, "sampling_rate": 16000},
+        }
+    ),
+    "chat_template.jinja": "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n",
 }
 
 
@@ -55,6 +64,7 @@ def hub(tmp_path, monkeypatch):
 def test_model_checks(hub, tmp_path):
     good = check_model("acme/af3-complete")
     assert good.status == "ok" and "2 of 2 safetensors shards" in good.detail and "offline" in good.detail
+    assert "cap 600 s (20 windows), read from the checkpoint" in good.detail
 
     partial = check_model("acme/af3-partial")
     assert partial.status == "error" and "model-00002-of-00002.safetensors" in partial.detail
@@ -63,10 +73,17 @@ def test_model_checks(hub, tmp_path):
     absent = check_model("af3")  # the default hub id, not in this cache
     assert absent.status == "error" and "nvidia/audio-flamingo-3-hf" in absent.name
     assert absent.fix.startswith("hf download nvidia/audio-flamingo-3-hf")
+    assert "built-in defaults (af3, cap 600 s)" in absent.detail
+    afnext = check_model("afnext-captioner")
+    assert afnext.status == "error" and "built-in defaults (afnext-captioner, cap 1800 s)" in afnext.detail
 
     folder = tmp_path / "ckpt"
     folder.mkdir()
     (folder / "config.json").write_text(json.dumps(AF3_CONFIG))
+    no_processor = check_model(str(folder))
+    assert no_processor.status == "error" and "preprocessor_config.json" in no_processor.detail
+    for name in ("processor_config.json", "chat_template.jinja"):
+        (folder / name).write_text(COMPLETE[name])
     missing = check_model(str(folder))
     assert missing.status == "error" and "model.safetensors" in missing.detail and str(folder) in missing.fix
     for name in ("model.safetensors", "tokenizer.json", "tokenizer_config.json"):

@@ -99,6 +99,7 @@ def test_schema_column_order_and_types(tmp_path: Path) -> None:
         "task",
         "prompt",
         "caption",
+        "reasoning",
         "finish_reason",
         "prompt_tokens",
         "output_tokens",
@@ -113,6 +114,7 @@ def test_schema_column_order_and_types(tmp_path: Path) -> None:
     ]
     assert SCHEMA.field("path_bytes").type == pa.binary()
     assert SCHEMA.field("created_at").type == pa.timestamp("us", tz="UTC")
+    assert SCHEMA.field("reasoning").type == pa.string() and SCHEMA.field("reasoning").nullable
     assert SCHEMA.field("chunk_index").type == pa.int32()
 
     with make_sink(tmp_path) as s:
