@@ -151,6 +151,14 @@ SummaryJsonOpt = Annotated[
     Path | None, typer.Option("--summary-json", help="Write the end-of-run summary as JSON here (atomically).")
 ]
 
+MelOpt = Annotated[
+    str,
+    typer.Option(
+        "--mel-device",
+        help="Where the log-mel features are computed: auto (the GPU when the engine runs on one), cpu, cuda.",
+    ),
+]
+
 
 def _report_console():
     """stdout for reports (dry-run, inspect, doctor): the terminal's width, or 160 columns in pipes and
@@ -243,6 +251,7 @@ def caption(
     quantization: QuantOpt = None,
     kv_cache_dtype: KvCacheOpt = "auto",
     trim_encoder: TrimOpt = True,
+    mel_device: MelOpt = "auto",
     ignore_eos: Annotated[bool, typer.Option("--ignore-eos", hidden=True)] = False,
     schema: SchemaOpt = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,

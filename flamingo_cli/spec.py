@@ -77,6 +77,7 @@ class CaptionSpec:
     quantization: str | None = None  # "fp8": LM weights in FP8 (GPU), a quality trade the user chooses
     kv_cache_dtype: str = "auto"
     trim_encoder: bool = True  # audio tower on each window's valid frames (exact; vllm_plugin.py)
+    mel_device: str = "auto"  # where vLLM computes the log-mel: auto (the GPU on GPU hosts), cpu, cuda
     # what the operator sees
     quiet: bool = False
     verbose: bool = False
@@ -190,6 +191,13 @@ class CaptionSpec:
                 _check_range(name, value, lo=1, integer=True)
         _check_range("--log-interval", self.log_interval, lo=0, lo_open=True)
         _check_range("cpu_kv_cache_gb", self.cpu_kv_cache_gb, lo=0, lo_open=True)
+        if self.mel_device not in ("auto", "cpu", "cuda"):
+            raise SpecError(f"--mel-device {self.mel_device!r}: expected auto, cpu or cuda")
+        if self.mel_device == "cuda":
+            from flamingo_cli.engine import has_cuda
+
+            if not has_cuda():
+                raise SpecError("--mel-device cuda needs a CUDA GPU; this host has none (use auto or cpu)")
         if self.quantization is not None or self.kv_cache_dtype != "auto":
             self._check_fp8()
 
@@ -294,6 +302,7 @@ class CaptionSpec:
             quantization=self.quantization,
             kv_cache_dtype=self.kv_cache_dtype,
             trim_encoder=self.trim_encoder,
+            mel_device=self.mel_device,
         )
 
     @property
