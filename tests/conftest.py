@@ -11,6 +11,7 @@ import io
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -116,3 +117,15 @@ def read_rows(out: Path) -> list[dict]:
     if not out.exists():
         return []
     return ds.dataset(out, partitioning="hive", format="parquet").to_table().to_pylist()
+
+
+@pytest.fixture
+def fake(monkeypatch: pytest.MonkeyPatch, use_engine: Any) -> Any:
+    from fakes import FakeEngine
+
+    import flamingo_cli.prompts
+
+    engine = use_engine(FakeEngine())
+    monkeypatch.setattr(flamingo_cli.prompts, "load_chat_template", lambda model: None)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    return engine

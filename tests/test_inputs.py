@@ -15,7 +15,7 @@ import pytest
 import soundfile as sf
 from conftest import ENGINE_ARGS, make_audio, read_rows, run_cli
 from s3_server import s3_bucket, s3_env, s3_server  # noqa: F401  (fixtures)
-from test_reliability import FAKE_ARGS, FakeEngine, fake  # noqa: F401  (fixture)
+from test_reliability import FAKE_ARGS, FakeEngine
 
 from flamingo_cli import audio, remote
 from flamingo_cli.records import AudioItem

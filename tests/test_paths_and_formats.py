@@ -10,7 +10,6 @@ import json
 import os
 import threading
 from pathlib import Path
-from typing import Any
 
 import pyarrow.dataset as ds
 import pytest
@@ -21,17 +20,6 @@ from test_reliability import FakeEngine, caption
 from flamingo_cli.paths import escape_path, path_bytes
 from flamingo_cli.sink import SCAN_FILE, OutputError, Sink, read_scan
 from flamingo_cli.sources import HIDDEN, NO_EXTENSION, ScanStats, describe_skipped, iter_items
-
-
-@pytest.fixture
-def fake(monkeypatch: pytest.MonkeyPatch, use_engine: Any) -> FakeEngine:
-    import flamingo_cli.prompts
-
-    engine = use_engine(FakeEngine())
-    monkeypatch.setattr(flamingo_cli.prompts, "load_chat_template", lambda model: None)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    return engine
-
 
 LATIN1_NAME = b"caf\xe9 \xab live \xbb.wav"  # "café «live».wav" as Latin-1: not valid UTF-8
 

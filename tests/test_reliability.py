@@ -30,9 +30,10 @@ import pyarrow.parquet as pq
 import pytest
 import soundfile as sf
 from conftest import make_audio, read_rows, run_cli
+from fakes import FakeEngine
 
 from flamingo_cli.engine import END, EngineError
-from flamingo_cli.records import AudioItem, Result
+from flamingo_cli.records import AudioItem
 from flamingo_cli.sink import OutputError, ResumeIndex, Sink, current_rows, error_result
 from flamingo_cli.sources import Fingerprint, fingerprint, source_changed
 
@@ -42,69 +43,6 @@ FAKE_ARGS = ["--model", "af3", "--temperature", "0", "--max-tokens", "8", "--qui
 
 
 # --- a fake engine behind the real CLI ----------------------------------------------------------------
-
-
-class FakeEngine:
-    """Captions every request at once: ``fake:<id>#<chunk>``. Hooks inject faults after N results."""
-
-    def __init__(self) -> None:
-        self.versions = {"vllm": "fake"}
-        self.fail_ids: set[str] = set()  # these items' chunks come back as engine errors
-        self.after: dict[int, Any] = {}  # n -> callable run after the n-th result (1-based)
-        self.delay = 0.0
-        self.results = 0
-        self.requests: list[tuple[str, int]] = []
-
-    def effective_sampling(self, sampling: Any) -> dict[str, Any]:
-        return sampling.identity()
-
-    def run(self, feed: queue.Queue, sampling: Any, on_step: Any = None):
-        while True:
-            try:
-                request = feed.get(timeout=0.02)
-            except queue.Empty:
-                if on_step:
-                    on_step()
-                continue
-            if request is END:
-                return
-            chunk = request.chunk
-            self.requests.append(chunk.key)
-            if self.delay:
-                time.sleep(self.delay)
-            if on_step:
-                on_step()
-            self.results += 1
-            if chunk.item.id in self.fail_ids:
-                yield Result(chunk=chunk, prompt=request.prompt, error="rejected by the engine: injected")
-            else:
-                yield Result(
-                    chunk=chunk,
-                    prompt=request.prompt,
-                    caption=f"fake:{chunk.item.id}#{chunk.index}",
-                    finish_reason="stop",
-                    prompt_tokens=10,
-                    output_tokens=3,
-                )
-            hook = self.after.get(self.results)
-            if hook is not None:
-                hook()
-
-    def abort_all(self) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-@pytest.fixture
-def fake(monkeypatch: pytest.MonkeyPatch, use_engine: Any) -> FakeEngine:
-    import flamingo_cli.prompts
-
-    engine = use_engine(FakeEngine())
-    monkeypatch.setattr(flamingo_cli.prompts, "load_chat_template", lambda model: None)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    return engine
 
 
 def caption(inputs: list[Any], out: Path, *extra: Any) -> Any:

@@ -9,7 +9,6 @@ import subprocess
 import sys
 from collections import Counter
 from pathlib import Path
-from typing import Any
 
 import pytest
 from conftest import make_audio, read_rows, run_cli
@@ -18,16 +17,6 @@ from test_reliability import FAKE_ARGS, FakeEngine
 from flamingo_cli.records import AudioItem
 from flamingo_cli.sink import LockedError, Sink
 from flamingo_cli.sources import SourceError, parse_shard, select_shard, shard_of
-
-
-@pytest.fixture
-def fake(monkeypatch: pytest.MonkeyPatch, use_engine: Any) -> FakeEngine:
-    import flamingo_cli.prompts
-
-    engine = use_engine(FakeEngine())
-    monkeypatch.setattr(flamingo_cli.prompts, "load_chat_template", lambda model: None)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    return engine
 
 
 def test_parse_shard() -> None:
