@@ -70,3 +70,23 @@ def test_the_cli_and_the_api_build_the_same_spec(tmp_path: Path) -> None:
         CaptionSpec.build([str(tmp_path)], tmp_path / "o", temprature=0)
     with pytest.raises(SpecError, match="--top-k"):
         CaptionSpec.build([str(tmp_path)], tmp_path / "o", top_k=-5)
+
+
+@pytest.mark.parametrize("bad", [{"max_tokens": 0}, {"temperature": -1}, {"chunk_seconds": 10_000}, {"shard": "3/2"}])
+def test_a_bad_value_fails_the_same_way_through_every_face(tmp_path: Path, bad: dict) -> None:
+    """The CLI exits 2; the Python API, local or Ray, raises the usage error the CLI maps to 2."""
+    from conftest import run_cli
+
+    import flamingo_cli
+    from flamingo_cli.errors import UsageError
+    from flamingo_cli.spec import SpecError
+
+    (tmp_path / "a.wav").write_bytes(b"RIFF")
+    for executor in ("local", "ray"):
+        with pytest.raises(UsageError) as caught:
+            flamingo_cli.caption([str(tmp_path)], tmp_path / "out", executor=executor, quiet=True, **bad)
+        assert isinstance(caught.value, SpecError) or "shard" in str(caught.value)
+    ((name, value),) = bad.items()
+    res = run_cli(["caption", tmp_path, "--out", tmp_path / "out", f"--{name.replace('_', '-')}", value])
+    assert res.status == 2 and str(caught.value).split(": ", 1)[-1] in res.stderr  # the same reason
+    assert not (tmp_path / "out").exists()
