@@ -346,7 +346,10 @@ class _Run:
                 if not spec.quiet:
                     env.info(f"{NOTHING_TO_DO}: every input is already in {spec.out}")
                 return self._report(sink, stats, ExitStatus.OK, reason=NOTHING_TO_DO)
-            config = spec.engine_config(found.longest_chunk_s)
+            # Sizing below the cap pays on a GPU (vLLM's memory profile and encoder cache follow it); a CPU
+            # engine's KV space is fixed, so it keeps the cap and one engine serves every run of a process.
+            on_gpu = any(d is not None for d in spec.devices)
+            config = spec.engine_config(found.longest_chunk_s if on_gpu else None)
             engine = self._engine(config, needed=found.todo > 0)
             if engine is not None:
                 sink.run_info.update(
