@@ -23,7 +23,6 @@ from conftest import make_audio, run_cli
 
 from flamingo_cli.sink import current_rows
 
-fake = rel.fake  # the fake engine fixture, used here by name
 COMPARED = ["run", "id", "chunk_index", "caption", "error", "source_version", "year", "genre", "score", "tags", "live"]
 
 

@@ -32,7 +32,6 @@ from flamingo_cli.sink import LockedError, OutputError, Sink
 # The local S3 server's fixtures (tests/s3_server.py), used here by name.
 s3_server, s3_env, s3_bucket = s3.s3_server, s3.s3_env, s3.s3_bucket
 subprocess_env = s3.subprocess_env
-fake = rel.fake  # the fake engine fixture of test_reliability, used here by name
 TESTS = Path(__file__).parent
 REPO = TESTS.parent
 KEY = "abcdef123456"
