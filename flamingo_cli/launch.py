@@ -31,6 +31,7 @@ def get_engine(config: EngineConfig) -> Any:
     if engine is None:
         for old in _CACHE.pop(key, []):  # one engine per configuration: the smaller one goes
             old.close()
+        _evict(keep=max(0, _max_engines() - 1))  # room for the new one: each holds its KV cache
         t0 = time.perf_counter()
         if len(config.devices) > 1:
             from flamingo_cli.data_parallel import DataParallelEngine
@@ -44,7 +45,25 @@ def get_engine(config: EngineConfig) -> Any:
             atexit.register(close_all)
         engine.start_seconds = time.perf_counter() - t0
         _CACHE.setdefault(key, []).append(engine)
+    _CACHE[key] = _CACHE.pop(key)  # most recently used last
     return engine
+
+
+def _max_engines() -> int:
+    """Engines kept alive in one process (``FLAMINGO_MAX_ENGINES``, default 2): notebooks and test
+    suites switch between a few models; more would hold a KV cache each until memory runs out."""
+    try:
+        return max(1, int(os.environ.get("FLAMINGO_MAX_ENGINES", "2")))
+    except ValueError:
+        return 2
+
+
+def _evict(keep: int) -> None:
+    """Close the least recently used engines until at most ``keep`` remain."""
+    while sum(len(v) for v in _CACHE.values()) > keep and _CACHE:
+        oldest = next(iter(_CACHE))
+        for engine in _CACHE.pop(oldest):
+            engine.close()
 
 
 def close_all() -> None:
