@@ -222,14 +222,6 @@ _ZYGOTE = textwrap.dedent(
 )
 
 
-def _expected(n_items: int) -> set[tuple[str, int]]:
-    keys = set()
-    for i in range(n_items):
-        n = 1 if i % 11 == 5 else 1 + i % 4
-        keys |= {(f"item{i:04d}", c) for c in range(n)}
-    return keys
-
-
 def test_sigkill_at_random_moments_then_resume_is_exactly_once_on_s3(s3_bucket: str, s3_env: dict[str, str]) -> None:
     """SIGKILLs at random moments of a writer to S3, each followed by a resume that takes over the lease.
 
@@ -285,7 +277,7 @@ def test_sigkill_at_random_moments_then_resume_is_exactly_once_on_s3(s3_bucket: 
         zygote.wait(timeout=60)
     keys = visible_keys(url)
     assert len(keys) == len(set(keys))
-    assert set(keys) == _expected(n_items)
+    assert set(keys) == rel._expected_keys(n_items)  # the same item/chunk layout as the local writer
     assert sink_mod.rows_on_disk(url, KEY) == len(keys)
     staging = f"{s3_bucket}/caps/run={KEY}/_flamingo/staging"
     fs = s3fs_client()
