@@ -216,6 +216,8 @@ class Scout:
     errors: int = 0  # items that only get an error row (missing file, bad manifest row)
     longest_chunk_s: float | None = None  # None: unknown, size the engine for the cap
     complete: bool = True  # every item was looked at
+    seen: int = 0  # items looked at
+    skipped: int = 0  # of those, already in the output (the counts a nothing-to-do run reports)
 
 
 def scout(spec: CaptionSpec, index: Any, budget_s: float = SCOUT_BUDGET_S, scan: Any = None) -> Scout:
@@ -234,11 +236,15 @@ def scout(spec: CaptionSpec, index: Any, budget_s: float = SCOUT_BUDGET_S, scan:
     first_todo: float | None = None
     for raw in spec.items(scan):
         item = planner.unique(raw)
+        result.seen += 1
         if item.error:
             if planner.plan(item, None).wanted:
                 result.errors += 1
+            else:
+                result.skipped += 1
             continue
         if not planner.plan(item, fingerprint(item, content_hash=spec.content_hash)).wanted:
+            result.skipped += 1
             continue
         result.todo += 1
         first_todo = first_todo or time.monotonic()
@@ -345,6 +351,7 @@ class _Run:
             if not found.todo and not found.errors:
                 if not spec.quiet:
                     env.info(f"{NOTHING_TO_DO}: every input is already in {spec.out}")
+                stats.items_seen, stats.items_skipped, stats.sources_exhausted = found.seen, found.skipped, True
                 return self._report(sink, stats, ExitStatus.OK, reason=NOTHING_TO_DO)
             # Sizing below the cap pays on a GPU (vLLM's memory profile and encoder cache follow it); a CPU
             # engine's KV space is fixed, so it keeps the cap and one engine serves every run of a process.

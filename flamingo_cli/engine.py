@@ -261,6 +261,10 @@ class VllmEngine:
                 try:
                     rid = self._add(request, sampling)
                 except Exception as exc:
+                    # A dead engine rejects every request: that is the run failing (exit 3, the rest
+                    # redone on resume), not an error row for each chunk left in the corpus.
+                    if type(exc).__name__ == "EngineDeadError" or not self.alive():
+                        raise EngineError(f"the vLLM engine failed: {type(exc).__name__}: {exc}") from exc
                     yield Result(chunk=request.chunk, prompt=request.prompt, error=f"rejected by the engine: {exc}")
                     continue
                 pending[rid] = request

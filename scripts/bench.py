@@ -242,11 +242,14 @@ def _pass(a, engine, family, sampling, out):
     )
     stats = Stats()
     errors: Counter[str] = Counter()
+    samples: dict[str, str] = {}  # the first whole message of each kind: the reason, not just its prefix
     totals = Counter()
 
     def count(result):
         if result.error:
-            errors[result.error.split(":")[0]] += 1
+            kind = result.error.split(":")[0]
+            errors[kind] += 1
+            samples.setdefault(kind, result.error[:2000])
         if result.output_tokens is None:  # not generated (decode error, rejected): costs nothing
             return
         span = result.chunk.end_s - result.chunk.start_s
@@ -262,7 +265,7 @@ def _pass(a, engine, family, sampling, out):
         t1 = time.perf_counter()
         run_pipeline(job, _items(a), engine, sink, stats, on_result=count)
         seconds = time.perf_counter() - t1
-    return stats.snapshot(), totals, seconds, gpu.busy, dict(errors)
+    return stats.snapshot(), totals, seconds, gpu.busy, {"counts": dict(errors), "first": samples}
 
 
 def cmd_schema(a):

@@ -11,4 +11,4 @@ if ! command -v tmux >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
 fi
 uv run --no-sync ruff check flamingo_cli scripts tests
 uv run --no-sync ruff format --check flamingo_cli scripts tests
-uv run --no-sync pytest -q -p no:cacheprovider "$@"
+uv run --no-sync pytest -q -p no:cacheprovider --durations=40 "$@"

@@ -96,6 +96,7 @@ def test_an_idle_night_exits_0_without_an_engine(audio, tmp_path, use_engine, mo
     doc = json.loads(summary.read_text())
     assert doc["status"] == "ok" and doc["reason"] == "nothing to do" and doc["engine_start_s"] is None
     assert doc["rows_written"] == 0 and len(read_rows(out)) == 3
+    assert (doc["files_seen"], doc["files_skipped"]) == (3, 3)  # counted by the plan, no run needed
     assert time.monotonic() - t0 < 30
 
 
@@ -242,3 +243,55 @@ def test_a_stop_drops_waiting_requests_and_finishes_running_ones(monkeypatch) ->
     assert len(finished) == 4 and len(aborted) == 36 and len(fake.aborted) == 36
     assert all(r.caption == "xxxxx" and r.output_tokens == 5 for r in finished)  # deltas joined
     assert {r.chunk.item.id for r in finished} == {"f0", "f1", "f2", "f3"}
+
+
+def test_a_dead_engine_ends_the_run_instead_of_failing_every_chunk_left(monkeypatch) -> None:
+    """vLLM's engine process died: ``add_request`` raises EngineDeadError for every chunk still to come.
+
+    The run ends with EngineError (exit 3, resume redoes the rest); a request the engine refuses on its
+    own merits (a prompt too long) stays one error row and the run goes on.
+    """
+    import queue
+
+    import numpy as np
+
+    from flamingo_cli.engine import EngineConfig, VllmEngine
+    from flamingo_cli.models import AF3
+    from flamingo_cli.records import AudioItem, Chunk, Request, Sampling
+
+    class EngineDeadError(Exception):  # vLLM's class, by name: what the engine checks
+        pass
+
+    engine = object.__new__(VllmEngine)
+    engine.config = EngineConfig(model="m", family=AF3, max_chunk_s=30.0)
+    fake = _FakeVllm(slots=4, steps=2)
+    engine._engine, engine._counter, engine._pending, engine._started, engine._drop = fake, 0, {}, set(), False
+    engine.llm = object()  # alive() looks through it for vLLM's engine_dead flag
+    added: list[str] = []
+
+    def _add(self: VllmEngine, request: Request, sampling: Sampling) -> str:
+        n = int(request.chunk.item.id[1:])
+        if n == 1:
+            raise ValueError("prompt is longer than the maximum model length")
+        if n >= 5:
+            raise EngineDeadError("EngineCore encountered an issue. See stack trace (above) for the root cause.")
+        self._counter += 1
+        fake.add_request(f"r{self._counter}", None, None)
+        added.append(request.chunk.item.id)
+        return f"r{self._counter}"
+
+    monkeypatch.setattr(VllmEngine, "_add", _add)
+    feed: queue.Queue = queue.Queue()
+    for i in range(40):
+        item = AudioItem(id=f"f{i}", path=f"/x/f{i}.wav")
+        chunk = Chunk(item=item, index=0, num_chunks=1, start_s=0, end_s=1, samples=np.zeros(16000), duration_s=1)
+        feed.put(Request(chunk=chunk, prompt="p", text="t"))
+    feed.put(END)
+    results = []
+    with pytest.raises(EngineError, match="EngineDeadError"):
+        for result in engine.run(feed, Sampling(max_tokens=2)):
+            results.append(result)
+    assert added == ["f0", "f2", "f3", "f4"]
+    assert [(r.chunk.item.id, r.error) for r in results] == [
+        ("f1", "rejected by the engine: prompt is longer than the maximum model length")
+    ]  # one row for the refused request; none for the 35 chunks behind the dead engine

@@ -86,5 +86,7 @@ def test_af_next_captioner_runs_its_preset(tiny_afnext_captioner, clips, tmp_pat
     res = run_cli([*args, *ENGINE_ARGS])
     assert res.status == 0, res.stderr
     rows = read_rows(out)
-    assert len(rows) == 2 and all(r["caption"] and r["error"] is None and r["reasoning"] is None for r in rows)
+    # Random weights may stop at once (an empty caption): a finished, error-free, think-free row each.
+    assert len(rows) == 2
+    assert all(r["caption"] is not None and r["error"] is None and r["reasoning"] is None for r in rows)
     assert {r["task"] for r in rows} == {"scene-breakdown"}
