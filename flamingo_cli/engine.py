@@ -244,6 +244,8 @@ class VllmEngine:
         audio_s = 0.0
         done = False
         cfg = self.config
+        accepted = 0
+        held: list[Result] = []  # rejections before the engine accepted anything: written once it does
         while True:
             # Fill: block only when nothing is running, so the engine never waits on the feed.
             while not done and len(pending) < cfg.max_in_flight and audio_s < cfg.max_in_flight_audio_s:
@@ -265,13 +267,31 @@ class VllmEngine:
                     # redone on resume), not an error row for each chunk left in the corpus.
                     if type(exc).__name__ == "EngineDeadError" or not self.alive():
                         raise EngineError(f"the vLLM engine failed: {type(exc).__name__}: {exc}") from exc
-                    yield Result(chunk=request.chunk, prompt=request.prompt, error=f"rejected by the engine: {exc}")
+                    rejected = Result(
+                        chunk=request.chunk, prompt=request.prompt, error=f"rejected by the engine: {exc}"
+                    )
+                    if accepted:
+                        yield rejected
+                        continue
+                    # Nothing accepted yet: one cause refusing every request (an option or schema this
+                    # engine cannot serve) must not turn a whole corpus into error rows.
+                    held.append(rejected)
+                    if len(held) >= REJECTED_BEFORE_ANY and len({r.error for r in held[-REJECTED_BEFORE_ANY:]}) == 1:
+                        raise EngineError(
+                            f"the vLLM engine rejected the first {len(held)} requests of this run, each with: {exc} "
+                            "(no row was written for them)"
+                        ) from exc
                     continue
+                accepted += 1
+                if held:
+                    yield from held
+                    held.clear()
                 pending[rid] = request
                 texts[rid], tokens[rid] = [], []
                 audio_s += request.chunk.end_s - request.chunk.start_s
             if not pending:
                 if done:
+                    yield from held  # a corpus smaller than the limit: its rejections are rows
                     return
                 continue
             try:
@@ -375,6 +395,9 @@ def check_options(config: EngineConfig, use_gpu: bool) -> None:
 # Structured outputs (--schema): xgrammar, the backend flamingo checks schemas against before a run
 # (flamingo_cli/schema.py), and compact JSON: "any whitespace" lets a model spend its token budget on
 # blank lines inside the object. vLLM 0.24 takes both per engine, not per request.
+# Requests rejected in a row, for one reason, before the engine accepted any: the run fails (exit 3).
+REJECTED_BEFORE_ANY = 64
+
 STRUCTURED_OUTPUTS_CONFIG = {"backend": "xgrammar", "disable_any_whitespace": True}
 
 

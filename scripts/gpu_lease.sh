@@ -4,6 +4,11 @@
 # would overrun the lease's budget is skipped (recorded as such).
 #
 #   GPU, in three commands of < 10 min on one warm machine (device setup as /work/shared/device/README.md):
+#   The FP8 steps need compressed-tensors on the GPU host (vLLM imports it for any quantization; the
+#   2026-12-02 lease lacked it and af3-fp8 exited at engine start), so prepare the device folders with
+#     EXTRA="librosa==0.11.0 soundfile==0.13.1 soxr==1.0.0 audioread==3.0.1 pooch==1.8.2 platformdirs==4.3.8 \
+#       decorator==5.2.1 cffi==2.1.1 pycparser==3.12 compressed-tensors==0.17.0 loguru==0.7.3" \
+#       bash ../shared/device/prepare.sh
 #     ONLY='af3-raw|af3-flamingo' bash scripts/gpu_lease.sh      # + setup (audio, checkpoints): ~8 min
 #     ONLY='af3-fp8|mf-raw|mf-flamingo' bash scripts/gpu_lease.sh                           # ~7.5 min
 #     ONLY='mf-fp8|af3-replica|af3-gpumel|af3-fp8kv|af3-untrimmed' bash scripts/gpu_lease.sh  # what fits

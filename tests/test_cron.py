@@ -295,3 +295,59 @@ def test_a_dead_engine_ends_the_run_instead_of_failing_every_chunk_left(monkeypa
     assert [(r.chunk.item.id, r.error) for r in results] == [
         ("f1", "rejected by the engine: prompt is longer than the maximum model length")
     ]  # one row for the refused request; none for the 35 chunks behind the dead engine
+
+
+@pytest.mark.parametrize(
+    ("n", "refused", "expect"),
+    [
+        (100, set(range(100)), "fails"),  # one cause refuses everything: exit 3, no row for any of them
+        (5, set(range(5)), "rows"),  # a corpus smaller than the limit: its rejections are its rows
+        (100, set(range(70)) - {3}, "rows"),  # the engine took one early: rejections are per-request
+    ],
+    ids=["systematic", "small-corpus", "accepted-one"],
+)
+def test_an_engine_refusing_every_request_fails_the_run(monkeypatch, n, refused, expect) -> None:
+    import queue
+
+    import numpy as np
+
+    from flamingo_cli.engine import REJECTED_BEFORE_ANY, EngineConfig, VllmEngine
+    from flamingo_cli.models import AF3
+    from flamingo_cli.records import AudioItem, Chunk, Request, Sampling
+
+    assert REJECTED_BEFORE_ANY < 100
+    engine = object.__new__(VllmEngine)
+    engine.config = EngineConfig(model="m", family=AF3, max_chunk_s=30.0)
+    fake = _FakeVllm(slots=8, steps=1)
+    engine._engine, engine._counter, engine._pending, engine._started, engine._drop = fake, 0, {}, set(), False
+    engine.llm = object()
+
+    def _add(self: VllmEngine, request: Request, sampling: Sampling) -> str:
+        if int(request.chunk.item.id[1:]) in refused:
+            raise ValueError("structured outputs: this backend cannot serve the request")
+        self._counter += 1
+        fake.add_request(f"r{self._counter}", None, None)
+        return f"r{self._counter}"
+
+    monkeypatch.setattr(VllmEngine, "_add", _add)
+    feed: queue.Queue = queue.Queue()
+    for i in range(n):
+        item = AudioItem(id=f"f{i}", path=f"/x/f{i}.wav")
+        chunk = Chunk(item=item, index=0, num_chunks=1, start_s=0, end_s=1, samples=np.zeros(16000), duration_s=1)
+        feed.put(Request(chunk=chunk, prompt="p", text="t"))
+    feed.put(END)
+    results: list = []
+    if expect == "fails":
+        with pytest.raises(EngineError, match=f"rejected the first {REJECTED_BEFORE_ANY} requests.*cannot serve"):
+            results.extend(engine.run(feed, Sampling(max_tokens=1)))
+        assert results == []
+        return
+    results.extend(engine.run(feed, Sampling(max_tokens=1)))
+    assert len(results) == n
+    errors = {r.chunk.item.id for r in results if r.error}
+    assert errors == {f"f{i}" for i in refused}
+    assert all(
+        r.error == "rejected by the engine: structured outputs: this backend cannot serve the request"
+        for r in results
+        if r.error
+    )
