@@ -202,20 +202,43 @@ class _FakeVllm:
         return outs
 
 
-def test_a_stop_drops_waiting_requests_and_finishes_running_ones(monkeypatch) -> None:
-    """SIGTERM with 40 chunks queued in vLLM and 4 running: the 4 finish, the 36 come back aborted."""
+def _bare_vllm_engine(fake: _FakeVllm):
+    """A VllmEngine around ``fake`` (vLLM's add_request/step/abort_request), no vLLM started."""
+    from flamingo_cli.engine import EngineConfig, VllmEngine
+    from flamingo_cli.models import AF3
+
+    engine = object.__new__(VllmEngine)
+    engine.config = EngineConfig(model="m", family=AF3, max_chunk_s=30.0)
+    engine._engine, engine._counter, engine._pending, engine._started, engine._drop = fake, 0, {}, set(), False
+    engine.llm = object()  # alive() looks through it for vLLM's engine_dead flag
+    return engine
+
+
+def _feed(n: int):
+    """n one-second chunks f0..f{n-1}, then END."""
     import queue
 
     import numpy as np
 
-    from flamingo_cli.engine import EngineConfig, VllmEngine
-    from flamingo_cli.models import AF3
-    from flamingo_cli.records import AudioItem, Chunk, Request, Sampling
+    from flamingo_cli.records import AudioItem, Chunk, Request
 
-    engine = object.__new__(VllmEngine)
-    engine.config = EngineConfig(model="m", family=AF3, max_chunk_s=30.0)
+    feed: queue.Queue = queue.Queue()
+    for i in range(n):
+        item = AudioItem(id=f"f{i}", path=f"/x/f{i}.wav")
+        chunk = Chunk(item=item, index=0, num_chunks=1, start_s=0, end_s=1, samples=np.zeros(16000), duration_s=1)
+        feed.put(Request(chunk=chunk, prompt="p", text="t"))
+    feed.put(END)
+    return feed
+
+
+def test_a_stop_drops_waiting_requests_and_finishes_running_ones(monkeypatch) -> None:
+    """SIGTERM with 40 chunks queued in vLLM and 4 running: the 4 finish, the 36 come back aborted."""
+
+    from flamingo_cli.engine import VllmEngine
+    from flamingo_cli.records import Request, Sampling
+
     fake = _FakeVllm(slots=4, steps=5)
-    engine._engine, engine._counter, engine._pending, engine._started, engine._drop = fake, 0, {}, set(), False
+    engine = _bare_vllm_engine(fake)
     monkeypatch.setattr(VllmEngine, "_add", lambda self, request, sampling: _add(self, request))
 
     def _add(self: VllmEngine, request: Request) -> str:
@@ -224,12 +247,7 @@ def test_a_stop_drops_waiting_requests_and_finishes_running_ones(monkeypatch) ->
         fake.add_request(rid, None, None)
         return rid
 
-    feed: queue.Queue = queue.Queue()
-    for i in range(40):
-        item = AudioItem(id=f"f{i}", path=f"/x/f{i}.wav")
-        chunk = Chunk(item=item, index=0, num_chunks=1, start_s=0, end_s=1, samples=np.zeros(16000), duration_s=1)
-        feed.put(Request(chunk=chunk, prompt="p", text="t"))
-    feed.put(END)
+    feed = _feed(40)
     steps = [0]
 
     def on_step() -> None:
@@ -251,22 +269,15 @@ def test_a_dead_engine_ends_the_run_instead_of_failing_every_chunk_left(monkeypa
     The run ends with EngineError (exit 3, resume redoes the rest); a request the engine refuses on its
     own merits (a prompt too long) stays one error row and the run goes on.
     """
-    import queue
 
-    import numpy as np
-
-    from flamingo_cli.engine import EngineConfig, VllmEngine
-    from flamingo_cli.models import AF3
-    from flamingo_cli.records import AudioItem, Chunk, Request, Sampling
+    from flamingo_cli.engine import VllmEngine
+    from flamingo_cli.records import Request, Sampling
 
     class EngineDeadError(Exception):  # vLLM's class, by name: what the engine checks
         pass
 
-    engine = object.__new__(VllmEngine)
-    engine.config = EngineConfig(model="m", family=AF3, max_chunk_s=30.0)
     fake = _FakeVllm(slots=4, steps=2)
-    engine._engine, engine._counter, engine._pending, engine._started, engine._drop = fake, 0, {}, set(), False
-    engine.llm = object()  # alive() looks through it for vLLM's engine_dead flag
+    engine = _bare_vllm_engine(fake)
     added: list[str] = []
 
     def _add(self: VllmEngine, request: Request, sampling: Sampling) -> str:
@@ -281,12 +292,7 @@ def test_a_dead_engine_ends_the_run_instead_of_failing_every_chunk_left(monkeypa
         return f"r{self._counter}"
 
     monkeypatch.setattr(VllmEngine, "_add", _add)
-    feed: queue.Queue = queue.Queue()
-    for i in range(40):
-        item = AudioItem(id=f"f{i}", path=f"/x/f{i}.wav")
-        chunk = Chunk(item=item, index=0, num_chunks=1, start_s=0, end_s=1, samples=np.zeros(16000), duration_s=1)
-        feed.put(Request(chunk=chunk, prompt="p", text="t"))
-    feed.put(END)
+    feed = _feed(40)
     results = []
     with pytest.raises(EngineError, match="EngineDeadError"):
         for result in engine.run(feed, Sampling(max_tokens=2)):
@@ -307,20 +313,13 @@ def test_a_dead_engine_ends_the_run_instead_of_failing_every_chunk_left(monkeypa
     ids=["systematic", "small-corpus", "accepted-one"],
 )
 def test_an_engine_refusing_every_request_fails_the_run(monkeypatch, n, refused, expect) -> None:
-    import queue
 
-    import numpy as np
-
-    from flamingo_cli.engine import REJECTED_BEFORE_ANY, EngineConfig, VllmEngine
-    from flamingo_cli.models import AF3
-    from flamingo_cli.records import AudioItem, Chunk, Request, Sampling
+    from flamingo_cli.engine import REJECTED_BEFORE_ANY, VllmEngine
+    from flamingo_cli.records import Request, Sampling
 
     assert REJECTED_BEFORE_ANY < 100
-    engine = object.__new__(VllmEngine)
-    engine.config = EngineConfig(model="m", family=AF3, max_chunk_s=30.0)
     fake = _FakeVllm(slots=8, steps=1)
-    engine._engine, engine._counter, engine._pending, engine._started, engine._drop = fake, 0, {}, set(), False
-    engine.llm = object()
+    engine = _bare_vllm_engine(fake)
 
     def _add(self: VllmEngine, request: Request, sampling: Sampling) -> str:
         if int(request.chunk.item.id[1:]) in refused:
@@ -330,12 +329,7 @@ def test_an_engine_refusing_every_request_fails_the_run(monkeypatch, n, refused,
         return f"r{self._counter}"
 
     monkeypatch.setattr(VllmEngine, "_add", _add)
-    feed: queue.Queue = queue.Queue()
-    for i in range(n):
-        item = AudioItem(id=f"f{i}", path=f"/x/f{i}.wav")
-        chunk = Chunk(item=item, index=0, num_chunks=1, start_s=0, end_s=1, samples=np.zeros(16000), duration_s=1)
-        feed.put(Request(chunk=chunk, prompt="p", text="t"))
-    feed.put(END)
+    feed = _feed(n)
     results: list = []
     if expect == "fails":
         with pytest.raises(EngineError, match=f"rejected the first {REJECTED_BEFORE_ANY} requests.*cannot serve"):
