@@ -220,10 +220,13 @@ class Scout:
     skipped: int = 0  # of those, already in the output (the counts a nothing-to-do run reports)
 
 
-def scout(spec: CaptionSpec, index: Any, budget_s: float = SCOUT_BUDGET_S, scan: Any = None) -> Scout:
+def scout(
+    spec: CaptionSpec, index: Any, budget_s: float = SCOUT_BUDGET_S, scan: Any = None, size: bool = True
+) -> Scout:
     """Walk the inputs against the resume index (a stat per file, as the run itself does) until the
     answer is known: nothing to do (every item looked at), or work and its longest chunk (stops at the
-    model's cap, or after ``budget_s`` of reading headers: then the engine is sized for the cap)."""
+    model's cap, or after ``budget_s`` of reading headers: then the engine is sized for the cap).
+    ``size=False`` (an engine that is not sized from the plan) stops at the first item with work."""
     from flamingo_cli.audio import probe_duration
     from flamingo_cli.chunking import plan_chunks
     from flamingo_cli.planner import Planner, Stats
@@ -247,6 +250,9 @@ def scout(spec: CaptionSpec, index: Any, budget_s: float = SCOUT_BUDGET_S, scan:
             result.skipped += 1
             continue
         result.todo += 1
+        if not size:
+            result.complete = False
+            break
         first_todo = first_todo or time.monotonic()
         seconds = float(item.duration) if item.duration is not None else probe_duration(item)
         if seconds is None or seconds <= 0:
@@ -347,15 +353,15 @@ class _Run:
                 )
                 if len(index):
                     env.info(f"resuming: {len(index)} rows already written for this run")
-            found = scout(spec, index, scan=scouted)
+            # Sizing below the cap pays on a GPU (vLLM's memory profile and encoder cache follow it); a CPU
+            # engine's KV space is fixed, so it keeps the cap and one engine serves every run of a process.
+            on_gpu = any(d is not None for d in spec.devices)
+            found = scout(spec, index, scan=scouted, size=on_gpu)
             if not found.todo and not found.errors:
                 if not spec.quiet:
                     env.info(f"{NOTHING_TO_DO}: every input is already in {spec.out}")
                 stats.items_seen, stats.items_skipped, stats.sources_exhausted = found.seen, found.skipped, True
                 return self._report(sink, stats, ExitStatus.OK, reason=NOTHING_TO_DO)
-            # Sizing below the cap pays on a GPU (vLLM's memory profile and encoder cache follow it); a CPU
-            # engine's KV space is fixed, so it keeps the cap and one engine serves every run of a process.
-            on_gpu = any(d is not None for d in spec.devices)
             config = spec.engine_config(found.longest_chunk_s if on_gpu else None)
             engine = self._engine(config, needed=found.todo > 0)
             if engine is not None:
