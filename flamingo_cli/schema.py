@@ -263,6 +263,13 @@ def check_constrainable(value: dict[str, Any], source: str) -> None:
     params = SamplingParams(structured_outputs=StructuredOutputsParams(json=canonical(value)))
     try:
         validate_xgrammar_grammar(params)
+    except (ImportError, OSError) as exc:
+        # vLLM loads xgrammar lazily, at the first request: a host where it cannot load would otherwise
+        # refuse every request of the run, one error row each.
+        raise SchemaError(
+            f"{source}: vLLM's structured outputs are unavailable on this host: xgrammar cannot be loaded "
+            f"({type(exc).__name__}: {_first_line(str(exc))})"
+        ) from exc
     except ValueError as exc:
         # vLLM says only "features not supported"; name the deepest subschema that has one.
         where = [p for p, node in subschemas(value) if has_xgrammar_unsupported_json_features(node)]

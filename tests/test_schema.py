@@ -114,6 +114,23 @@ def test_unconstrainable_schema_is_a_usage_error_naming_where(tmp_path, no_engin
         parse_schema({"type": "object", "properties": {"a": {"$ref": "#/$defs/missing"}}}, "ref.json")
 
 
+def test_structured_outputs_that_cannot_load_are_a_usage_error(tmp_path, no_engine, monkeypatch) -> None:
+    """vLLM imports xgrammar at the first request; a host where it cannot load (a missing or broken
+    library) is told so before the model loads, not with one "rejected" row per chunk."""
+    import vllm.v1.structured_output.backend_xgrammar as backend
+
+    def broken(params: Any) -> None:
+        raise ImportError("libxgrammar_bindings.so: cannot open shared object file")
+
+    monkeypatch.setattr(backend, "validate_xgrammar_grammar", broken)
+    schema = write_json(tmp_path / "ok.json", {"type": "object", "properties": {"a": {"type": "string"}}})
+    audio = make_audio(tmp_path / "in" / "a.wav", 1.0)
+    res = run_cli(["caption", audio.parent, "--out", tmp_path / "out", "--model", "af3", "--schema", schema, "--quiet"])
+    assert res.status == 2, res.stderr
+    assert "structured outputs are unavailable on this host" in res.stderr and "libxgrammar_bindings" in res.stderr
+    assert str(schema) in res.stderr and no_engine == [] and "Traceback" not in res.stderr
+
+
 def test_describe_music_checks_the_schema_first(tmp_path, no_engine) -> None:
     bad = write_json(tmp_path / "bad.json", "{")
     track = make_audio(tmp_path / "t.wav", 1.0)
