@@ -23,6 +23,16 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
 ENGINE_ARGS = ["--temperature", "0", "--max-tokens", "8", "--quiet"]
 
 
+def cli_engine(ckpt: str | Path):
+    """The engine the CLI tests' runs (ENGINE_ARGS) get for ``ckpt``, from the same cache: a test that
+    drives an engine directly shares it instead of starting another (a minute or more on CPU)."""
+    from flamingo_cli.launch import get_engine
+    from flamingo_cli.spec import CaptionSpec
+
+    spec = CaptionSpec.build(["."], "unused-out", model=str(ckpt), temperature=0.0, max_tokens=8, quiet=True)
+    return get_engine(spec.engine_config(None))
+
+
 @pytest.fixture(scope="session")
 def tiny_af3(tmp_path_factory) -> Path:
     from flamingo_cli.checkpoints import build_checkpoint
@@ -129,3 +139,17 @@ def fake(monkeypatch: pytest.MonkeyPatch, use_engine: Any) -> Any:
     monkeypatch.setattr(flamingo_cli.prompts, "load_chat_template", lambda model: None)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     return engine
+
+
+# Engines are cached per model in this process, at most FLAMINGO_MAX_ENGINES (2) at a time: the modules
+# that start engines for the other family members run last, so the AF3 and MF engines most modules share
+# are started once instead of after every eviction (each start is a minute or more on CPU).
+LAST_MODULES = ("test_parity.py", "test_family_e2e.py")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    def rank(item: pytest.Item) -> int:
+        name = item.path.name
+        return LAST_MODULES.index(name) + 1 if name in LAST_MODULES else 0
+
+    items.sort(key=rank)  # stable: the order inside each group is pytest's own

@@ -10,7 +10,7 @@ from collections import defaultdict
 
 import numpy as np
 import pytest
-from conftest import ENGINE_ARGS, make_audio, read_rows, run_cli
+from conftest import ENGINE_ARGS, cli_engine, make_audio, read_rows, run_cli
 
 pytestmark = pytest.mark.engine
 
@@ -87,8 +87,7 @@ def test_prompt_token_ids_match_transformers_processor(tiny_af3, tiny_mf, tmp_pa
     from transformers import AutoProcessor
 
     from flamingo_cli.chunking import chunk_audio
-    from flamingo_cli.engine import END, EngineConfig, Sampling
-    from flamingo_cli.launch import get_engine
+    from flamingo_cli.engine import END, Sampling
     from flamingo_cli.models import family_for
     from flamingo_cli.prompts import PromptBuilder, conversation, load_chat_template
     from flamingo_cli.records import AudioItem, DecodedAudio
@@ -96,9 +95,7 @@ def test_prompt_token_ids_match_transformers_processor(tiny_af3, tiny_mf, tmp_pa
     rng = np.random.default_rng(1)
     for ckpt in (tiny_af3, tiny_mf):
         family = family_for(str(ckpt))
-        engine = get_engine(
-            EngineConfig(model=str(ckpt), family=family, max_chunk_s=float(family.max_audio_s), max_tokens=8)
-        )
+        engine = cli_engine(ckpt)
         processor = AutoProcessor.from_pretrained(ckpt)
         builder = PromptBuilder(family, load_chat_template(str(ckpt)))
         feed: queue.Queue = queue.Queue()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import cli_engine
 
 from flamingo_cli.parity import Case, compare, load_reference, make_chunks, run_reference, run_vllm
 
@@ -35,13 +36,8 @@ def _cases(kind: str) -> list[Case]:
 
 
 def _engine(ckpt: str):
-    from flamingo_cli.engine import EngineConfig
-    from flamingo_cli.launch import get_engine
-    from flamingo_cli.models import family_for
-
-    family = family_for(ckpt)
-    # The same engine options as the CLI tests (--max-tokens 8): one shared engine per model.
-    return get_engine(EngineConfig(model=ckpt, family=family, max_chunk_s=float(family.max_audio_s), max_tokens=8))
+    # The CLI tests' engine (--max-tokens 8): one shared engine per model.
+    return cli_engine(ckpt)
 
 
 @pytest.fixture(scope="module", params=["af3", "mf", "af-next"])
