@@ -305,7 +305,7 @@ def read_checkpoint(folder: str | Path) -> ModelFamily:
     )
 
 
-def _cached_snapshot(hub_id: str) -> Path | None:
+def cached_snapshot(hub_id: str) -> Path | None:
     """The HF-cache snapshot folder holding hub_id's config.json, if it is cached."""
     import os
 
@@ -333,7 +333,7 @@ def family_for(model: str) -> ModelFamily:
     if local.is_dir():
         return read_checkpoint(local)
     if "/" in hub_id and not hub_id.startswith((".", "/", "~")):
-        snapshot = _cached_snapshot(hub_id)
+        snapshot = cached_snapshot(hub_id)
         if snapshot is not None:
             fam = read_checkpoint(snapshot)
             known = _BY_HUB_ID.get(hub_id)

@@ -11,7 +11,7 @@ from __future__ import annotations
 from functools import lru_cache
 from typing import Any
 
-from flamingo_cli.models import ModelFamily
+from flamingo_cli.models import ModelFamily, cached_snapshot
 from flamingo_cli.records import Chunk, Request
 
 _TEMPLATE = (
@@ -53,13 +53,30 @@ def conversation(prompt: str) -> list[dict[str, Any]]:
 
 
 def load_chat_template(model: str) -> str | None:
-    """The checkpoint's processor chat template (local folder, HF cache or hub), or None."""
+    """The checkpoint's processor chat template, or None (then the family's built-in copy is used).
+
+    A local folder, else the hub id's HF-cache snapshot (vLLM has just downloaded it when it started),
+    else the hub — never in offline mode, read from the environment as it is now: without network the
+    hub client retries for minutes (measured: 130 s per run) before giving up.
+    """
+    import os
+
+    where: str | None = model
+    if not os.path.isdir(model):
+        snapshot = cached_snapshot(model)
+        offline = any(os.environ.get(v, "").lower() in ("1", "on", "yes", "true") for v in _OFFLINE_VARS)
+        where = str(snapshot) if snapshot is not None else (None if offline else model)
+    if where is None:
+        return None
     try:
         from transformers import AutoProcessor
 
-        return getattr(AutoProcessor.from_pretrained(model), "chat_template", None)
+        return getattr(AutoProcessor.from_pretrained(where), "chat_template", None)
     except Exception:
         return None
+
+
+_OFFLINE_VARS = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
 
 
 class PromptBuilder:

@@ -153,6 +153,39 @@ def test_hub_ids_use_the_cached_checkpoint_else_a_builtin_default_else_an_error(
         family_for(str(tmp_path / "missing-folder"))
 
 
+def test_chat_template_comes_from_the_folder_the_cache_never_an_offline_hub(tmp_path, monkeypatch, tiny_af3):
+    """``load_chat_template``: a local folder or the HF-cache snapshot; the hub only when online (the
+    hub client retried 130 s per run without network before this)."""
+    import transformers
+
+    from flamingo_cli.prompts import load_chat_template
+
+    real = transformers.AutoProcessor.from_pretrained
+    asked: list[str] = []
+
+    def spy(where, *args, **kwargs):
+        asked.append(str(where))
+        return real(where, *args, **kwargs)
+
+    monkeypatch.setattr(transformers.AutoProcessor, "from_pretrained", spy)
+    cache = tmp_path / "hub"
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    expected = real(str(tiny_af3)).chat_template
+    assert load_chat_template(str(tiny_af3)) == expected and asked == [str(tiny_af3)]
+    asked.clear()
+    assert load_chat_template("nvidia/audio-flamingo-3-hf") is None and asked == []  # offline, not cached
+
+    rev = "1" * 40
+    snap = cache / "models--nvidia--audio-flamingo-3-hf" / "snapshots" / rev
+    snap.mkdir(parents=True)
+    for f in Path(tiny_af3).iterdir():
+        (snap / f.name).symlink_to(f)
+    (snap.parents[1] / "refs").mkdir()
+    (snap.parents[1] / "refs" / "main").write_text(rev)
+    assert load_chat_template("nvidia/audio-flamingo-3-hf") == expected and asked == [str(snap)]
+
+
 def test_a_25_minute_file_is_one_chunk_with_af_next_two_with_mf_three_with_af3():
     assert plan_chunks(1500.0, AFNEXT.max_audio_s).num_chunks == 1
     assert plan_chunks(1500.0, MF.max_audio_s).num_chunks == 2
