@@ -126,6 +126,18 @@ def test_a_hand_written_af_next_layout_and_what_each_missing_file_costs(tmp_path
     assert (mf.family, mf.max_audio_s, mf.system_prompt) == ("mf", 1200, "")
 
 
+def _cache_snapshot(cache: Path, repo: str, files: Path) -> Path:
+    """``files`` as ``repo``'s main snapshot in an HF hub cache laid out as huggingface_hub writes it."""
+    rev = "0" * 40
+    snap = cache / f"models--{repo.replace('/', '--')}" / "snapshots" / rev
+    snap.mkdir(parents=True)
+    for f in files.iterdir():
+        (snap / f.name).symlink_to(f)
+    (snap.parents[1] / "refs").mkdir()
+    (snap.parents[1] / "refs" / "main").write_text(rev)
+    return snap
+
+
 def test_hub_ids_use_the_cached_checkpoint_else_a_builtin_default_else_an_error(tmp_path, monkeypatch, tiny_afnext):
     cache = tmp_path / "hub"
     monkeypatch.setenv("HF_HUB_CACHE", str(cache))
@@ -136,13 +148,7 @@ def test_hub_ids_use_the_cached_checkpoint_else_a_builtin_default_else_an_error(
     assert family_for("nvidia/audio-flamingo-next-captioner-hf").max_audio_s == 1800
 
     # The same hub id, cached: facts come from its files (a changed cap shows), the variant from the id.
-    rev = "0" * 40
-    snap = cache / "models--nvidia--audio-flamingo-next-think-hf" / "snapshots" / rev
-    snap.mkdir(parents=True)
-    for f in Path(tiny_afnext).iterdir():
-        (snap / f.name).symlink_to(f)
-    (snap.parents[1] / "refs").mkdir()
-    (snap.parents[1] / "refs" / "main").write_text(rev)
+    _cache_snapshot(cache, "nvidia/audio-flamingo-next-think-hf", Path(tiny_afnext))
     fam = family_for("afnext-think")
     assert fam.source.startswith("checkpoint ") and fam.name == "afnext-think" and fam.think
     assert fam.hub_id == "nvidia/audio-flamingo-next-think-hf" and fam.max_audio_s == 1800
@@ -176,13 +182,7 @@ def test_chat_template_comes_from_the_folder_the_cache_never_an_offline_hub(tmp_
     asked.clear()
     assert load_chat_template("nvidia/audio-flamingo-3-hf") is None and asked == []  # offline, not cached
 
-    rev = "1" * 40
-    snap = cache / "models--nvidia--audio-flamingo-3-hf" / "snapshots" / rev
-    snap.mkdir(parents=True)
-    for f in Path(tiny_af3).iterdir():
-        (snap / f.name).symlink_to(f)
-    (snap.parents[1] / "refs").mkdir()
-    (snap.parents[1] / "refs" / "main").write_text(rev)
+    snap = _cache_snapshot(cache, "nvidia/audio-flamingo-3-hf", Path(tiny_af3))
     assert load_chat_template("nvidia/audio-flamingo-3-hf") == expected and asked == [str(snap)]
 
 
