@@ -149,6 +149,10 @@ def request_seed(base: int, request: Request) -> int:
     return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
 
 
+# Requests rejected in a row, for one reason, before the engine accepted any: the run fails (exit 3).
+REJECTED_BEFORE_ANY = 64
+
+
 class VllmEngine:
     """vLLM's offline engine (``LLM``), fed incrementally through ``llm_engine.add_request``/``step``."""
 
@@ -278,8 +282,8 @@ class VllmEngine:
                     held.append(rejected)
                     if len(held) >= REJECTED_BEFORE_ANY and len({r.error for r in held[-REJECTED_BEFORE_ANY:]}) == 1:
                         raise EngineError(
-                            f"the vLLM engine rejected the first {len(held)} requests of this run, each with: {exc} "
-                            "(no row was written for them)"
+                            f"the vLLM engine rejected the first {len(held)} requests of this run, the last "
+                            f"{REJECTED_BEFORE_ANY} in a row with: {exc} (no row was written for them)"
                         ) from exc
                     continue
                 accepted += 1
@@ -395,9 +399,6 @@ def check_options(config: EngineConfig, use_gpu: bool) -> None:
 # Structured outputs (--schema): xgrammar, the backend flamingo checks schemas against before a run
 # (flamingo_cli/schema.py), and compact JSON: "any whitespace" lets a model spend its token budget on
 # blank lines inside the object. vLLM 0.24 takes both per engine, not per request.
-# Requests rejected in a row, for one reason, before the engine accepted any: the run fails (exit 3).
-REJECTED_BEFORE_ANY = 64
-
 STRUCTURED_OUTPUTS_CONFIG = {"backend": "xgrammar", "disable_any_whitespace": True}
 
 
