@@ -24,6 +24,7 @@ import contextlib
 import json
 import os
 import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -126,6 +127,7 @@ def _engine_config(a, family):
     return EngineConfig(
         model=a.ckpt,
         family=family,
+        mel_device=getattr(a, "mel_device", "auto"),
         max_chunk_s=float(family.max_audio_s),
         max_tokens=a.max_tokens,
         dtype="bfloat16",
@@ -295,7 +297,19 @@ def cmd_schema(a):
     rows = []
     for name, json_schema in (("free_text", None), ("schema", schema.text)):
         sampling = Sampling(temperature=0.0, max_tokens=a.max_tokens, json_schema=json_schema)
-        s, t, seconds, busy, errors = _pass(a, engine, family, sampling, Path(a.out_dir) / name)
+        try:
+            s, t, seconds, busy, errors = _pass(a, engine, family, sampling, Path(a.out_dir) / name)
+        except Exception:
+            # The run failed (e.g. the engine refused every request): keep the whole chain, vLLM's frames
+            # included, in the row and the log, and go on (the other pass's numbers stand).
+            import traceback
+
+            tb = traceback.format_exc()
+            print(tb, file=sys.stderr, flush=True)
+            rows.append({"mode": f"schema:{name}", "failed": tb[-6000:], "mel_device": a.mel_device})
+            if not getattr(engine, "alive", lambda: True)():
+                break
+            continue
         rows.append(
             _report(
                 f"schema:{name}",
@@ -314,11 +328,14 @@ def cmd_schema(a):
                 errors=errors,
                 max_tokens=a.max_tokens,
                 schema_hash=schema.hash if json_schema else None,
+                mel_device=a.mel_device,
             )
         )
-    free, constrained = rows
-    for key in ("windows_per_s", "output_tok_s"):
-        constrained[f"{key}_vs_free_text"] = round(constrained[key] / free[key], 3) if free[key] else None
+    engine.close()
+    if len(rows) == 2 and all("failed" not in r for r in rows):
+        free, constrained = rows
+        for key in ("windows_per_s", "output_tok_s"):
+            constrained[f"{key}_vs_free_text"] = round(constrained[key] / free[key], 3) if free[key] else None
     return rows
 
 
@@ -519,7 +536,7 @@ def cmd_hf(a):
 # --- suite: one engine per variant, every workload timed through it (issue 14 / 15 lease) -------------
 
 PEAK_BF16_TFLOPS = {"H200": 989.4, "H100": 989.4}  # dense BF16 spec (SXM); the MFU base
-VARIANTS = ("raw", "flamingo", "untrimmed", "fp8", "fp8kv", "replica", "gpumel")
+VARIANTS = ("raw", "flamingo", "cpumel", "untrimmed", "fp8", "fp8kv", "replica")
 
 
 def cmd_clips(a):
@@ -597,7 +614,7 @@ def _suite_config(a, family, cap_s):
         quantization="fp8" if a.variant == "fp8" else None,
         kv_cache_dtype="fp8" if a.variant == "fp8kv" else "auto",
         trim_encoder=a.variant != "untrimmed",
-        mel_device=("cpu" if _on_cpu() else "cuda") if a.variant == "gpumel" else None,
+        mel_device="cpu" if a.variant == "cpumel" else "auto",  # auto: flamingo's default (GPU on a GPU host)
         dtype="auto" if _on_cpu() else "bfloat16",
     )
 
@@ -617,69 +634,82 @@ def _workloads(a):
 
 
 def cmd_suite(a):
-    """One engine (--variant) through every --workloads folder, each timed after a warm-up.
+    """Each --workloads folder through one --variant engine, timed after a warm-up.
 
     raw: vLLM's LLM(model=ckpt) with its defaults (bf16, flamingo's plugin off via its env switch),
-    LLM.generate over pre-decoded arrays. flamingo/untrimmed/fp8/fp8kv: flamingo's pipeline from the
-    files on disk. replica: flamingo through one data-parallel replica process (issue 15).
+    LLM.generate over pre-decoded arrays, one engine for every workload. flamingo (its defaults: trimmed
+    encoder, log-mel on the GPU), cpumel, untrimmed, fp8, fp8kv: flamingo's pipeline from the files on
+    disk, one engine per audio-window count sized as `flamingo caption` sizes it from its plan (10-s and
+    30-s clips share a 30-s engine, 5-minute tracks get a 300-s one). replica: flamingo through one
+    data-parallel replica process (issue 15).
     """
+    import math
+
     from flamingo_cli.models import family_for
 
     family = family_for(a.ckpt)
     workloads = _workloads(a)
     samples = {name: _durations(folder) for name, folder in workloads}
-    cap_s = float(min(family.max_audio_s, max(-(-max(s) // 16000) for s in samples.values())))
+    longest = {name: float(min(family.max_audio_s, -(-max(s) // 16000))) for name, s in samples.items()}
+    if a.variant == "raw":
+        groups = [(max(longest.values()), workloads)]
+    else:
+        by_windows: dict[int, list] = {}
+        for name, folder in workloads:
+            by_windows.setdefault(math.ceil(longest[name] / 30), []).append((name, folder))
+        groups = [(max(longest[n] for n, _ in g), g) for _, g in sorted(by_windows.items())]
     peak = a.peak_tflops
     results = []
-    t0 = time.perf_counter()
-    if a.variant == "raw":
-        os.environ["FLAMINGO_TRIM_ENCODER"] = "0"  # the in-tree encoder: what vLLM alone runs
-        from vllm import LLM
 
-        llm = LLM(model=a.ckpt, **({"max_model_len": 8192} if _on_cpu() else {}))
-        engine = None
-    else:
-        engine = _suite_engine(a, family, cap_s)
-        llm = getattr(engine, "llm", None)
-    start_s = time.perf_counter() - t0
-    try:
-        for name, folder in workloads:
-            if a.variant == "raw":
-                r = _raw_workload(a, llm, family, folder)
-            else:
-                r = _flamingo_workload(a, engine, family, folder, name)
-            tflop = needed_tflop(a.ckpt, samples[name], r["prompt_tokens"], r["output_tokens"], family.max_audio_s)
-            r.update(
-                mode="suite",
-                variant=a.variant,
-                workload=name,
-                model=family.name,
-                out_tokens=a.out_tokens,
-                engine_start_s=round(start_s, 1),
-                tflop_needed=round(tflop, 3),
-                mfu_needed=round(tflop / r["seconds"] / peak, 3) if peak else None,
-                peak_tflops=peak,
-                max_chunk_s=cap_s,
-                device=_device_name(),
-            )
-            results.append(r)
-            print("RESULT " + json.dumps(r), flush=True)
-            if a.results:
-                with open(a.results, "a") as fh:
-                    fh.write(json.dumps(r) + "\n")
-        if a.quality_dir and a.variant in ("flamingo", "fp8", "fp8kv"):
-            q = _quality(a, llm if llm is not None else engine.llm, family, workloads)
-            results.append(q)
-            print("RESULT " + json.dumps(q), flush=True)
-            if a.results:
-                with open(a.results, "a") as fh:
-                    fh.write(json.dumps(q) + "\n")
-    finally:
-        if engine is not None:
-            engine.close()
-        elif llm is not None:
-            with contextlib.suppress(Exception):
-                llm.llm_engine.engine_core.shutdown()
+    def emit(r):
+        results.append(r)
+        print("RESULT " + json.dumps(r), flush=True)
+        if a.results:
+            with open(a.results, "a") as fh:
+                fh.write(json.dumps(r) + "\n")
+
+    for gi, (cap_s, group) in enumerate(groups):
+        t0 = time.perf_counter()
+        if a.variant == "raw":
+            os.environ["FLAMINGO_TRIM_ENCODER"] = "0"  # the in-tree encoder: what vLLM alone runs
+            from vllm import LLM
+
+            llm = LLM(model=a.ckpt, **({"max_model_len": 8192} if _on_cpu() else {}))
+            engine = None
+        else:
+            engine = _suite_engine(a, family, cap_s)
+            llm = getattr(engine, "llm", None)
+        start_s = time.perf_counter() - t0
+        try:
+            for name, folder in group:
+                if a.variant == "raw":
+                    r = _raw_workload(a, llm, family, folder)
+                else:
+                    r = _flamingo_workload(a, engine, family, folder, name)
+                tflop = needed_tflop(a.ckpt, samples[name], r["prompt_tokens"], r["output_tokens"], family.max_audio_s)
+                r.update(
+                    mode="suite",
+                    variant=a.variant,
+                    workload=name,
+                    model=family.name,
+                    out_tokens=a.out_tokens,
+                    engine_start_s=round(start_s, 1),
+                    tflop_needed=round(tflop, 3),
+                    mfu_needed=round(tflop / r["seconds"] / peak, 3) if peak else None,
+                    peak_tflops=peak,
+                    max_chunk_s=cap_s,
+                    device=_device_name(),
+                )
+                emit(r)
+            last = gi == len(groups) - 1  # the largest engine: every workload's chunks fit
+            if last and a.quality_dir and a.variant in ("flamingo", "fp8", "fp8kv"):
+                emit(_quality(a, llm if llm is not None else engine.llm, family, workloads))
+        finally:
+            if engine is not None:
+                engine.close()
+            elif llm is not None:
+                with contextlib.suppress(Exception):
+                    llm.llm_engine.engine_core.shutdown()
     return []  # already printed and written one by one (a later failure keeps the earlier rows)
 
 
@@ -925,6 +955,7 @@ def main():
     ap.add_argument("--schema-file", default=None, help="schema mode: a JSON Schema (default: audio-tags')")
     ap.add_argument("--prompt", default=None, help="schema mode: the prompt (default: the audio-tags preset's)")
     ap.add_argument("--max-tokens", type=int, default=OUT_TOKENS, help="schema mode: tokens per request")
+    ap.add_argument("--mel-device", default="auto", help="schema/flamingo mode: as caption --mel-device")
     a = ap.parse_args()
     res = {
         "data": cmd_data,
