@@ -43,7 +43,7 @@ if [[ $SMOKE == 1 ]]; then
 else
   SITE=/tmp/site
   export PYTHONPATH=$SITE:$PWD
-  N10=800; N30=600; N5=40; NMF=160; SIZE=full; AF3=/tmp/af3-sharp-full; MF=/tmp/mf-full; DATA=/tmp
+  N10=700; N30=500; N5=36; NMF=160; SIZE=full; AF3=/tmp/af3-sharp-full; MF=/tmp/mf-full; DATA=/tmp
   NEXT=/tmp/af-next-full; PDT=bfloat16; PDEV=cuda; PN=64; PLONG=16; PTOK=32
   QN=32; QTOK=64; WARM=8; MFTOK=512; TOK=128; KEEP=/tmp/lease-keep
 fi
@@ -130,15 +130,15 @@ step schema 150 $SCH
 if grep -q '"mode": "schema:schema", "failed"' "$RES" 2>/dev/null; then
   step schema-cpumel 150 $SCH --mel-device cpu
 fi
-# --- issue 14: AF3, 128 tokens: raw vLLM, flamingo's defaults, fp8 weights -------------------------
-step af3-raw 170 $S --variant raw
-step af3-flamingo 200 $S --variant flamingo $Q
-step af3-fp8 230 $S --variant fp8 $Q
 # --- issue 12: AF-Next at HF parity on the GPU (short grid and 20-30 min audio, one engine) ---------
 step parity-af-next 330 $PY scripts/parity.py --kind af-next --ckpt "$NEXT" --size $SIZE --dtype $PDT --n $PN \
   --min-s 30 --max-s 120 --long-n $PLONG --long-min-s 1200 --long-max-s 1800 --max-new-tokens $PTOK \
   --batch-size 8 --long-batch-size 2 --device $PDEV --out "$OUT/parity-af-next-$PDT.json"
 rm -rf "$NEXT"
+# --- issue 14: AF3, 128 tokens: raw vLLM, flamingo's defaults, fp8 weights -------------------------
+step af3-raw 170 $S --variant raw
+step af3-flamingo 200 $S --variant flamingo $Q
+step af3-fp8 230 $S --variant fp8 $Q
 # --- issue 14: Music Flamingo, 512 tokens (decode-heavy) --------------------------------------------
 [[ -f $MF/config.json ]] || step ckpt-mf 60 $B ckpt --kind mf --size $SIZE --out $MF
 step mf-raw 120 $MFS --variant raw
