@@ -200,7 +200,15 @@ def load_schema(path: str | Path, *, check_engine: bool = True) -> JsonSchema:
 
 def parse_schema(value: Any, source: str, *, check_engine: bool = True) -> JsonSchema:
     """Check a schema already parsed from JSON or TOML; ``source`` names it in errors."""
-    import jsonschema
+    try:
+        import jsonschema
+    except ImportError as exc:
+        # A declared dependency, but hand-assembled hosts lack it (the GPU lease of 2026-12-02 did):
+        # a usage error before the model loads, not a traceback.
+        raise SchemaError(
+            f"{source}: checking a schema needs the jsonschema package, which this Python cannot import "
+            f"({exc}); install flamingo's dependencies (pip install 'jsonschema>=4.23')"
+        ) from exc
 
     if not isinstance(value, dict):
         raise SchemaError(f"{source}: a schema must be a JSON object, not {type(value).__name__}")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import queue
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -129,6 +130,20 @@ def test_structured_outputs_that_cannot_load_are_a_usage_error(tmp_path, no_engi
     assert res.status == 2, res.stderr
     assert "structured outputs are unavailable on this host" in res.stderr and "libxgrammar_bindings" in res.stderr
     assert str(schema) in res.stderr and no_engine == [] and "Traceback" not in res.stderr
+
+
+def test_a_host_without_jsonschema_is_told_before_the_model_loads(tmp_path, no_engine, monkeypatch) -> None:
+    """jsonschema is a dependency, but a hand-assembled host can lack it (the GPU lease of 2026-12-02
+    did): exit 2 naming the package and the schema, no traceback, no engine."""
+    monkeypatch.setitem(sys.modules, "jsonschema", None)  # import jsonschema now raises ImportError
+    schema = write_json(tmp_path / "ok.json", {"type": "object", "properties": {"a": {"type": "string"}}})
+    audio = make_audio(tmp_path / "in" / "a.wav", 1.0)
+    res = run_cli(["caption", audio.parent, "--out", tmp_path / "out", "--model", "af3", "--schema", schema, "--quiet"])
+    assert res.status == 2, res.stderr
+    assert "needs the jsonschema package" in res.stderr and str(schema) in res.stderr
+    assert no_engine == [] and "Traceback" not in res.stderr
+    res = run_cli(["caption", audio.parent, "--out", tmp_path / "out2", "--model", "af3", "--task", "audio-tags"])
+    assert res.status == 2 and "needs the jsonschema package" in res.stderr and no_engine == []
 
 
 def test_describe_music_checks_the_schema_first(tmp_path, no_engine) -> None:
