@@ -430,6 +430,54 @@ def _predecoded(a, family):
     return [c for d in decoded for c in chunk_audio(d, family.max_audio_s)]
 
 
+def cmd_frontend(a):
+    """Where vLLM's front-end process spends its time per request (issue 14: at ~50 requests/s the GPU
+    waits on it): cProfile of ``add_request`` for every chunk of --dir, the engine not stepped, so only
+    the calling process is measured (input processing: the HF processor call, tokenisation, the
+    features, hashing, validation; the hand-off to the engine core). Top functions by cumulative time.
+    """
+    import cProfile
+    import io
+    import pstats
+
+    from flamingo_cli.engine import Sampling
+    from flamingo_cli.launch import get_engine
+    from flamingo_cli.models import family_for
+    from flamingo_cli.prompts import PromptBuilder, load_chat_template
+    from flamingo_cli.records import Request
+
+    family = family_for(a.ckpt)
+    chunks = _predecoded(a, family)
+    text = PromptBuilder(family, load_chat_template(a.ckpt)).text("Describe the audio in detail.")
+    engine = get_engine(_engine_config(a, family))
+    sampling = Sampling(temperature=0.0, max_tokens=a.out_tokens, ignore_eos=True)
+    requests = [Request(chunk=c, prompt="Describe the audio in detail.", text=text) for c in chunks]
+    for r in requests[: a.warmup]:
+        engine._add(r, sampling)
+    timed = requests[a.warmup :]
+    prof = cProfile.Profile()
+    t0 = time.perf_counter()
+    prof.enable()
+    for r in timed:
+        engine._add(r, sampling)
+    prof.disable()
+    seconds = time.perf_counter() - t0
+    out = io.StringIO()
+    pstats.Stats(prof, stream=out).sort_stats("cumulative").print_stats(40)
+    print(out.getvalue(), file=sys.stderr)
+    engine.abort_all()
+    engine.close()
+    return {
+        "mode": "frontend",
+        "requests": len(timed),
+        "seconds": round(seconds, 3),
+        "ms_per_request": round(1000 * seconds / max(1, len(timed)), 2),
+        "requests_per_s_ceiling": round(len(timed) / seconds, 1) if seconds else None,
+        "mel_device": a.mel_device,
+        "device": _device_name(),
+    }
+
+
 def cmd_ceiling(a):
     """Raw vLLM LLM.generate over pre-decoded 16 kHz arrays (decode not timed)."""
     import math
@@ -921,7 +969,8 @@ def cmd_report(a):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument(
-        "mode", choices=["data", "ckpt", "ceiling", "flamingo", "hf", "feed", "clips", "suite", "report", "schema"]
+        "mode",
+        choices=["data", "ckpt", "ceiling", "flamingo", "hf", "feed", "clips", "suite", "report", "schema", "frontend"],
     )
     ap.add_argument("--seconds", type=float, default=10.0, help="clips: length of each file")
     ap.add_argument("--count", type=int, default=1000, help="clips: number of files")
@@ -972,6 +1021,7 @@ def main():
         "suite": cmd_suite,
         "report": cmd_report,
         "schema": cmd_schema,
+        "frontend": cmd_frontend,
     }[a.mode](a)
     for r in res if isinstance(res, list) else [res]:
         line = json.dumps(r)

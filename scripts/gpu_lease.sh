@@ -153,6 +153,7 @@ step mf-fp8 150 $MFS --variant fp8
 step af3-bf16-floor 200 $S --variant flamingo $Q --quality-recheck   # bf16 vs bf16: fp8's noise floor
 step af3-fp8kv 200 $S --variant fp8kv $Q
 step af3-untrimmed 200 $S --variant untrimmed
+step frontend 150 $B frontend --ckpt "$AF3" --dir "$DATA/bench-10s" --warmup $WARM --out-tokens $TOK --results "$RES"
 
 cp "$RES" "$OUT/results.jsonl" 2>/dev/null
 cp -r "$KEEP/quality" "$OUT/" 2>/dev/null
