@@ -83,7 +83,11 @@ GpusOpt = Annotated[
 ]
 ReplicasOpt = Annotated[
     int | None,
-    typer.Option("--replicas", help="Engine replicas (default: one per GPU group; 1 without GPUs)."),
+    typer.Option(
+        "--replicas",
+        help="Engine replicas (default: one per GPU group; 1 without GPUs); a multiple of the GPU groups "
+        "runs that many per group, memory split.",
+    ),
 ]
 ExecutorOpt = Annotated[
     str,

@@ -26,6 +26,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
 from typing import Any
@@ -83,7 +84,9 @@ def plan_replicas(gpus: str | None, tensor_parallel_size: int = 1, replicas: int
 
     ``gpus``: "all"/None (every visible GPU), "none" (CPU), or comma-separated indexes into the visible
     GPUs. Each replica takes ``tensor_parallel_size`` GPUs. ``replicas`` caps (or, without GPUs, sets)
-    the count. Raises ValueError on a bad spec.
+    the count; a multiple of the GPU groups puts that many replicas on each group (their memory budget
+    split; DataParallelEngine starts them one after another): on short clips one engine's CPU side
+    cannot keep a GPU busy. Raises ValueError on a bad spec.
     """
     if tensor_parallel_size < 1:
         raise ValueError("--tensor-parallel-size must be ≥ 1")
@@ -112,9 +115,13 @@ def plan_replicas(gpus: str | None, tensor_parallel_size: int = 1, replicas: int
     ]
     if replicas is not None:
         if replicas > len(groups):
-            raise ValueError(
-                f"--replicas {replicas} needs {replicas * tensor_parallel_size} GPUs; {len(chosen)} chosen"
-            )
+            if replicas % len(groups):
+                raise ValueError(
+                    f"--replicas {replicas} with {len(groups)} GPU group(s): more replicas than groups must be a "
+                    f"multiple of them ({len(groups) * (replicas // len(groups) + 1)} = "
+                    f"{replicas // len(groups) + 1} per group), or at most {len(groups)}"
+                )
+            return [g for _ in range(replicas // len(groups)) for g in groups]
         groups = groups[:replicas]
     return list(groups)
 
@@ -242,8 +249,16 @@ class DataParallelEngine:
             raise ValueError("at least one replica")
         self.config = config
         self.devices = list(devices)
-        # Each replica keeps the single engine's caps; the parent spreads requests over them.
+        # Each replica keeps the single engine's caps; the parent spreads requests over them. Replicas
+        # that share a GPU split its memory budget.
         self.replica_config = replace(config, devices=())
+        shares = Counter(d for d in self.devices if d is not None)
+        self.replica_configs = [
+            replace(self.replica_config, gpu_memory_utilization=config.gpu_memory_utilization / shares[dev])
+            if dev is not None and shares[dev] > 1
+            else self.replica_config
+            for dev in self.devices
+        ]
         self.factory = factory
         self._ctx = mp.get_context("spawn")  # never fork a process that may hold CUDA or threads
         self._outbox = self._ctx.Queue()
@@ -251,19 +266,30 @@ class DataParallelEngine:
         self._procs = [
             self._ctx.Process(
                 target=_worker_main,
-                args=(i, dev, self.replica_config, factory, self._inboxes[i], self._outbox),
+                args=(i, dev, self.replica_configs[i], factory, self._inboxes[i], self._outbox),
                 name=f"flamingo-replica{i}",
                 daemon=False,
             )
             for i, dev in enumerate(self.devices)
         ]
+        # Replicas on one GPU start one after another: vLLM sizes its KV cache from a memory profile
+        # that another engine starting on the same GPU would disturb.
+        self._after: dict[int, int] = {}  # wid -> the replica on its GPU that starts once wid is ready
+        last: dict[str, int] = {}
+        for wid, dev in enumerate(self.devices):
+            if dev is not None and dev in last:
+                self._after[last[dev]] = wid
+            if dev is not None:
+                last[dev] = wid
+        self._held = set(self._after.values())  # started by _await_ready
         self.llm = self  # "running" marker for engine.watch_engine_death and the engine cache
         self.versions: dict[str, str] = {}
         self.defaults: dict[str, Any] = {}
         self.pids: list[int] = []
         self.peak_in_flight = 0  # most requests out at the replicas at once (memory bound, tests)
-        for p in self._procs:
-            p.start()
+        for wid, p in enumerate(self._procs):
+            if wid not in self._held:
+                p.start()
         try:
             self._await_ready(start_timeout)
         except BaseException:
@@ -278,21 +304,40 @@ class DataParallelEngine:
         ready: dict[int, dict[str, Any]] = {}
         errors: list[str] = []
         deadline = time.monotonic() + timeout
-        while len(ready) + len(errors) < len(self._procs):
+        failed: set[int] = set()
+
+        def settle(wid: int, ok: bool) -> None:
+            # The next replica on this GPU starts once this one is up; after a failure it never starts.
+            nxt = self._after.get(wid)
+            while nxt is not None and not ok:
+                errors.append(f"{self._where(nxt)}: not started (a replica before it on this GPU failed)")
+                failed.add(nxt)
+                nxt = self._after.get(nxt)
+            if nxt is not None:
+                self._procs[nxt].start()
+                self._held.discard(nxt)
+
+        while len(ready) + len(failed) < len(self._procs):
             try:
                 msg = self._outbox.get(timeout=0.5)
             except queue.Empty:
                 for wid, p in enumerate(self._procs):
-                    if wid not in ready and not p.is_alive() and p.exitcode not in (None, 0):
+                    if wid in ready or wid in failed or wid in self._held:
+                        continue
+                    if not p.is_alive() and p.exitcode not in (None, 0):
                         errors.append(f"{self._where(wid)} exited with code {p.exitcode} while starting")
-                        ready[wid] = {}
+                        failed.add(wid)
+                        settle(wid, ok=False)
                 if time.monotonic() > deadline:
                     raise EngineError(f"engine replicas did not start within {timeout:.0f} s") from None
                 continue
             if msg[0] == "ready":
                 ready[msg[1]] = msg[2]
+                settle(msg[1], ok=True)
             elif msg[0] == "error":
                 errors.append(f"{self._where(msg[1])}: {msg[2]}")
+                failed.add(msg[1])
+                settle(msg[1], ok=False)
         if errors:
             raise EngineError("engine replica(s) could not start: " + "; ".join(errors))
         first = ready[0]
@@ -407,9 +452,10 @@ class DataParallelEngine:
             with contextlib.suppress(Exception):
                 inbox.put(("close",))
         deadline = time.monotonic() + timeout
-        for p in self._procs:
+        started = [p for p in self._procs if p.pid is not None]  # a replica held back never started
+        for p in started:
             p.join(timeout=max(0.1, deadline - time.monotonic()))
-        for p in self._procs:
+        for p in started:
             if p.is_alive():
                 p.terminate()
                 p.join(timeout=10)

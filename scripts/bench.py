@@ -584,7 +584,7 @@ def cmd_hf(a):
 # --- suite: one engine per variant, every workload timed through it (issue 14 / 15 lease) -------------
 
 PEAK_BF16_TFLOPS = {"H200": 989.4, "H100": 989.4}  # dense BF16 spec (SXM); the MFU base
-VARIANTS = ("raw", "flamingo", "cpumel", "untrimmed", "fp8", "fp8kv", "replica")
+VARIANTS = ("raw", "flamingo", "cpumel", "untrimmed", "fp8", "fp8kv", "replica", "replica2")
 
 
 def cmd_clips(a):
@@ -689,7 +689,7 @@ def cmd_suite(a):
     encoder, log-mel on the GPU), cpumel, untrimmed, fp8, fp8kv: flamingo's pipeline from the files on
     disk, one engine per audio-window count sized as `flamingo caption` sizes it from its plan (10-s and
     30-s clips share a 30-s engine, 5-minute tracks get a 300-s one). replica: flamingo through one
-    data-parallel replica process (issue 15).
+    data-parallel replica process (issue 15); replica2: two replicas sharing the GPU, memory split.
     """
     import math
 
@@ -763,10 +763,12 @@ def cmd_suite(a):
 
 def _suite_engine(a, family, cap_s):
     config = _suite_config(a, family, cap_s)
-    if a.variant == "replica":
-        from flamingo_cli.data_parallel import DataParallelEngine
+    if a.variant in ("replica", "replica2"):
+        from flamingo_cli.data_parallel import DataParallelEngine, plan_replicas
 
-        return DataParallelEngine(config, ["0" if not _on_cpu() else None])
+        # replica: one replica process on GPU 0; replica2: two sharing it (`caption --gpus 0 --replicas 2`)
+        count = 2 if a.variant == "replica2" else 1
+        return DataParallelEngine(config, plan_replicas("none" if _on_cpu() else "0", 1, count))
     from flamingo_cli.launch import get_engine
 
     return get_engine(config)

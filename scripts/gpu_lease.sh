@@ -10,18 +10,17 @@
 #       decorator==5.2.1 cffi==2.1.1 pycparser==3.12 compressed-tensors==0.17.0 loguru==0.7.3 \
 #       jsonschema==4.26.0 attrs==26.1.0 jsonschema-specifications==2025.9.1 referencing==0.37.0 \
 #       rpds-py==2026.9.1" bash ../shared/device/prepare.sh
-#   Still to measure after the 2026-12-02 lease (issues 13, 14):
-#     ONLY='schema|af3-flamingo|mf-raw|mf-flamingo|mf-fp8|af3-bf16-floor|af3-fp8kv' (setup builds the AF3 and AF-Next checkpoints;
-#     set SKIP_NEXT=1 to leave AF-Next out when its parity row is not wanted)
+#   What to run: PLAN (step names in order) and CKPTS (checkpoints built in setup). The defaults are
+#   what the 2026-12-02 lease left to measure (issues 13, 14); AF-Next parity: CKPTS="af3 af-next"
+#   PLAN="parity-af-next …".
 #   The whole lease runs in the background on the GPU host, so no step waits on a call boundary:
 #     call 1 (carry .whl1):  mkdir -p /tmp/up && cp .whl1/* /tmp/up/
 #     call 2 (carry .whl2 .deps):  bash .deps/install.sh && export PYTHONPATH=/tmp/site:$PWD \
 #         VLLM_USE_FLASHINFER_SAMPLER=0 VLLM_WORKER_MULTIPROC_METHOD=spawn && \
-#         (OUT=/tmp/lease-out BUDGET_S=1450 setsid nohup bash scripts/gpu_lease.sh >/tmp/lease-runner.log 2>&1 </dev/null &) && \
+#         (OUT=/tmp/lease-out BUDGET_S=1550 setsid nohup bash scripts/gpu_lease.sh >/tmp/lease-runner.log 2>&1 </dev/null &) && \
 #         bash scripts/lease_poll.sh 560
 #     calls 3…: bash scripts/lease_poll.sh 560      (each copies what is there to its $OUT every 20 s)
 #   CPU smoke test with tiny checkpoints:  SMOKE=1 OUT=/tmp/lease-smoke bash scripts/gpu_lease.sh
-#   ONLY='af3-raw|af3-fp8' runs only the steps whose names match (setup always runs).
 #
 # $OUT/results.jsonl  one JSON row per (variant, workload), per quality comparison, per schema pass
 # $OUT/steps.jsonl    one row per step: name, exit status (124 = hit its limit), seconds, skipped
@@ -50,8 +49,9 @@ else
   export PYTHONPATH=$SITE:$PWD
   N10=700; N30=500; N5=36; NMF=160; SIZE=full; AF3=/tmp/af3-sharp-full; MF=/tmp/mf-full; DATA=/tmp
   NEXT=/tmp/af-next-full; PDT=bfloat16; PDEV=cuda; PN=64; PLONG=16; PTOK=32
-  QN=32; QTOK=64; WARM=8; MFTOK=512; TOK=128; KEEP=/tmp/lease-keep
+  QN=32; QTOK=64; WARM=64; MFTOK=512; TOK=128; KEEP=/tmp/lease-keep
 fi
+CKPTS=${CKPTS:-af3 mf} # built in setup, in parallel (af3 always); at most two full-size ones
 START=$(date +%s)
 DEADLINE=$((START + BUDGET_S))
 B="$PY scripts/bench.py"
@@ -64,9 +64,6 @@ step() {
   local name=$1 expect=$2
   shift 2
   local now t0 rc
-  if [[ -n ${ONLY:-} && $name != setup && $name != ckpt-* && ! $name =~ ^(${ONLY})$ ]]; then
-    return 0
-  fi
   now=$(date +%s)
   if ((now + expect > DEADLINE)); then
     echo "{\"step\": \"$name\", \"skipped\": true, \"left_s\": $((DEADLINE - now))}" >>"$OUT/steps.jsonl"
@@ -114,12 +111,13 @@ cat "$OUT/env.json"
 [[ -f $KEEP/setup.ok ]] || step setup 150 bash -c "set -e
   $B clips --dir $DATA/bench-10s --seconds 10 --count $N10 &
   $B ckpt --kind af3 --size $SIZE --out $AF3 --lm-head-std 0.1 &
-  [[ ${SKIP_NEXT:-0} == 1 ]] || $PY scripts/make_tiny_checkpoint.py --kind af-next --size $SIZE --dtype $PDT --out $NEXT &
+  [[ \" $CKPTS \" != *' af-next '* ]] || $PY scripts/make_tiny_checkpoint.py --kind af-next --size $SIZE --dtype $PDT --out $NEXT &
+  [[ \" $CKPTS \" != *' mf '* ]] || $B ckpt --kind mf --size $SIZE --out $MF &
   wait
   $B clips --dir $DATA/bench-30s --seconds 30 --count $N30
   $B clips --dir $DATA/bench-5min --seconds 300 --count $N5
   $B clips --dir $DATA/bench-mf --seconds 30 --count $NMF
-  test -f $AF3/config.json && { [[ ${SKIP_NEXT:-0} == 1 ]] || test -f $NEXT/config.json; } && touch $KEEP/setup.ok"
+  test -f $AF3/config.json && touch $KEEP/setup.ok"
 
 W="10s=$DATA/bench-10s,30s=$DATA/bench-30s,5min=$DATA/bench-5min"
 S="$B suite --ckpt $AF3 --workloads $W --out-tokens $TOK --warmup $WARM --results $RES --out-dir $KEEP/bench-out"
@@ -127,33 +125,51 @@ Q="--quality-dir $KEEP/quality --quality-n $QN --quality-tokens $QTOK"
 MFS="$B suite --ckpt $MF --workloads mf30s=$DATA/bench-mf --out-tokens $MFTOK --warmup $WARM --results $RES --out-dir $KEEP/bench-out"
 SCH="$B schema --ckpt $AF3 --dir $DATA/bench-10s --max-tokens $TOK --results $RES --out-dir $KEEP/schema-out"
 
-# --- issue 13: schema vs free text (audio-tags preset, 10-s clips, one engine, both passes) --------
-step schema 150 $SCH
-# The 2026-12-02 lease saw every schema request refused on the H200; if that recurs (the traceback is
-# in logs/schema.log and the row), try once with the log-mel on the CPU (the one GPU-only difference
-# in flamingo's engine arguments besides the batching budget).
-if grep -q '"mode": "schema:schema", "failed"' "$RES" 2>/dev/null; then
-  step schema-cpumel 150 $SCH --mel-device cpu
-fi
-# --- issue 12: AF-Next at HF parity on the GPU (short grid and 20-30 min audio, one engine) ---------
-step parity-af-next 330 $PY scripts/parity.py --kind af-next --ckpt "$NEXT" --size $SIZE --dtype $PDT --n $PN \
+# --- the steps: name -> expected seconds, command; PLAN says which run, in which order ---------------
+declare -A EXPECT CMD
+add() { EXPECT[$1]=$2; CMD[$1]=$3; }
+# issue 13: schema vs free text (audio-tags preset, 10-s clips, one engine, both passes)
+add schema 150 "$SCH"
+# ... and, only when the schema pass failed, once more with the log-mel on the CPU (the one GPU-only
+# difference in flamingo's engine arguments besides the batching budget); the traceback is in the log.
+add schema-cpumel 150 "$SCH --mel-device cpu"
+# issue 12: AF-Next at HF parity on the GPU (short grid and 20-30 min audio, one engine)
+add parity-af-next 330 "$PY scripts/parity.py --kind af-next --ckpt $NEXT --size $SIZE --dtype $PDT --n $PN \
   --min-s 30 --max-s 120 --long-n $PLONG --long-min-s 1200 --long-max-s 1800 --max-new-tokens $PTOK \
-  --batch-size 8 --long-batch-size 2 --device $PDEV --out "$OUT/parity-af-next-$PDT.json"
-rm -rf "$NEXT"
-# --- issue 14: AF3, 128 tokens: raw vLLM, flamingo's defaults, fp8 weights -------------------------
-step af3-raw 170 $S --variant raw
-step af3-flamingo 200 $S --variant flamingo $Q
-step af3-fp8 230 $S --variant fp8 $Q
-# --- issue 14: Music Flamingo, 512 tokens (decode-heavy) --------------------------------------------
-[[ -f $MF/config.json ]] || step ckpt-mf 60 $B ckpt --kind mf --size $SIZE --out $MF
-step mf-raw 120 $MFS --variant raw
-step mf-flamingo 130 $MFS --variant flamingo
-step mf-fp8 150 $MFS --variant fp8
-# --- if time is left: FP8 KV cache, the untrimmed encoder, the CPU log-mel -------------------------
-step af3-bf16-floor 200 $S --variant flamingo $Q --quality-recheck   # bf16 vs bf16: fp8's noise floor
-step af3-fp8kv 200 $S --variant fp8kv $Q
-step af3-untrimmed 200 $S --variant untrimmed
-step frontend 150 $B frontend --ckpt "$AF3" --dir "$DATA/bench-10s" --warmup $WARM --out-tokens $TOK --results "$RES"
+  --batch-size 8 --long-batch-size 2 --device $PDEV --out $OUT/parity-af-next-$PDT.json"
+# issue 14: AF3, 128 tokens: raw vLLM, flamingo's defaults, fp8 weights, the bf16 noise floor, FP8 KV
+add af3-raw 170 "$S --variant raw"
+add af3-flamingo 200 "$S --variant flamingo $Q"
+add af3-fp8 230 "$S --variant fp8 $Q"
+add af3-bf16-floor 200 "$S --variant flamingo $Q --quality-recheck"
+add af3-fp8kv 200 "$S --variant fp8kv $Q"
+add af3-untrimmed 200 "$S --variant untrimmed"
+add af3-cpumel 200 "$S --variant cpumel"
+# issue 14: Music Flamingo, 512 tokens (decode-heavy)
+add mf-raw 120 "$MFS --variant raw"
+add mf-flamingo 130 "$MFS --variant flamingo"
+add mf-fp8 150 "$MFS --variant fp8"
+# issue 14: two engine replicas sharing the GPU on short clips (two front-ends and schedulers)
+add af3-replica2 300 "$B suite --ckpt $AF3 --workloads 10s=$DATA/bench-10s,30s=$DATA/bench-30s --out-tokens $TOK \
+  --warmup $WARM --results $RES --out-dir $KEEP/bench-out --variant replica2"
+# issue 14: vLLM's front-end per request on the GPU host (cProfile; log-mel on the GPU)
+add frontend 150 "$B frontend --ckpt $AF3 --dir $DATA/bench-10s --warmup $WARM --out-tokens $TOK --results $RES"
+
+# The default: what the 2026-12-02 lease left (it ran schema parity-af-next af3-raw af3-flamingo af3-fp8).
+PLAN=${PLAN:-schema mf-raw mf-flamingo mf-fp8 af3-raw af3-flamingo af3-replica2 af3-fp8 af3-bf16-floor frontend af3-fp8kv}
+for name in $PLAN; do
+  [[ -n ${CMD[$name]:-} ]] || { echo "unknown step $name" >&2; continue; }
+  if [[ $name == mf-* && ! -f $MF/config.json ]]; then
+    rm -rf "$NEXT" # two full-size checkpoints on the disk at most
+    step ckpt-mf 110 $B ckpt --kind mf --size $SIZE --out $MF
+  fi
+  # shellcheck disable=SC2086  # the command strings split into words (no path here has a space)
+  step "$name" "${EXPECT[$name]}" ${CMD[$name]}
+  if [[ $name == schema ]] && grep -q '"mode": "schema:schema", "failed"' "$RES" 2>/dev/null; then
+    step schema-cpumel "${EXPECT[schema-cpumel]}" ${CMD[schema-cpumel]}
+  fi
+  [[ $name == parity-af-next ]] && rm -rf "$NEXT"
+done
 
 cp "$RES" "$OUT/results.jsonl" 2>/dev/null
 cp -r "$KEEP/quality" "$OUT/" 2>/dev/null

@@ -7,6 +7,7 @@ same replicas is covered by tests/test_cli_e2e.py::test_replicas_match_one_engin
 
 from __future__ import annotations
 
+import json
 import os
 import queue
 import subprocess
@@ -82,6 +83,21 @@ class TorchEchoEngine(EchoEngine):
             yield result
 
 
+class StartLogEngine(EchoEngine):
+    """Logs (device, memory budget, start, ready) to ``extra["log"]``; slow to start; fails on the
+    device named by ``extra["fail_on"]``: what replicas sharing a GPU must be started around."""
+
+    def __init__(self, config: EngineConfig) -> None:
+        dev = os.environ.get("CUDA_VISIBLE_DEVICES")
+        t0 = time.time()
+        time.sleep(config.extra.get("start_delay", 0.0))
+        if dev == config.extra.get("fail_on"):
+            raise RuntimeError(f"CUDA out of memory on {dev} (injected)")
+        with open(config.extra["log"], "a") as fh:
+            fh.write(json.dumps([dev, config.gpu_memory_utilization, t0, time.time(), os.getpid()]) + "\n")
+        super().__init__(replace(config, extra={}))
+
+
 def _config(**extra) -> EngineConfig:
     return EngineConfig(model="echo", family=family_for("af3"), max_chunk_s=600.0, max_in_flight=4, extra=extra)
 
@@ -116,6 +132,12 @@ def test_plan_replicas_from_visible_gpus(monkeypatch: pytest.MonkeyPatch) -> Non
     assert plan_replicas("0,1,2", tensor_parallel_size=2) == ["4,5"]  # a leftover GPU stays idle
     assert plan_replicas("none") == [None]
     assert plan_replicas("none", replicas=3) == [None, None, None]
+    # more replicas than GPU groups: a multiple of them, so many replicas on each group
+    assert plan_replicas("all", replicas=8) == ["4", "5", "6", "7", "4", "5", "6", "7"]
+    assert plan_replicas("0", replicas=2) == ["4", "4"]
+    assert plan_replicas(None, tensor_parallel_size=2, replicas=4) == ["4,5", "6,7", "4,5", "6,7"]
+    with pytest.raises(ValueError, match=r"--replicas 6 with 4 GPU group\(s\): .*multiple .*\(8 = 2 per group\)"):
+        plan_replicas("all", replicas=6)
     for bad, kw in [("9", {}), ("0,0", {}), ("x", {}), ("all", {"replicas": 5}), ("0", {"tensor_parallel_size": 2})]:
         with pytest.raises(ValueError):
             plan_replicas(bad, **kw)
@@ -210,6 +232,41 @@ def test_a_slow_replica_gets_less_work() -> None:
 def test_a_replica_that_cannot_start_is_a_clear_engine_error() -> None:
     with pytest.raises(EngineError, match=r"replica 0 \(GPU 3\).*no GPU memory left"):
         DataParallelEngine(_config(fail_start=True), ["3", None], factory=FACTORY)
+
+
+def test_replicas_sharing_a_gpu_split_its_memory_and_start_one_after_another(tmp_path) -> None:
+    """Two replicas on GPU "a", one on "b": each on "a" gets half the memory budget and the second
+    starts only once the first is up (vLLM sizes its KV cache from a memory profile that a neighbour
+    starting at the same time would disturb); "b" starts at once; work reaches all three."""
+    log = tmp_path / "starts.jsonl"
+    factory = f"{__name__}:StartLogEngine"
+    config = replace(_config(start_delay=1.0, log=str(log)), gpu_memory_utilization=0.9)
+    engine = DataParallelEngine(config, ["a", "b", "a"], factory=factory)
+    try:
+        results = list(engine.run(_feed(_requests(30)), Sampling()))
+        assert len(results) == 30
+        assert {r.caption.split(":")[1] for r in results} == {"a", "b"}
+        assert len({r.caption.split("@")[1].split(":")[0] for r in results}) == 3
+    finally:
+        engine.close()
+    starts = [json.loads(line) for line in log.read_text().splitlines()]
+    on_a = sorted((s for s in starts if s[0] == "a"), key=lambda s: s[2])
+    on_b = [s for s in starts if s[0] == "b"]
+    assert [s[1] for s in on_a] == [pytest.approx(0.45), pytest.approx(0.45)] and on_b[0][1] == pytest.approx(0.9)
+    assert on_a[1][2] >= on_a[0][3]  # the second on "a" began after the first was ready
+    assert on_b[0][2] < on_a[0][3]  # "b" did not wait for "a"
+
+
+def test_a_failed_replica_holds_back_the_next_on_its_gpu(tmp_path) -> None:
+    factory = f"{__name__}:StartLogEngine"
+    config = _config(log=str(tmp_path / "starts.jsonl"), fail_on="a")
+    with pytest.raises(EngineError) as err:
+        DataParallelEngine(config, ["a", "b", "a"], factory=factory)
+    message = str(err.value)
+    assert "replica 0 (GPU a): RuntimeError: CUDA out of memory on a" in message
+    assert "replica 2 (GPU a): not started (a replica before it on this GPU failed)" in message
+    started = [json.loads(line)[0] for line in (tmp_path / "starts.jsonl").read_text().splitlines()]
+    assert started == ["b"]  # the other GPU's replica came up and was closed with the rest
 
 
 def test_a_replica_dying_mid_run_ends_the_run_with_engine_error() -> None:
