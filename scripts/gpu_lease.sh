@@ -27,7 +27,15 @@
 # $OUT/report.md      the table for BENCHMARKS.md (bench.py report); $OUT/logs/<step>.log each step's log
 # $OUT/parity-*.json  scripts/parity.py's reports;  $OUT/done  written last
 set -u
-cd "$(dirname "$0")/.."
+ROOT=${LEASE_ROOT:-$(cd "$(dirname "$0")/.." && pwd)}
+if [[ -z ${LEASE_ROOT:-} ]]; then
+  # bash reads a script while it runs, and each device call re-sends the working tree: run a private
+  # copy, so an edited tree cannot shift the lines under a lease in progress.
+  copy=$(mktemp /tmp/gpu_lease.XXXXXX)
+  cp "$0" "$copy"
+  LEASE_ROOT=$ROOT exec bash "$copy" "$@"
+fi
+cd "$ROOT"
 OUT=${OUT:-/tmp/lease-out}
 SMOKE=${SMOKE:-0}
 BUDGET_S=${BUDGET_S:-560}    # this command, setup included (a device command may run 600 s)
