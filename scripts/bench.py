@@ -127,7 +127,7 @@ def _engine_config(a, family):
     return EngineConfig(
         model=a.ckpt,
         family=family,
-        mel_device=getattr(a, "mel_device", "auto"),
+        mel_device=a.mel_device,
         max_chunk_s=float(family.max_audio_s),
         max_tokens=a.max_tokens,
         dtype="bfloat16",
@@ -432,9 +432,10 @@ def _predecoded(a, family):
 
 def cmd_frontend(a):
     """Where vLLM's front-end process spends its time per request (issue 14: at ~50 requests/s the GPU
-    waits on it): cProfile of ``add_request`` for every chunk of --dir, the engine not stepped, so only
-    the calling process is measured (input processing: the HF processor call, tokenisation, the
-    features, hashing, validation; the hand-off to the engine core). Top functions by cumulative time.
+    waits on it): cProfile of ``add_request`` for every chunk of --dir in the calling process (input
+    processing: the HF processor call, tokenisation, the features, hashing, validation; the hand-off to
+    the engine core). Outputs are not read; the engine core process works on the requests meanwhile, as
+    in a run. Top functions by cumulative time.
     """
     import cProfile
     import io
@@ -448,10 +449,11 @@ def cmd_frontend(a):
 
     family = family_for(a.ckpt)
     chunks = _predecoded(a, family)
-    text = PromptBuilder(family, load_chat_template(a.ckpt)).text("Describe the audio in detail.")
+    prompt = "Describe the audio in detail."
+    text = PromptBuilder(family, load_chat_template(a.ckpt)).text(prompt)
     engine = get_engine(_engine_config(a, family))
     sampling = Sampling(temperature=0.0, max_tokens=a.out_tokens, ignore_eos=True)
-    requests = [Request(chunk=c, prompt="Describe the audio in detail.", text=text) for c in chunks]
+    requests = [Request(chunk=c, prompt=prompt, text=text) for c in chunks]
     for r in requests[: a.warmup]:
         engine._add(r, sampling)
     timed = requests[a.warmup :]
