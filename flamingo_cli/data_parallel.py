@@ -277,18 +277,19 @@ class DataParallelEngine:
         self._after: dict[int, int] = {}  # wid -> the replica on its GPU that starts once wid is ready
         last: dict[str, int] = {}
         for wid, dev in enumerate(self.devices):
-            if dev is not None and dev in last:
+            if dev is None:
+                continue
+            if dev in last:
                 self._after[last[dev]] = wid
-            if dev is not None:
-                last[dev] = wid
-        self._held = set(self._after.values())  # started by _await_ready
+            last[dev] = wid
         self.llm = self  # "running" marker for engine.watch_engine_death and the engine cache
         self.versions: dict[str, str] = {}
         self.defaults: dict[str, Any] = {}
         self.pids: list[int] = []
         self.peak_in_flight = 0  # most requests out at the replicas at once (memory bound, tests)
+        held = set(self._after.values())  # started by _await_ready, once the one before is up
         for wid, p in enumerate(self._procs):
-            if wid not in self._held:
+            if wid not in held:
                 p.start()
         try:
             self._await_ready(start_timeout)
@@ -315,14 +316,13 @@ class DataParallelEngine:
                 nxt = self._after.get(nxt)
             if nxt is not None:
                 self._procs[nxt].start()
-                self._held.discard(nxt)
 
         while len(ready) + len(failed) < len(self._procs):
             try:
                 msg = self._outbox.get(timeout=0.5)
             except queue.Empty:
                 for wid, p in enumerate(self._procs):
-                    if wid in ready or wid in failed or wid in self._held:
+                    if wid in ready or wid in failed or p.pid is None:  # pid None: held back, not started
                         continue
                     if not p.is_alive() and p.exitcode not in (None, 0):
                         errors.append(f"{self._where(wid)} exited with code {p.exitcode} while starting")
