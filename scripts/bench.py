@@ -66,6 +66,66 @@ class GpuBusy:
         self.busy = sum(self.samples) / len(self.samples) if self.samples else None
 
 
+class CpuBusy:
+    """CPU time per thread of this process and its descendants (engine core, replicas) while the block
+    runs, from /proc: a busiest thread near 100 % is a loop the GPU waits on (Python holds one core).
+    Linux only; empty elsewhere."""
+
+    def __enter__(self):
+        self._t0, self._before = time.perf_counter(), _thread_ticks()
+        return self
+
+    def __exit__(self, *exc):
+        wall = max(1e-9, time.perf_counter() - self._t0)
+        hz = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+        after = _thread_ticks()
+
+        def pct(key, ticks):
+            return (ticks - self._before.get(key, (None, None, 0))[2]) / hz / wall * 100
+
+        procs: dict[int, dict] = {}
+        for (pid, tid), (pname, tname, ticks) in after.items():
+            p = procs.setdefault(pid, {"pid": pid, "name": pname, "cpu_pct": 0.0, "threads": []})
+            if tid == 0:  # the process's own total: threads that ended in the block included
+                p["cpu_pct"] = round(pct((pid, 0), ticks), 1)
+            else:
+                p["threads"].append((round(pct((pid, tid), ticks), 1), tname))
+        rows = sorted(procs.values(), key=lambda p: -p["cpu_pct"])[:6]
+        for p in rows:
+            p["threads"] = sorted(p["threads"], reverse=True)[:3]
+        self.processes = rows
+        top = max(((t[0], f"{p['name']}/{t[1]}") for p in rows for t in p["threads"]), default=(None, None))
+        self.busiest_thread_pct, self.busiest_thread = top
+
+
+def _thread_ticks() -> dict:
+    """{(pid, tid): (process name, thread name, utime+stime ticks)} for this process and its descendants;
+    tid 0 is the whole process (its ended threads included)."""
+    proc = Path("/proc")
+    if not proc.is_dir():
+        return {}
+    children: dict[int, list[int]] = {}
+    for d in proc.iterdir():
+        if d.name.isdigit():
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                children.setdefault(ppid, []).append(int(d.name))
+    out, todo = {}, [os.getpid()]
+    while todo:
+        pid = todo.pop()
+        todo += children.get(pid, [])
+        with contextlib.suppress(OSError):
+            pname = (proc / str(pid) / "comm").read_text().strip()
+            f = (proc / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()
+            out[(pid, 0)] = (pname, "", int(f[11]) + int(f[12]))
+            for t in (proc / str(pid) / "task").iterdir():
+                with contextlib.suppress(OSError, ValueError, IndexError):
+                    st = (t / "stat").read_text()
+                    f = st.rsplit(")", 1)[1].split()  # fields from 3 (state) on; 14, 15 are utime, stime
+                    out[(pid, int(t.name))] = (pname, st[st.index("(") + 1 : st.rindex(")")], int(f[11]) + int(f[12]))
+    return out
+
+
 def _write_one(args):
     import numpy as np
     import soundfile as sf
@@ -263,11 +323,12 @@ def _pass(a, engine, family, sampling, out):
             output_tokens=result.output_tokens,
         )
 
-    with Sink(out, "bench", {"bench": True}, model=a.ckpt, task="bench") as sink, GpuBusy() as gpu:
+    with Sink(out, "bench", {"bench": True}, model=a.ckpt, task="bench") as sink, GpuBusy() as gpu, CpuBusy() as cpu:
         t1 = time.perf_counter()
         run_pipeline(job, _items(a), engine, sink, stats, on_result=count)
         seconds = time.perf_counter() - t1
-    return stats.snapshot(), totals, seconds, gpu.busy, {"counts": dict(errors), "first": samples}
+    errors_seen = {"counts": dict(errors), "first": samples}
+    return stats.snapshot(), totals, seconds, gpu.busy, errors_seen, cpu
 
 
 def cmd_schema(a):
@@ -298,7 +359,7 @@ def cmd_schema(a):
     for name, json_schema in (("free_text", None), ("schema", schema.text)):
         sampling = Sampling(temperature=0.0, max_tokens=a.max_tokens, json_schema=json_schema)
         try:
-            s, t, seconds, busy, errors = _pass(a, engine, family, sampling, Path(a.out_dir) / name)
+            s, t, seconds, busy, errors, cpu = _pass(a, engine, family, sampling, Path(a.out_dir) / name)
         except Exception:
             # The run failed (e.g. the engine refused every request): keep the whole chain, vLLM's frames
             # included, in the row and the log, and go on (the other pass's numbers stand).
@@ -329,6 +390,9 @@ def cmd_schema(a):
                 max_tokens=a.max_tokens,
                 schema_hash=schema.hash if json_schema else None,
                 mel_device=a.mel_device,
+                busiest_thread_pct=cpu.busiest_thread_pct,
+                busiest_thread=cpu.busiest_thread,
+                cpu_processes=cpu.processes,
             )
         )
     engine.close()
@@ -798,15 +862,15 @@ def _raw_workload(a, llm, family, folder):
     sp = SamplingParams(temperature=0.0, max_tokens=a.out_tokens, ignore_eos=True)
     prompts = [{"prompt": text, "multi_modal_data": {"audio": (c.samples, 16000)}} for c in chunks]
     llm.generate(prompts[: a.warmup], sp, use_tqdm=False)
-    with GpuBusy() as gpu:
+    with GpuBusy() as gpu, CpuBusy() as cpu:
         t1 = time.perf_counter()
         outs = llm.generate(prompts, sp, use_tqdm=False)
         seconds = time.perf_counter() - t1
     windows = sum(math.ceil(round(c.end_s - c.start_s, 3) / 30) for c in chunks)
-    return _row(windows, len(chunks), seconds, gpu, outs=outs)
+    return _row(windows, len(chunks), seconds, gpu, outs=outs, cpu=cpu)
 
 
-def _row(windows, requests, seconds, gpu, outs=None, prompt_tokens=0, output_tokens=0):
+def _row(windows, requests, seconds, gpu, outs=None, prompt_tokens=0, output_tokens=0, cpu=None):
     if outs is not None:
         prompt_tokens = sum(len(o.prompt_token_ids) for o in outs)
         output_tokens = sum(len(o.outputs[0].token_ids) for o in outs)
@@ -821,6 +885,9 @@ def _row(windows, requests, seconds, gpu, outs=None, prompt_tokens=0, output_tok
         "output_tokens": output_tokens,
         "gpu_busy_pct": round(gpu.busy, 1) if gpu.busy is not None else None,
         "gpu_samples": len(gpu.samples),
+        "busiest_thread_pct": getattr(cpu, "busiest_thread_pct", None),
+        "busiest_thread": getattr(cpu, "busiest_thread", None),
+        "cpu_processes": getattr(cpu, "processes", None),
     }
 
 
@@ -850,7 +917,11 @@ def _flamingo_workload(a, engine, family, folder, name):
         if phase == "warmup":
             items = itertools.islice(items, a.warmup)
         stats = Stats()
-        with Sink(out, "bench", {"bench": True}, model=a.ckpt, task="bench") as sink, GpuBusy() as gpu:
+        with (
+            Sink(out, "bench", {"bench": True}, model=a.ckpt, task="bench") as sink,
+            GpuBusy() as gpu,
+            CpuBusy() as cpu,
+        ):
             t1 = time.perf_counter()
             run_pipeline(job, items, engine, sink, stats)
             seconds = time.perf_counter() - t1
@@ -863,6 +934,7 @@ def _flamingo_workload(a, engine, family, folder, name):
         gpu,
         prompt_tokens=s["prompt_tokens"],
         output_tokens=s["output_tokens"],
+        cpu=cpu,
     )
 
 
@@ -942,13 +1014,21 @@ def _quality(a, llm, family, workloads):
     return row
 
 
+def _busiest(r):
+    """'97 (python)': the busiest thread's share of one core and its process, if the row has it."""
+    if r.get("busiest_thread_pct") is None:
+        return "-"
+    return f"{r['busiest_thread_pct']:.0f} ({str(r.get('busiest_thread') or '').split('/')[0]})"
+
+
 def cmd_report(a):
     """Markdown table from --results: each variant's windows/s and its ratio to raw vLLM per workload."""
     rows = [json.loads(line) for line in Path(a.results).read_text().splitlines() if line.strip()]
     speed = [r for r in rows if r.get("mode") == "suite"]
     lines = [
-        "| model | workload | variant | windows/s | req/s | x raw vLLM | GPU busy % | MFU (needed FLOPs) | start s |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| model | workload | variant | windows/s | req/s | x raw vLLM | GPU busy % | MFU (needed FLOPs) "
+        "| busiest CPU thread % | start s |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in speed:
         raw = next(
@@ -958,7 +1038,8 @@ def cmd_report(a):
         ratio = f"{r['windows_per_s'] / raw['windows_per_s']:.2f}" if raw else "-"
         lines.append(
             f"| {r['model']} | {r['workload']} ({r['out_tokens']} tok) | {r['variant']} | {r['windows_per_s']} | "
-            f"{r['requests_per_s']} | {ratio} | {r['gpu_busy_pct']} | {r['mfu_needed']} | {r['engine_start_s']} |"
+            f"{r['requests_per_s']} | {ratio} | {r['gpu_busy_pct']} | {r['mfu_needed']} | "
+            f"{_busiest(r)} | {r['engine_start_s']} |"
         )
     for r in rows:
         if r.get("mode") == "quality":

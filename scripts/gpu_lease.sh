@@ -49,13 +49,13 @@ if [[ $SMOKE == 1 ]]; then
   export VLLM_CPU_KVCACHE_SPACE=${VLLM_CPU_KVCACHE_SPACE:-2}
   SITE=$(mktemp -d)   # the entry point below, kept away from the shared venv
   export PYTHONPATH=$SITE:$PYTHONPATH
-  N10=6; N30=4; N5=1; NMF=3; SIZE=tiny; AF3=/tmp/lease-smoke-af3; MF=/tmp/lease-smoke-mf; DATA=/tmp/lease-smoke-data
+  N10=6; N30=4; N5=1; NMF=3; NMF10=3; SIZE=tiny; AF3=/tmp/lease-smoke-af3; MF=/tmp/lease-smoke-mf; DATA=/tmp/lease-smoke-data
   NEXT=/tmp/lease-smoke-af-next; PDT=float32; PDEV=cpu; PN=2; PLONG=1; PTOK=4
   QN=4; QTOK=8; WARM=2; MFTOK=16; TOK=8; KEEP=/tmp/lease-smoke-keep
 else
   SITE=/tmp/site
   export PYTHONPATH=$SITE:$PWD
-  N10=700; N30=500; N5=36; NMF=160; SIZE=full; AF3=/tmp/af3-sharp-full; MF=/tmp/mf-full; DATA=/tmp
+  N10=700; N30=500; N5=36; NMF=160; NMF10=240; SIZE=full; AF3=/tmp/af3-sharp-full; MF=/tmp/mf-full; DATA=/tmp
   NEXT=/tmp/af-next-full; PDT=bfloat16; PDEV=cuda; PN=64; PLONG=16; PTOK=32
   QN=32; QTOK=64; WARM=64; MFTOK=512; TOK=128; KEEP=/tmp/lease-keep
 fi
@@ -125,12 +125,14 @@ cat "$OUT/env.json"
   $B clips --dir $DATA/bench-30s --seconds 30 --count $N30
   $B clips --dir $DATA/bench-5min --seconds 300 --count $N5
   $B clips --dir $DATA/bench-mf --seconds 30 --count $NMF
+  $B clips --dir $DATA/bench-mf10 --seconds 10 --count $NMF10
   test -f $AF3/config.json && touch $KEEP/setup.ok"
 
 W="10s=$DATA/bench-10s,30s=$DATA/bench-30s,5min=$DATA/bench-5min"
 S="$B suite --ckpt $AF3 --workloads $W --out-tokens $TOK --warmup $WARM --results $RES --out-dir $KEEP/bench-out"
 Q="--quality-dir $KEEP/quality --quality-n $QN --quality-tokens $QTOK"
-MFS="$B suite --ckpt $MF --workloads mf30s=$DATA/bench-mf --out-tokens $MFTOK --warmup $WARM --results $RES --out-dir $KEEP/bench-out"
+S10="$B suite --ckpt $AF3 --workloads 10s=$DATA/bench-10s --out-tokens $TOK --warmup $WARM --results $RES --out-dir $KEEP/bench-out"
+MFS="$B suite --ckpt $MF --workloads mf10s=$DATA/bench-mf10,mf30s=$DATA/bench-mf --out-tokens $MFTOK --warmup $WARM --results $RES --out-dir $KEEP/bench-out"
 SCH="$B schema --ckpt $AF3 --dir $DATA/bench-10s --max-tokens $TOK --results $RES --out-dir $KEEP/schema-out"
 
 # --- the steps: name -> expected seconds, command; PLAN says which run, in which order ---------------
@@ -150,21 +152,28 @@ add af3-raw 170 "$S --variant raw"
 add af3-flamingo 200 "$S --variant flamingo $Q"
 add af3-fp8 230 "$S --variant fp8 $Q"
 add af3-bf16-floor 200 "$S --variant flamingo $Q --quality-recheck"
-add af3-fp8kv 200 "$S --variant fp8kv $Q"
+add af3-fp8kv 200 "$S10 --variant fp8kv $Q"
 add af3-untrimmed 200 "$S --variant untrimmed"
 add af3-cpumel 200 "$S --variant cpumel"
-# issue 14: Music Flamingo, 512 tokens (decode-heavy)
-add mf-raw 120 "$MFS --variant raw"
-add mf-flamingo 130 "$MFS --variant flamingo"
-add mf-fp8 150 "$MFS --variant fp8"
-# issue 14: two engine replicas sharing the GPU on short clips (two front-ends and schedulers)
-add af3-replica2 300 "$B suite --ckpt $AF3 --workloads 10s=$DATA/bench-10s,30s=$DATA/bench-30s --out-tokens $TOK \
-  --warmup $WARM --results $RES --out-dir $KEEP/bench-out --variant replica2"
+# issue 14: AF3 on 10-s clips only (where the GPU waited most in the 2026-12-02 lease: 61 % busy), one
+# engine each; the flamingo step writes the bf16 quality reference the fp8 and floor steps score against
+add af3-flamingo10 180 "$S10 --variant flamingo $Q"
+add af3-raw10 170 "$S10 --variant raw"
+add af3-fp8-10 200 "$S10 --variant fp8 $Q"
+add af3-bf16-floor10 180 "$S10 --variant flamingo $Q --quality-recheck"
+# issue 14: two engine replicas sharing the GPU on 10-s clips (two front-ends and schedulers; they start
+# one after the other)
+add af3-replica2 320 "$S10 --variant replica2"
+# issue 14: Music Flamingo, 512 tokens (decode-heavy), 10-s and 30-s clips on one 30-s engine
+add mf-raw 200 "$MFS --variant raw"
+add mf-flamingo 200 "$MFS --variant flamingo"
+add mf-fp8 220 "$MFS --variant fp8"
 # issue 14: vLLM's front-end per request on the GPU host (cProfile; log-mel on the GPU)
 add frontend 150 "$B frontend --ckpt $AF3 --dir $DATA/bench-10s --warmup $WARM --out-tokens $TOK --results $RES"
 
-# The default: what the 2026-12-02 lease left (it ran schema parity-af-next af3-raw af3-flamingo af3-fp8).
-PLAN=${PLAN:-schema mf-raw mf-flamingo mf-fp8 af3-raw af3-flamingo af3-replica2 af3-fp8 af3-bf16-floor frontend af3-fp8kv}
+# The default: what the 2026-12-02 lease left (it ran schema parity-af-next af3-raw af3-flamingo af3-fp8),
+# most needed first; the budget cuts the tail.
+PLAN=${PLAN:-schema mf-raw mf-flamingo mf-fp8 af3-flamingo10 af3-replica2 af3-raw10 af3-fp8-10 af3-bf16-floor10 frontend af3-fp8kv}
 for name in $PLAN; do
   [[ -n ${CMD[$name]:-} ]] || { echo "unknown step $name" >&2; continue; }
   if [[ $name == mf-* && ! -f $MF/config.json ]]; then
