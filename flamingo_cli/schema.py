@@ -252,22 +252,50 @@ def subschemas(node: Any, path: str = "$") -> Iterator[tuple[str, dict[str, Any]
                 yield from subschemas(child, f"{path}.{key}")
 
 
+# What vLLM 0.24 imports to validate every structured-output request, whichever backend runs it
+# (SamplingParams._validate_structured_outputs): a host missing one of their libraries refuses every
+# request of a --schema run. lm-format-enforcer is the one that loads at import (the GPU host of the
+# 2026-12-02 lease lacked it; the engine then rejected each request with "No module named
+# 'lmformatenforcer'").
+VLLM_VALIDATOR_MODULES = (
+    "vllm.v1.structured_output.backend_guidance",
+    "vllm.v1.structured_output.backend_lm_format_enforcer",
+    "vllm.v1.structured_output.backend_outlines",
+    "vllm.v1.structured_output.backend_xgrammar",
+)
+
+
 def check_constrainable(value: dict[str, Any], source: str) -> None:
     """Raise SchemaError if vLLM 0.24's xgrammar backend would refuse the schema at request time.
 
     Runs vLLM's own request validator (``validate_xgrammar_grammar``: its list of unsupported keywords,
-    then xgrammar's compiler), on CPU, without an engine. Without vLLM (a Ray driver that only
-    submits work) it compiles with xgrammar alone; without either it returns and the engine decides.
+    then xgrammar's compiler), on CPU, without an engine, after importing what vLLM imports to validate
+    a request. Without vLLM (a Ray driver that only submits work) it compiles with xgrammar alone;
+    without either it returns and the engine decides.
     """
-    try:
-        from vllm.sampling_params import SamplingParams, StructuredOutputsParams
-        from vllm.v1.structured_output.backend_xgrammar import (
-            has_xgrammar_unsupported_json_features,
-            validate_xgrammar_grammar,
-        )
-    except ImportError:
+    import importlib
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is None:
         _compile_with_xgrammar(value, source)
         return
+    for name in VLLM_VALIDATOR_MODULES:
+        try:
+            importlib.import_module(name)
+        except (ImportError, OSError) as exc:
+            missing = getattr(exc, "name", None)
+            raise SchemaError(
+                f"{source}: vLLM's structured outputs are unavailable on this host: vLLM validates every "
+                f"schema request with {name}, which cannot be imported ({type(exc).__name__}: "
+                f"{_first_line(str(exc))}); install vLLM's own dependencies"
+                + (f" (the package that provides {missing!r})" if missing else "")
+            ) from exc
+    from vllm.sampling_params import SamplingParams, StructuredOutputsParams
+    from vllm.v1.structured_output.backend_xgrammar import (
+        has_xgrammar_unsupported_json_features,
+        validate_xgrammar_grammar,
+    )
+
     params = SamplingParams(structured_outputs=StructuredOutputsParams(json=canonical(value)))
     try:
         validate_xgrammar_grammar(params)

@@ -4,14 +4,21 @@
 # overrun the lease's budget is skipped (recorded as such).
 #
 #   Device setup as ../shared/device/README.md, with compressed-tensors (vLLM imports it for any
-#   quantization), loguru, and jsonschema with its four dependencies (flamingo's --schema needs it; the
-#   host lacks it: the 2026-12-02 schema step stopped at `import jsonschema`) among the carried packages:
+#   quantization), loguru, jsonschema with its four dependencies (flamingo's --schema needs it; the host
+#   lacks it: the first 2026-12-02 schema step stopped at `import jsonschema`) and lm-format-enforcer
+#   with interegular and outlines_core (vLLM 0.24 imports every structured-output backend to validate a
+#   request; without lm-format-enforcer the second 2026-12-02 lease's engine rejected every schema
+#   request) among the carried packages:
 #     EXTRA="librosa==0.11.0 soundfile==0.13.1 soxr==1.0.0 audioread==3.0.1 pooch==1.8.2 platformdirs==4.3.8 \
 #       decorator==5.2.1 cffi==2.1.1 pycparser==3.12 compressed-tensors==0.17.0 loguru==0.7.3 \
 #       jsonschema==4.26.0 attrs==26.1.0 jsonschema-specifications==2025.9.1 referencing==0.37.0 \
-#       rpds-py==2026.9.1" bash ../shared/device/prepare.sh
+#       rpds-py==2026.9.1 lm-format-enforcer==0.11.3 interegular==0.3.3 outlines_core==0.2.14" \
+#       bash ../shared/device/prepare.sh
+#   The last poll must end before the lease's device time does (a call cut by the budget returns no
+#   files): give it budget_left_s minus ~100 s.
 #   What to run: PLAN (step names in order) and CKPTS (checkpoints built in setup). The defaults are
-#   what the 2026-12-02 lease left to measure (issues 13, 14); AF-Next parity: CKPTS="af3 af-next"
+#   what the two 2026-12-02 leases left to measure (issues 13, 14); Music Flamingo's table:
+#   CKPTS="af3 mf" PLAN="mf-raw mf-flamingo mf-fp8"; AF-Next parity: CKPTS="af3 af-next"
 #   PLAN="parity-af-next …".
 #   The whole lease runs in the background on the GPU host, so no step waits on a call boundary:
 #     call 1 (carry .whl1):  mkdir -p /tmp/up && cp .whl1/* /tmp/up/
@@ -19,7 +26,8 @@
 #         VLLM_USE_FLASHINFER_SAMPLER=0 VLLM_WORKER_MULTIPROC_METHOD=spawn && \
 #         (OUT=/tmp/lease-out BUDGET_S=1550 setsid nohup bash scripts/gpu_lease.sh >/tmp/lease-runner.log 2>&1 </dev/null &) && \
 #         bash scripts/lease_poll.sh 560
-#     calls 3…: bash scripts/lease_poll.sh 560      (each copies what is there to its $OUT every 20 s)
+#     calls 3…: bash scripts/lease_poll.sh 540      (each copies what is there to its $OUT every 20 s;
+#               the last one: budget_left_s - 100, then give the machine back)
 #   CPU smoke test with tiny checkpoints:  SMOKE=1 OUT=/tmp/lease-smoke bash scripts/gpu_lease.sh
 #
 # $OUT/results.jsonl  one JSON row per (variant, workload), per quality comparison, per schema pass
@@ -51,15 +59,15 @@ if [[ $SMOKE == 1 ]]; then
   export PYTHONPATH=$SITE:$PYTHONPATH
   N10=6; N30=4; N5=1; NMF=3; NMF10=3; SIZE=tiny; AF3=/tmp/lease-smoke-af3; MF=/tmp/lease-smoke-mf; DATA=/tmp/lease-smoke-data
   NEXT=/tmp/lease-smoke-af-next; PDT=float32; PDEV=cpu; PN=2; PLONG=1; PTOK=4
-  QN=4; QTOK=8; WARM=2; MFTOK=16; TOK=8; KEEP=/tmp/lease-smoke-keep
+  QN=4; QTOK=8; WARM=2; MFTOK=16; TOK=8; REPEAT=2; KEEP=/tmp/lease-smoke-keep
 else
   SITE=/tmp/site
   export PYTHONPATH=$SITE:$PWD
   N10=700; N30=500; N5=36; NMF=160; NMF10=240; SIZE=full; AF3=/tmp/af3-sharp-full; MF=/tmp/mf-full; DATA=/tmp
   NEXT=/tmp/af-next-full; PDT=bfloat16; PDEV=cuda; PN=64; PLONG=16; PTOK=32
-  QN=32; QTOK=64; WARM=64; MFTOK=512; TOK=128; KEEP=/tmp/lease-keep
+  QN=32; QTOK=64; WARM=64; MFTOK=512; TOK=128; REPEAT=2; KEEP=/tmp/lease-keep
 fi
-CKPTS=${CKPTS:-af3 mf} # built in setup, in parallel (af3 always); at most two full-size ones
+CKPTS=${CKPTS:-af3} # built in setup, in parallel (af3 always); at most two full-size ones
 START=$(date +%s)
 DEADLINE=$((START + BUDGET_S))
 B="$PY scripts/bench.py"
@@ -129,11 +137,13 @@ cat "$OUT/env.json"
   test -f $AF3/config.json && touch $KEEP/setup.ok"
 
 W="10s=$DATA/bench-10s,30s=$DATA/bench-30s,5min=$DATA/bench-5min"
-S="$B suite --ckpt $AF3 --workloads $W --out-tokens $TOK --warmup $WARM --results $RES --out-dir $KEEP/bench-out"
+S="$B suite --ckpt $AF3 --workloads $W --out-tokens $TOK --warmup $WARM --repeat $REPEAT --results $RES --out-dir $KEEP/bench-out"
 Q="--quality-dir $KEEP/quality --quality-n $QN --quality-tokens $QTOK"
-S10="$B suite --ckpt $AF3 --workloads 10s=$DATA/bench-10s --out-tokens $TOK --warmup $WARM --results $RES --out-dir $KEEP/bench-out"
-MFS="$B suite --ckpt $MF --workloads mf10s=$DATA/bench-mf10,mf30s=$DATA/bench-mf --out-tokens $MFTOK --warmup $WARM --results $RES --out-dir $KEEP/bench-out"
-SCH="$B schema --ckpt $AF3 --dir $DATA/bench-10s --max-tokens $TOK --results $RES --out-dir $KEEP/schema-out"
+# 10-s clips: every process's main-thread stacks sampled in the timed passes (what the engine core does
+# while the GPU waits; scripts/stacksample), the same for every variant
+S10="$B suite --ckpt $AF3 --workloads 10s=$DATA/bench-10s --out-tokens $TOK --warmup $WARM --repeat $REPEAT --results $RES --out-dir $KEEP/bench-out --stack-sample $KEEP/stacks"
+MFS="$B suite --ckpt $MF --workloads mf10s=$DATA/bench-mf10,mf30s=$DATA/bench-mf --out-tokens $MFTOK --warmup $WARM --repeat $REPEAT --results $RES --out-dir $KEEP/bench-out"
+SCH="$B schema --ckpt $AF3 --dir $DATA/bench-10s --max-tokens $TOK --warmup $WARM --results $RES --out-dir $KEEP/schema-out"
 
 # --- the steps: name -> expected seconds, command; PLAN says which run, in which order ---------------
 declare -A EXPECT CMD
@@ -161,6 +171,10 @@ add af3-flamingo10 180 "$S10 --variant flamingo $Q"
 add af3-raw10 170 "$S10 --variant raw"
 add af3-fp8-10 200 "$S10 --variant fp8 $Q"
 add af3-bf16-floor10 180 "$S10 --variant flamingo $Q --quality-recheck"
+# the log-mel on the CPU vs flamingo's default (GPU) in same-sized engines with a warm-up: the second
+# 2026-12-02 lease's schema steps (free-text passes, 600-s engines, no warm-up) had GPU 40.85 vs CPU
+# 37.02 windows/s, the first lease GPU 48.74 vs CPU 35.17 in differently sized engines
+add af3-cpumel10 180 "$S10 --variant cpumel"
 # issue 14: two engine replicas sharing the GPU on 10-s clips (two front-ends and schedulers; they start
 # one after the other)
 add af3-replica2 320 "$S10 --variant replica2"
@@ -171,9 +185,10 @@ add mf-fp8 220 "$MFS --variant fp8"
 # issue 14: vLLM's front-end per request on the GPU host (cProfile; log-mel on the GPU)
 add frontend 150 "$B frontend --ckpt $AF3 --dir $DATA/bench-10s --warmup $WARM --out-tokens $TOK --results $RES"
 
-# The default: what the 2026-12-02 lease left (it ran schema parity-af-next af3-raw af3-flamingo af3-fp8),
-# most needed first; the budget cuts the tail.
-PLAN=${PLAN:-schema mf-raw mf-flamingo mf-fp8 af3-flamingo10 af3-replica2 af3-raw10 af3-fp8-10 af3-bf16-floor10 frontend af3-fp8kv}
+# The default: what the 2026-12-02 leases left (the first ran parity-af-next and AF3's three workloads
+# raw/flamingo/fp8; the second MF's table and af3-flamingo10, and its schema step met a vLLM without
+# lm-format-enforcer), most needed first; the budget cuts the tail.
+PLAN=${PLAN:-schema af3-raw10 af3-flamingo10 af3-replica2 af3-cpumel10 af3-fp8-10 af3-bf16-floor10 frontend af3-fp8kv}
 for name in $PLAN; do
   [[ -n ${CMD[$name]:-} ]] || { echo "unknown step $name" >&2; continue; }
   if [[ $name == mf-* && ! -f $MF/config.json ]]; then

@@ -132,6 +132,35 @@ def test_structured_outputs_that_cannot_load_are_a_usage_error(tmp_path, no_engi
     assert str(schema) in res.stderr and no_engine == [] and "Traceback" not in res.stderr
 
 
+def test_a_vllm_missing_a_validator_library_is_told_before_the_model_loads(tmp_path, no_engine, monkeypatch) -> None:
+    """vLLM 0.24 imports every structured-output backend to validate each request, xgrammar or not; the
+    GPU host of the 2026-12-02 lease lacked lm-format-enforcer and its engine rejected every request.
+    flamingo imports the same modules first: exit 2 naming the missing package, no engine."""
+    monkeypatch.setitem(sys.modules, "lmformatenforcer", None)  # import lmformatenforcer now fails
+    monkeypatch.delitem(sys.modules, "vllm.v1.structured_output.backend_lm_format_enforcer", raising=False)
+    schema = write_json(tmp_path / "ok.json", {"type": "object", "properties": {"a": {"type": "string"}}})
+    audio = make_audio(tmp_path / "in" / "a.wav", 1.0)
+    res = run_cli(["caption", audio.parent, "--out", tmp_path / "out", "--model", "af3", "--schema", schema, "--quiet"])
+    assert res.status == 2, res.stderr
+    assert "structured outputs are unavailable on this host" in res.stderr
+    assert "'lmformatenforcer'" in res.stderr and "backend_lm_format_enforcer" in res.stderr
+    assert str(schema) in res.stderr and no_engine == [] and "Traceback" not in res.stderr
+
+
+def test_the_preflight_imports_what_vllm_imports_to_validate_a_request() -> None:
+    """VLLM_VALIDATOR_MODULES is read off the installed vLLM's request validator, not assumed."""
+    import inspect
+    import re
+
+    from vllm.sampling_params import SamplingParams
+
+    from flamingo_cli.schema import VLLM_VALIDATOR_MODULES
+
+    source = inspect.getsource(SamplingParams._validate_structured_outputs)
+    imported = set(re.findall(r"from (vllm\.v1\.structured_output\.\w+) import", source))
+    assert imported == set(VLLM_VALIDATOR_MODULES)
+
+
 def test_a_host_without_jsonschema_is_told_before_the_model_loads(tmp_path, no_engine, monkeypatch) -> None:
     """jsonschema is a dependency, but a hand-assembled host can lack it (the GPU lease of 2026-12-02
     did): exit 2 naming the package and the schema, no traceback, no engine."""
