@@ -322,8 +322,8 @@ def cmd_flamingo(a):
     )
 
 
-def _pass(a, engine, family, sampling, out, limit=None):
-    """One flamingo pass over --dir (its first ``limit`` items) with ``sampling``: totals over every
+def _pass(a, engine, family, sampling, out, span=None):
+    """One flamingo pass over --dir (items [start, stop) of it) with ``sampling``: totals over every
     generated row (a schema row that failed validation, e.g. truncated at max tokens, still cost its
     tokens), seconds, GPU busy share."""
     import itertools
@@ -368,7 +368,7 @@ def _pass(a, engine, family, sampling, out, limit=None):
 
     with Sink(out, "bench", {"bench": True}, model=a.ckpt, task="bench") as sink, GpuBusy() as gpu, CpuBusy() as cpu:
         t1 = time.perf_counter()
-        items = _items(a) if limit is None else itertools.islice(_items(a), limit)
+        items = _items(a) if span is None else itertools.islice(_items(a), *span)
         run_pipeline(job, items, engine, sink, stats, on_result=count)
         seconds = time.perf_counter() - t1
     errors_seen = {"counts": dict(errors), "first": samples}
@@ -376,7 +376,8 @@ def _pass(a, engine, family, sampling, out, limit=None):
 
 
 def cmd_schema(a):
-    """Schema vs free text: the same clips, prompt and max tokens, one engine; what the grammar costs.
+    """Schema vs free text: the same prompt and max tokens, one engine, each on its own half of the clips
+    (after a warm-up on others); what the grammar costs.
 
     Neither pass ignores EOS (a finished JSON object can only end), so the two may generate different
     numbers of tokens: output tokens/s is the like-for-like number, windows/s what a user sees.
@@ -400,12 +401,15 @@ def cmd_schema(a):
     engine = get_engine(_engine_config(a, family))
     start_s = time.perf_counter() - t0
     rows = []
-    for name, json_schema in (("free_text", None), ("schema", schema.text)):
+    # Disjoint clips: the warm-up's, then one half each (the same prompt and audio twice would be served
+    # from vLLM's prefix cache the second time).
+    warm, halves = _passes(sum(1 for _ in _items(a)), a.warmup, 2)
+    for (name, json_schema), span in zip((("free_text", None), ("schema", schema.text)), halves, strict=True):
         sampling = Sampling(temperature=0.0, max_tokens=a.max_tokens, json_schema=json_schema)
         try:
-            if a.warmup:  # first-use costs (kernels for new shapes, the grammar's compilation) untimed
-                _pass(a, engine, family, sampling, Path(a.out_dir) / f"{name}-warmup", limit=a.warmup)
-            s, t, seconds, busy, errors, cpu = _pass(a, engine, family, sampling, Path(a.out_dir) / name)
+            if warm[1]:  # first-use costs (kernels for new shapes, the grammar's compilation) untimed
+                _pass(a, engine, family, sampling, Path(a.out_dir) / f"{name}-warmup", span=warm)
+            s, t, seconds, busy, errors, cpu = _pass(a, engine, family, sampling, Path(a.out_dir) / name, span)
         except Exception:
             # The run failed (e.g. the engine refused every request): keep the whole chain, vLLM's frames
             # included, in the row and the log, and go on (the other pass's numbers stand).
@@ -718,6 +722,15 @@ def cmd_clips(a):
     }
 
 
+def _passes(n, warmup, repeat):
+    """(start, stop) of the warm-up and of each timed pass over n items, all disjoint: vLLM's prefix
+    cache (on by default) and raw vLLM's multimodal cache would serve a repeated clip from memory (a
+    second raw pass over the same clips ran 7x faster in a CPU smoke test)."""
+    warm = min(warmup, n // (repeat + 1))
+    k = (n - warm) // repeat
+    return (0, warm), [(warm + i * k, warm + (i + 1) * k) for i in range(repeat)]
+
+
 def _durations(folder):
     """Each file's length in 16 kHz samples (what the model sees after resampling), sorted by name."""
     import soundfile as sf
@@ -908,15 +921,16 @@ def _raw_workload(a, llm, family, folder):
     text = PromptBuilder(family, load_chat_template(a.ckpt)).text("Describe the audio in detail.")
     sp = SamplingParams(temperature=0.0, max_tokens=a.out_tokens, ignore_eos=True)
     prompts = [{"prompt": text, "multi_modal_data": {"audio": (c.samples, 16000)}} for c in chunks]
-    llm.generate(prompts[: a.warmup], sp, use_tqdm=False)
-    windows = sum(math.ceil(round(c.end_s - c.start_s, 3) / 30) for c in chunks)
+    (w0, w1), timed = _passes(len(prompts), a.warmup, a.repeat)
+    llm.generate(prompts[w0:w1], sp, use_tqdm=False)
     rows = []
-    for _ in range(a.repeat):
+    for i, j in timed:
+        windows = sum(math.ceil(round(c.end_s - c.start_s, 3) / 30) for c in chunks[i:j])
         with GpuBusy() as gpu, CpuBusy() as cpu:
             t1 = time.perf_counter()
-            outs = llm.generate(prompts, sp, use_tqdm=False)
+            outs = llm.generate(prompts[i:j], sp, use_tqdm=False)
             seconds = time.perf_counter() - t1
-        rows.append(_row(windows, len(chunks), seconds, gpu, outs=outs, cpu=cpu))
+        rows.append(_row(windows, j - i, seconds, gpu, outs=outs, cpu=cpu))
     return _median_pass(rows)
 
 
@@ -971,12 +985,11 @@ def _flamingo_workload(a, engine, family, folder, name):
         queue_size=a.queue_size,
     )
     rows = []
-    for i, phase in enumerate(["warmup"] + ["timed"] * a.repeat):
+    warm, timed = _passes(sum(1 for _ in iter_items([folder])), a.warmup, a.repeat)
+    for i, (phase, (start, stop)) in enumerate([("warmup", warm)] + [("timed", t) for t in timed]):
         out = Path(a.out_dir) / f"{a.variant}-{name}-{phase}{i}"
         shutil.rmtree(out, ignore_errors=True)
-        items = iter_items([folder])
-        if phase == "warmup":
-            items = itertools.islice(items, a.warmup)
+        items = itertools.islice(iter_items([folder]), start, stop)
         stats = Stats()
         with (
             Sink(out, "bench", {"bench": True}, model=a.ckpt, task="bench") as sink,
