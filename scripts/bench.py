@@ -1122,6 +1122,11 @@ def cmd_report(a):
             f"{r['requests_per_s']} | {ratio} | {r['gpu_busy_pct']} | {r['mfu_needed']} | "
             f"{_busiest(r)} | {r['engine_start_s']} |"
         )
+    for r in speed:  # what each engine core's main thread did in the timed pass (--stack-sample)
+        for proc in r.get("stacks") or []:
+            if "EngineCor" in proc["name"]:
+                top = "; ".join(f"{share}% {name}" for share, name in proc["leaf"][:5])
+                lines.append(f"\nengine core {r['model']} {r['workload']} {r['variant']} (pid {proc['pid']}): {top}")
     for r in rows:
         if r.get("mode") == "quality":
             lines.append(
