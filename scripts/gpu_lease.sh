@@ -127,7 +127,7 @@ cat "$OUT/env.json"
 # The default: what the 2026-12-02 leases left (the first ran parity-af-next and AF3's three workloads
 # raw/flamingo/fp8; the second MF's table and af3-flamingo10, and its schema step met a vLLM without
 # lm-format-enforcer), most needed first; the budget cuts the tail.
-PLAN=${PLAN:-schema af3-raw10 af3-flamingo10 af3-replica2 af3-cpumel10 af3-fp8-10 af3-bf16-floor10 frontend af3-fp8kv}
+PLAN=${PLAN:-schema af3-raw10 af3-flamingo10 af3-replica2 af3-cpumel10 af3-fp8-10 af3-bf16-floor10 af3-fp8kv frontend}
 # Clip counts: a warm-up of WARM clips, then REPEAT timed passes (schema: its two passes) on disjoint
 # clips, so no pass is served from vLLM's prefix cache. Only the folders the plan uses are written.
 [[ " $PLAN " =~ \ af3-(raw|flamingo|fp8|bf16-floor|untrimmed|cpumel)\  ]] && NEED_LONG=1 || NEED_LONG=0
