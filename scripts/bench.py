@@ -68,8 +68,9 @@ class GpuBusy:
 
 class CpuBusy:
     """CPU time per thread of this process and its descendants (engine core, replicas) while the block
-    runs, from /proc: a busiest thread near 100 % is a loop the GPU waits on (Python holds one core).
-    Linux only; empty elsewhere."""
+    runs, from /proc. A thread that spin-waits on CUDA also reads ~100 %, so a busy thread is a suspect,
+    not a proof; with --stack-sample the block also collects every process's main-thread stacks, which
+    tell the two apart. Linux only; empty elsewhere."""
 
     def __enter__(self):
         self._samples = os.environ.get("FLAMINGO_STACK_SAMPLE")  # bench.py --stack-sample
@@ -102,6 +103,15 @@ class CpuBusy:
         top = max(((t[0], f"{p['name']}/{t[1]}") for p in rows for t in p["threads"]), default=(None, None))
         self.busiest_thread_pct, self.busiest_thread = top
         self.stacks = _stack_summary(self._samples) if self._samples else None
+
+    def fields(self) -> dict:
+        """What a result row carries of this block."""
+        return {
+            "busiest_thread_pct": self.busiest_thread_pct,
+            "busiest_thread": self.busiest_thread,
+            "cpu_processes": self.processes,
+            "stacks": self.stacks,
+        }
 
 
 def _stack_summary(folder, top=8):
@@ -139,6 +149,15 @@ def _stack_summary(folder, top=8):
     return sorted(out, key=lambda r: -r["samples"])
 
 
+def _stat(text: str) -> tuple[str, list[str]]:
+    """/proc/<pid>[/task/<tid>]/stat: (the name in parentheses, the fields after it: state, ppid, ...)."""
+    return text[text.index("(") + 1 : text.rindex(")")], text.rsplit(")", 1)[1].split()
+
+
+def _ticks(fields: list[str]) -> int:
+    return int(fields[11]) + int(fields[12])  # stat fields 14, 15: utime, stime
+
+
 def _thread_ticks() -> dict:
     """{(pid, tid): (process name, thread name, utime+stime ticks)} for this process and its descendants;
     tid 0 is the whole process (its ended threads included)."""
@@ -149,7 +168,7 @@ def _thread_ticks() -> dict:
     for d in proc.iterdir():
         if d.name.isdigit():
             with contextlib.suppress(OSError, ValueError, IndexError):
-                ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                ppid = int(_stat((d / "stat").read_text())[1][1])
                 children.setdefault(ppid, []).append(int(d.name))
     out, todo = {}, [os.getpid()]
     while todo:
@@ -157,13 +176,11 @@ def _thread_ticks() -> dict:
         todo += children.get(pid, [])
         with contextlib.suppress(OSError):
             pname = (proc / str(pid) / "comm").read_text().strip()
-            f = (proc / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()
-            out[(pid, 0)] = (pname, "", int(f[11]) + int(f[12]))
+            out[(pid, 0)] = (pname, "", _ticks(_stat((proc / str(pid) / "stat").read_text())[1]))
             for t in (proc / str(pid) / "task").iterdir():
                 with contextlib.suppress(OSError, ValueError, IndexError):
-                    st = (t / "stat").read_text()
-                    f = st.rsplit(")", 1)[1].split()  # fields from 3 (state) on; 14, 15 are utime, stime
-                    out[(pid, int(t.name))] = (pname, st[st.index("(") + 1 : st.rindex(")")], int(f[11]) + int(f[12]))
+                    tname, fields = _stat((t / "stat").read_text())
+                    out[(pid, int(t.name))] = (pname, tname, _ticks(fields))
     return out
 
 
@@ -440,10 +457,7 @@ def cmd_schema(a):
                 max_tokens=a.max_tokens,
                 schema_hash=schema.hash if json_schema else None,
                 mel_device=a.mel_device,
-                busiest_thread_pct=cpu.busiest_thread_pct,
-                busiest_thread=cpu.busiest_thread,
-                cpu_processes=cpu.processes,
-                stacks=cpu.stacks,
+                **cpu.fields(),
             )
         )
     engine.close()
@@ -958,10 +972,7 @@ def _row(windows, requests, seconds, gpu, outs=None, prompt_tokens=0, output_tok
         "output_tokens": output_tokens,
         "gpu_busy_pct": round(gpu.busy, 1) if gpu.busy is not None else None,
         "gpu_samples": len(gpu.samples),
-        "busiest_thread_pct": getattr(cpu, "busiest_thread_pct", None),
-        "busiest_thread": getattr(cpu, "busiest_thread", None),
-        "cpu_processes": getattr(cpu, "processes", None),
-        "stacks": getattr(cpu, "stacks", None),
+        **(cpu.fields() if cpu is not None else {}),
     }
 
 
