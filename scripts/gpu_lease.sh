@@ -119,31 +119,6 @@ print(json.dumps({"plugin": eps, **v}))
 EOF
 cat "$OUT/env.json"
 
-# --- setup (host CPU, in parallel): audio, the AF3 and AF-Next random-weight checkpoints -----------
-# AF3 with a sharpened output layer (logit spread ~6, not flat): the same checkpoint times every
-# variant and measures fp8's quality deltas. Speed does not depend on the output layer's values.
-# AF-Next as PARITY.md's other rows (make_tiny_checkpoint's full size, the real config).
-# Two full-size checkpoints at a time at most (16.5 GB each, 64 GB disk).
-# The default: what the 2026-12-02 leases left (the first ran parity-af-next and AF3's three workloads
-# raw/flamingo/fp8; the second MF's table and af3-flamingo10, and its schema step met a vLLM without
-# lm-format-enforcer), most needed first; the budget cuts the tail.
-PLAN=${PLAN:-schema af3-raw10 af3-flamingo10 af3-replica2 af3-cpumel10 af3-fp8-10 af3-bf16-floor10 af3-fp8kv frontend}
-# Clip counts: a warm-up of WARM clips, then REPEAT timed passes (schema: its two passes) on disjoint
-# clips, so no pass is served from vLLM's prefix cache. Only the folders the plan uses are written.
-[[ " $PLAN " =~ \ af3-(raw|flamingo|fp8|bf16-floor|untrimmed|cpumel)\  ]] && NEED_LONG=1 || NEED_LONG=0
-[[ " $PLAN " == *" mf-"* ]] && NEED_MF=1 || NEED_MF=0
-[[ -f $KEEP/setup.ok ]] || step setup 150 bash -c "set -e
-  $B clips --dir $DATA/bench-10s --seconds 10 --count $N10 &
-  $B ckpt --kind af3 --size $SIZE --out $AF3 --lm-head-std 0.1 &
-  [[ \" $CKPTS \" != *' af-next '* ]] || $PY scripts/make_tiny_checkpoint.py --kind af-next --size $SIZE --dtype $PDT --out $NEXT &
-  [[ \" $CKPTS \" != *' mf '* ]] || $B ckpt --kind mf --size $SIZE --out $MF &
-  wait
-  [[ $NEED_LONG == 0 ]] || $B clips --dir $DATA/bench-30s --seconds 30 --count $N30
-  [[ $NEED_LONG == 0 ]] || $B clips --dir $DATA/bench-5min --seconds 300 --count $N5
-  [[ $NEED_MF == 0 ]] || $B clips --dir $DATA/bench-mf --seconds 30 --count $NMF
-  [[ $NEED_MF == 0 ]] || $B clips --dir $DATA/bench-mf10 --seconds 10 --count $NMF10
-  test -f $AF3/config.json && touch $KEEP/setup.ok"
-
 W="10s=$DATA/bench-10s,30s=$DATA/bench-30s,5min=$DATA/bench-5min"
 S="$B suite --ckpt $AF3 --workloads $W --out-tokens $TOK --warmup $WARM --repeat $REPEAT --results $RES --out-dir $KEEP/bench-out"
 Q="--quality-dir $KEEP/quality --quality-n $QN --quality-tokens $QTOK"
@@ -192,6 +167,34 @@ add mf-flamingo 200 "$MFS --variant flamingo"
 add mf-fp8 220 "$MFS --variant fp8"
 # issue 14: vLLM's front-end per request on the GPU host (cProfile; log-mel on the GPU)
 add frontend 150 "$B frontend --ckpt $AF3 --dir $DATA/bench-10s --warmup $WARM --out-tokens $TOK --results $RES"
+
+# The default: what the 2026-12-02 leases left (the first ran parity-af-next and AF3's three workloads
+# raw/flamingo/fp8; the second MF's table and af3-flamingo10, and its schema step met a vLLM without
+# lm-format-enforcer), most needed first; the budget cuts the tail.
+PLAN=${PLAN:-schema af3-raw10 af3-flamingo10 af3-replica2 af3-cpumel10 af3-fp8-10 af3-bf16-floor10 af3-fp8kv frontend}
+
+# --- setup (host CPU, in parallel): audio, the AF3 and AF-Next random-weight checkpoints -----------
+# AF3 with a sharpened output layer (logit spread ~6, not flat): the same checkpoint times every
+# variant and measures fp8's quality deltas. Speed does not depend on the output layer's values.
+# AF-Next as PARITY.md's other rows (make_tiny_checkpoint's full size, the real config).
+# Two full-size checkpoints at a time at most (16.5 GB each, 64 GB disk).
+# Clip counts: a warm-up of WARM clips, then REPEAT timed passes (schema: its two passes) on disjoint
+# clips, so no pass is served from vLLM's prefix cache. Only the folders the plan uses are written.
+PLANNED=$(for name in $PLAN; do echo "${CMD[$name]:-}"; done)
+[[ $PLANNED == *"$DATA/bench-30s"* ]] && NEED_LONG=1 || NEED_LONG=0 # the S steps' 30-s and 5-min clips
+[[ $PLANNED == *"$DATA/bench-mf"* ]] && NEED_MF=1 || NEED_MF=0
+[[ -f $KEEP/setup.ok ]] || step setup 150 bash -c "set -e
+  $B clips --dir $DATA/bench-10s --seconds 10 --count $N10 &
+  $B ckpt --kind af3 --size $SIZE --out $AF3 --lm-head-std 0.1 &
+  [[ \" $CKPTS \" != *' af-next '* ]] || $PY scripts/make_tiny_checkpoint.py --kind af-next --size $SIZE --dtype $PDT --out $NEXT &
+  [[ \" $CKPTS \" != *' mf '* ]] || $B ckpt --kind mf --size $SIZE --out $MF &
+  wait
+  [[ $NEED_LONG == 0 ]] || $B clips --dir $DATA/bench-30s --seconds 30 --count $N30
+  [[ $NEED_LONG == 0 ]] || $B clips --dir $DATA/bench-5min --seconds 300 --count $N5
+  [[ $NEED_MF == 0 ]] || $B clips --dir $DATA/bench-mf --seconds 30 --count $NMF
+  [[ $NEED_MF == 0 ]] || $B clips --dir $DATA/bench-mf10 --seconds 10 --count $NMF10
+  test -f $AF3/config.json && touch $KEEP/setup.ok"
+
 
 for name in $PLAN; do
   [[ -n ${CMD[$name]:-} ]] || { echo "unknown step $name" >&2; continue; }
