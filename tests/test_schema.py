@@ -18,6 +18,7 @@ import pyarrow.dataset as ds
 import pytest
 from conftest import ENGINE_ARGS, make_audio, read_rows, run_cli
 
+from flamingo_cli.config import load_preset
 from flamingo_cli.engine import END, sampling_kwargs
 from flamingo_cli.records import AudioItem, Chunk, Result, Sampling
 from flamingo_cli.schema import (
@@ -270,6 +271,33 @@ def test_every_output_is_valid_or_an_error_with_a_reason(text, finish, error) ->
     else:
         assert checked.error is not None and checked.error.startswith(error), checked.error
         assert set(schema.row_values(checked).values()) == {None}
+
+
+def test_raw_control_characters_that_the_grammar_lets_through_are_valid_rows() -> None:
+    r"""xgrammar constrains a string with maxLength to [^"\\\r\n] (both presets bound theirs), so a tab or
+    \x01 can be generated raw inside one; such a row meets the schema and is kept, and caption_json
+    carries it escaped, as strict JSON."""
+    preset = load_preset("audio-tags")
+    schema = parse_schema(preset.schema, "audio-tags", check_engine=False)
+    value = {
+        "sound_events": ["dog\tbark"],
+        "speech_present": False,
+        "speakers": 0,
+        "language": "none",
+        "environment": "park\x01",
+        "description": "A dog barks.",
+    }
+    text = json.dumps(value).replace("\\t", "\t").replace("\\u0001", "\x01")  # the raw characters
+    assert "\t" in text and "\x01" in text
+    with pytest.raises(json.JSONDecodeError, match="Invalid control character"):
+        json.loads(text)  # what a strict parser says of it
+    xgrammar = pytest.importorskip("xgrammar")
+    assert xgrammar.testing._is_grammar_accept_string(xgrammar.Grammar.from_json_schema(schema.text), text)
+    checked = schema.apply(result(text, "stop"))
+    assert checked.error is None
+    values = schema.row_values(checked)
+    assert json.loads(values["caption_json"]) == value  # strict JSON, the characters kept
+    assert values["f_sound_events"] == ["dog\tbark"] and values["f_environment"] == "park\x01"
 
 
 def test_int64_overflow_is_an_error_not_a_crash() -> None:
