@@ -3,31 +3,28 @@
 # and may fail without stopping the rest; steps run in order of importance and a step that would
 # overrun the lease's budget is skipped (recorded as such).
 #
-#   Device setup as ../shared/device/README.md, with compressed-tensors (vLLM imports it for any
-#   quantization), loguru, jsonschema with its four dependencies (flamingo's --schema needs it; the host
-#   lacks it: the first 2026-12-02 schema step stopped at `import jsonschema`) and lm-format-enforcer
-#   with interegular and outlines_core (vLLM 0.24 imports every structured-output backend to validate a
-#   request; without lm-format-enforcer the second 2026-12-02 lease's engine rejected every schema
-#   request) among the carried packages:
-#     EXTRA="librosa==0.11.0 soundfile==0.13.1 soxr==1.0.0 audioread==3.0.1 pooch==1.8.2 platformdirs==4.3.8 \
-#       decorator==5.2.1 cffi==2.1.1 pycparser==3.12 compressed-tensors==0.17.0 loguru==0.7.3 \
-#       jsonschema==4.26.0 attrs==26.1.0 jsonschema-specifications==2025.9.1 referencing==0.37.0 \
-#       rpds-py==2026.9.1 lm-format-enforcer==0.11.3 interegular==0.3.3 outlines_core==0.2.14" \
-#       bash ../shared/device/prepare.sh
-#   The last poll must end before the lease's device time does (a call cut by the budget returns no
-#   files): give it budget_left_s minus ~100 s.
+#   Device setup: `bash scripts/lease_prepare.sh` here (../shared/device/prepare.sh with the wheels the
+#   host lacks: compressed-tensors for any quantization, loguru, jsonschema and its four dependencies for
+#   --schema, and lm-format-enforcer, interegular, outlines_core, llguidance, because vLLM 0.24 imports
+#   every structured-output backend to validate a request; it also checks that each call stays within
+#   the 64 MiB a call may carry).
 #   What to run: PLAN (step names in order) and CKPTS (checkpoints built in setup). The defaults are
-#   what the two 2026-12-02 leases left to measure (issues 13, 14); Music Flamingo's table:
+#   what the 2026-12-02 leases left to measure (issues 13, 14); Music Flamingo's table:
 #   CKPTS="af3 mf" PLAN="mf-raw mf-flamingo mf-fp8"; AF-Next parity: CKPTS="af3 af-next"
 #   PLAN="parity-af-next …".
 #   The whole lease runs in the background on the GPU host, so no step waits on a call boundary:
 #     call 1 (carry .whl1):  mkdir -p /tmp/up && cp .whl1/* /tmp/up/
-#     call 2 (carry .whl2 .deps):  bash .deps/install.sh && export PYTHONPATH=/tmp/site:$PWD \
+#     call 2 (carry .whl2 .deps):  bash .deps/install.sh && python3 -m pip install -q --no-index \
+#         --no-deps --upgrade --target /tmp/site /tmp/up/*.whl && export PYTHONPATH=/tmp/site:$PWD \
 #         VLLM_USE_FLASHINFER_SAMPLER=0 VLLM_WORKER_MULTIPROC_METHOD=spawn && \
-#         (OUT=/tmp/lease-out BUDGET_S=1550 setsid nohup bash scripts/gpu_lease.sh >/tmp/lease-runner.log 2>&1 </dev/null &) && \
-#         bash scripts/lease_poll.sh 560
-#     calls 3…: bash scripts/lease_poll.sh 540      (each copies what is there to its $OUT every 20 s;
-#               the last one: budget_left_s - 100, then give the machine back)
+#         (OUT=/tmp/lease-out BUDGET_S=1520 setsid nohup bash scripts/gpu_lease.sh >/tmp/lease-runner.log 2>&1 </dev/null &) && \
+#         bash scripts/lease_poll.sh 520
+#     calls 3…: bash scripts/lease_poll.sh 540      (each copies what is there to its $OUT every 20 s)
+#   Send each poll the moment the previous call returns, deciding nothing in between: the machine is
+#   given back 30 s after a call, and a poll that reaches a fresh machine finds no runner and spends the
+#   budget (the fourth lease lost its last three steps so). Decide the polls' lengths before the first
+#   call: the last one gets budget_left_s - 100 (a call cut by the budget returns no files), then give
+#   the machine back.
 #   CPU smoke test with tiny checkpoints:  SMOKE=1 OUT=/tmp/lease-smoke bash scripts/gpu_lease.sh
 #
 # $OUT/results.jsonl  one JSON row per (variant, workload), per quality comparison, per schema pass
@@ -168,10 +165,10 @@ add mf-fp8 220 "$MFS --variant fp8"
 # issue 14: vLLM's front-end per request on the GPU host (cProfile; log-mel on the GPU)
 add frontend 150 "$B frontend --ckpt $AF3 --dir $DATA/bench-10s --warmup $WARM --out-tokens $TOK --results $RES"
 
-# The default: what the 2026-12-02 leases left (the first ran parity-af-next and AF3's three workloads
-# raw/flamingo/fp8; the second MF's table and af3-flamingo10, and its schema step met a vLLM without
-# lm-format-enforcer), most needed first; the budget cuts the tail.
-PLAN=${PLAN:-schema af3-raw10 af3-flamingo10 af3-replica2 af3-cpumel10 af3-fp8-10 af3-bf16-floor10 af3-fp8kv frontend}
+# The default: what the four 2026-12-02 leases left (the fourth ran schema, raw10, flamingo10, fp8-10,
+# replica2 and the bf16 floor; its fp8kv, cpumel10 and frontend were lost), most needed first; the
+# flamingo step writes the bf16 reference that fp8kv's quality is scored against; the budget cuts the tail.
+PLAN=${PLAN:-af3-flamingo10 af3-fp8kv af3-raw10 af3-replica2 schema af3-cpumel10 frontend}
 
 # --- setup (host CPU, in parallel): audio, the AF3 and AF-Next random-weight checkpoints -----------
 # AF3 with a sharpened output layer (logit spread ~6, not flat): the same checkpoint times every

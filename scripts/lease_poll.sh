@@ -5,6 +5,12 @@ LIMIT=${1:-560}
 SRC=${SRC:-/tmp/lease-out}
 KEEP=${KEEP:-/tmp/lease-keep}
 t0=$(date +%s)
+if [[ ! -d $SRC ]] && ! pgrep -f gpu_lease >/dev/null; then
+  # A fresh machine (the last one was given back 30 s after the previous call): waiting would only spend
+  # the budget.
+  echo "NO RUNNER on this machine: $SRC is missing and no gpu_lease.sh runs (a fresh machine?)"
+  exit 3
+fi
 copy() {
   mkdir -p "$OUT"
   cp -r "$SRC/." "$OUT/" 2>/dev/null
