@@ -129,7 +129,7 @@ class JsonSchema:
         try:
             # strict=False: raw control characters inside strings are accepted. xgrammar (0.2.3, vLLM
             # 0.24's default backend) constrains a string with maxLength/minLength to [^"\\\r\n], so a
-            # tab or \x01 can be generated inside one (both presets bound their strings); on the H200
+            # tab or \x01 can be generated inside one (the presets bounded theirs then); on the H200
             # strict parsing made 480 of a random-weight run's 600 constrained rows "not JSON".
             # caption_json is re-serialised with escapes, so readers still get strict JSON.
             value = json.loads(text, strict=False)

@@ -559,6 +559,67 @@ def _predecoded(a, family):
     return [c for d in decoded for c in chunk_audio(d, family.max_audio_s)]
 
 
+def cmd_grammar(a):
+    """What a JSON schema costs xgrammar per decoding step, on this CPU: the grammar's compile time and
+    the time to fill one sequence's token mask, for the schema as given and without its string length
+    bounds (maxLength/minLength). --sequences random walks of --max-tokens steps, each step a token drawn
+    uniformly from those the mask allows (as random weights do: strings run long). The tokenizer is
+    --ckpt's when it has one, else flamingo's full-size test tokenizer (152 k ids, Qwen2's specials)."""
+    import random
+
+    import numpy as np
+    import xgrammar as xgr
+
+    from flamingo_cli.checkpoints import REAL_VOCAB_SIZE, build_tokenizer
+    from flamingo_cli.config import load_preset
+
+    if Path(a.ckpt, "tokenizer_config.json").exists():
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(a.ckpt)
+    else:
+        tok = build_tokenizer(REAL_VOCAB_SIZE)
+    schema = json.loads(Path(a.schema_file).read_text()) if a.schema_file else load_preset("audio-tags").schema
+
+    def unbounded(node):
+        if isinstance(node, dict):
+            return {k: unbounded(v) for k, v in node.items() if k not in ("maxLength", "minLength")}
+        return [unbounded(v) for v in node] if isinstance(node, list) else node
+
+    info = xgr.TokenizerInfo.from_huggingface(tok, vocab_size=len(tok))
+    rows = []
+    for name, variant in [("as given", schema), ("no string bounds", unbounded(schema))]:
+        t0 = time.perf_counter()
+        compiled = xgr.GrammarCompiler(info, max_threads=1).compile_json_schema(json.dumps(variant))
+        compile_s = time.perf_counter() - t0
+        rng, times = random.Random(0), []
+        for _ in range(a.sequences):
+            matcher, mask = xgr.GrammarMatcher(compiled), xgr.allocate_token_bitmask(1, info.vocab_size)
+            for _ in range(a.max_tokens):
+                if matcher.is_terminated():
+                    break
+                t1 = time.perf_counter()
+                matcher.fill_next_token_bitmask(mask)
+                times.append(time.perf_counter() - t1)
+                allowed = np.flatnonzero(np.unpackbits(mask.numpy().view(np.uint8), bitorder="little")[: len(tok)])
+                assert matcher.accept_token(int(allowed[rng.randrange(len(allowed))]))
+        ms = 1e3 * np.asarray(times)
+        rows.append(
+            {
+                "mode": "grammar",
+                "schema": name,
+                "compile_s": round(compile_s, 3),
+                "steps": len(times),
+                "mask_ms_mean": round(float(ms.mean()), 4),
+                "mask_ms_p50": round(float(np.median(ms)), 4),
+                "mask_ms_p99": round(float(np.percentile(ms, 99)), 4),
+                "vocab": info.vocab_size,
+                "equal_schemas": variant == schema,
+            }
+        )
+    return rows
+
+
 def cmd_frontend(a):
     """Where vLLM's front-end process spends its time per request (issue 14: at ~50 requests/s the GPU
     waits on it): cProfile of ``add_request`` for every chunk of --dir in the calling process (input
@@ -1167,7 +1228,20 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument(
         "mode",
-        choices=["data", "ckpt", "ceiling", "flamingo", "hf", "feed", "clips", "suite", "report", "schema", "frontend"],
+        choices=[
+            "data",
+            "ckpt",
+            "ceiling",
+            "flamingo",
+            "hf",
+            "feed",
+            "clips",
+            "suite",
+            "report",
+            "schema",
+            "frontend",
+            "grammar",
+        ],
     )
     ap.add_argument("--seconds", type=float, default=10.0, help="clips: length of each file")
     ap.add_argument("--count", type=int, default=1000, help="clips: number of files")
@@ -1208,7 +1282,8 @@ def main():
     ap.add_argument("--batch", type=lambda s: [int(x) for x in s.split(",")], default=[8, 32])
     ap.add_argument("--schema-file", default=None, help="schema mode: a JSON Schema (default: audio-tags')")
     ap.add_argument("--prompt", default=None, help="schema mode: the prompt (default: the audio-tags preset's)")
-    ap.add_argument("--max-tokens", type=int, default=OUT_TOKENS, help="schema mode: tokens per request")
+    ap.add_argument("--max-tokens", type=int, default=OUT_TOKENS, help="schema/grammar mode: tokens per request")
+    ap.add_argument("--sequences", type=int, default=8, help="grammar mode: random walks per schema")
     ap.add_argument("--mel-device", default="auto", help="schema/flamingo mode: as caption --mel-device")
     a = ap.parse_args()
     modes = {
@@ -1223,6 +1298,7 @@ def main():
         "report": cmd_report,
         "schema": cmd_schema,
         "frontend": cmd_frontend,
+        "grammar": cmd_grammar,
     }
     if a.stack_sample:
         _start_stack_sampling(a.stack_sample)

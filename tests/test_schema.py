@@ -274,19 +274,20 @@ def test_every_output_is_valid_or_an_error_with_a_reason(text, finish, error) ->
 
 
 def test_raw_control_characters_that_the_grammar_lets_through_are_valid_rows() -> None:
-    r"""xgrammar constrains a string with maxLength to [^"\\\r\n] (both presets bound theirs), so a tab or
-    \x01 can be generated raw inside one; such a row meets the schema and is kept, and caption_json
-    carries it escaped, as strict JSON."""
-    preset = load_preset("audio-tags")
-    schema = parse_schema(preset.schema, "audio-tags", check_engine=False)
-    value = {
-        "sound_events": ["dog\tbark"],
-        "speech_present": False,
-        "speakers": 0,
-        "language": "none",
-        "environment": "park\x01",
-        "description": "A dog barks.",
+    r"""xgrammar constrains a string with maxLength to [^"\\\r\n] (a user's schema may bound its strings; the
+    presets no longer do), so a tab or \x01 can be generated raw inside one; such a row meets the schema
+    and is kept, and caption_json carries it escaped, as strict JSON."""
+    bounded = {
+        "type": "object",
+        "properties": {
+            "events": {"type": "array", "items": {"type": "string", "maxLength": 40}},
+            "place": {"type": "string", "maxLength": 60},
+        },
+        "required": ["events", "place"],
+        "additionalProperties": False,
     }
+    schema = parse_schema(bounded, "bounded.json", check_engine=False)
+    value = {"events": ["dog\tbark"], "place": "park\x01"}
     text = json.dumps(value).replace("\\t", "\t").replace("\\u0001", "\x01")  # the raw characters
     assert "\t" in text and "\x01" in text
     with pytest.raises(json.JSONDecodeError, match="Invalid control character"):
@@ -297,7 +298,28 @@ def test_raw_control_characters_that_the_grammar_lets_through_are_valid_rows() -
     assert checked.error is None
     values = schema.row_values(checked)
     assert json.loads(values["caption_json"]) == value  # strict JSON, the characters kept
-    assert values["f_sound_events"] == ["dog\tbark"] and values["f_environment"] == "park\x01"
+    assert values["f_events"] == ["dog\tbark"] and values["f_place"] == "park\x01"
+
+
+def test_the_presets_leave_strings_unbounded_so_the_grammar_keeps_them_clean() -> None:
+    """Why the presets carry no maxLength: without it xgrammar's string rule excludes every control
+    character, so raw ones cannot be generated (and its token masks cost far less, BENCHMARKS.md)."""
+    xgrammar = pytest.importorskip("xgrammar")
+    for name in ("audio-tags", "music-tags"):
+        preset = load_preset(name)
+        assert "maxLength" not in json.dumps(preset.schema) and "minLength" not in json.dumps(preset.schema)
+    grammar = xgrammar.Grammar.from_json_schema(json.dumps(load_preset("audio-tags").schema))
+    value = {
+        "sound_events": ["dog bark"],
+        "speech_present": False,
+        "speakers": 0,
+        "language": "none",
+        "environment": "park",
+        "description": "A dog barks.",
+    }
+    assert xgrammar.testing._is_grammar_accept_string(grammar, json.dumps(value))
+    raw_tab = json.dumps({**value, "environment": "pa\trk"}).replace("\\t", "\t")
+    assert not xgrammar.testing._is_grammar_accept_string(grammar, raw_tab)
 
 
 def test_int64_overflow_is_an_error_not_a_crash() -> None:
