@@ -154,7 +154,8 @@ def describe(path: str | Path, *, engine: Any = None, env: Environment | None = 
     spec = CaptionSpec.build([str(track)], "-", **options)
     env = env or Environment()
     t0 = time.perf_counter()
-    spec.check_schema()  # a schema vLLM cannot enforce: a usage error before the model loads
+    for warning in spec.check_schema():  # a schema vLLM cannot enforce: a usage error before the model loads
+        env.warn(warning)
     engine = engine or env.engine or get_engine(spec.engine_config())
     job = spec.job(load_chat_template(spec.model))
     job.workers = 1
@@ -321,7 +322,8 @@ class _Run:
 
         spec, env, progress = self.spec, self.env, self.progress
         spec.check_inputs()
-        spec.check_schema()  # a schema vLLM cannot enforce: a usage error before the output opens
+        for warning in spec.check_schema():  # one vLLM cannot enforce: a usage error before the output opens
+            env.warn(warning)
         try:
             sink = Sink(
                 spec.out,  # a folder or an s3:// URL (never Path(): it would fold "s3://" into "s3:/")

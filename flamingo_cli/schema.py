@@ -98,6 +98,25 @@ class JsonSchema:
         return text_hash(self.text)
 
     @cached_property
+    def bounded_strings(self) -> tuple[str, ...]:
+        """Where the schema bounds a string's length (maxLength/minLength): xgrammar 0.2.3 cannot serve
+        such a string's token masks from its precomputed ones (they depend on the characters left), so
+        each costs CPU time the GPU waits for (BENCHMARKS.md: 1.16 vs 0.004 ms a mask)."""
+        return tuple(path for path, node in subschemas(self.value) if "maxLength" in node or "minLength" in node)
+
+    def cost_warning(self) -> str | None:
+        """What a user should hear before a costly schema runs (None when it is not costly)."""
+        where = self.bounded_strings
+        if not where:
+            return None
+        shown = ", ".join(where[:3]) + (f" and {len(where) - 3} more" if len(where) > 3 else "")
+        return (
+            f"{self.source}: maxLength/minLength at {shown}: xgrammar builds these strings' token masks on "
+            "the CPU at ~300x the cost of unbounded ones (an H200 ran such a schema at 0.44x free text, "
+            "BENCHMARKS.md); bound the values through the prompt instead"
+        )
+
+    @cached_property
     def fields(self) -> tuple[Field, ...]:
         """The typed columns of a flat schema; () for any other schema (only ``caption_json`` then)."""
         return flat_fields(self.value, self.source)

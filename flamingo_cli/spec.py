@@ -254,13 +254,17 @@ class CaptionSpec:
             info["executor"] = self.executor
         return info
 
-    def check_schema(self) -> None:
+    def check_schema(self) -> list[str]:
         """The schema against vLLM's xgrammar validator (imports vLLM, so not in ``build``: a dry run
-        never imports it); raises SchemaError, a usage error, before any model loads."""
-        if self.json_schema is not None:
-            from flamingo_cli.schema import check_constrainable
+        never imports it); raises SchemaError, a usage error, before any model loads. Returns the
+        warnings to show first (a schema that will cost throughput)."""
+        if self.json_schema is None:
+            return []
+        from flamingo_cli.schema import check_constrainable
 
-            check_constrainable(self.json_schema.value, self.json_schema.source)
+        check_constrainable(self.json_schema.value, self.json_schema.source)
+        warning = self.json_schema.cost_warning()
+        return [] if warning is None else [warning]
 
     def sink_columns(self) -> dict[str, Any]:
         """``Sink`` keywords for the run's own columns: a schema run's ``caption_json`` and ``f_*``."""

@@ -410,6 +410,32 @@ class JsonEngine:
         pass
 
 
+def test_bounded_strings_are_warned_about_before_the_run(tmp_path, monkeypatch, use_engine) -> None:
+    """maxLength/minLength make xgrammar's masks ~300x costlier (BENCHMARKS.md): the run says where,
+    before the model loads, and goes on (a warning, not an error; exit 0, rows written)."""
+    import flamingo_cli.prompts
+
+    use_engine(JsonEngine())
+    monkeypatch.setattr(flamingo_cli.prompts, "load_chat_template", lambda model: None)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    make_audio(tmp_path / "in" / "valid-1.wav", 1.0)
+    bounded = {**TAGS, "properties": {**TAGS["properties"], "genre": {"type": "string", "maxLength": 40}}}
+    bounded["properties"]["instruments"] = {"type": "array", "items": {"type": "string", "minLength": 1}}
+    schema_file = write_json(tmp_path / "bounded.json", bounded)
+    assert parse_schema(bounded, "b", check_engine=False).bounded_strings == (
+        "$.properties.genre",
+        "$.properties.instruments.items",
+    )
+    out = tmp_path / "out"
+    res = run_cli(["caption", tmp_path / "in", "--out", out, "--model", "af3", "--schema", schema_file, "--quiet"])
+    assert res.status == 0, res.stderr
+    assert f"warning: {schema_file}: maxLength/minLength at $.properties.genre, $.properties.instruments.items" in (
+        " ".join(res.stderr.split())
+    )
+    (row,) = read_rows(out)
+    assert row["error"] is None and row["f_genre"] == "jazz"
+
+
 def test_schema_run_writes_typed_columns_readable_by_pandas_polars_duckdb(tmp_path, monkeypatch, use_engine) -> None:
     import flamingo_cli.prompts
 
@@ -425,6 +451,7 @@ def test_schema_run_writes_typed_columns_readable_by_pandas_polars_duckdb(tmp_pa
     res = run_cli(args)
     assert res.status == 1, res.stderr  # some rows failed: exit 1, the rest written
     assert engine.schemas == [parse_schema(TAGS, "x", check_engine=False).text]
+    assert "maxLength" not in res.stderr  # no bounded strings, no cost warning
 
     rows = {r["id"].removesuffix(".wav"): r for r in read_rows(out)}
     assert set(rows) == set(names)
