@@ -133,6 +133,9 @@ add schema 150 "$SCH"
 # ... and, only when the schema pass failed, once more with the log-mel on the CPU (the one GPU-only
 # difference in flamingo's engine arguments besides the batching budget); the traceback is in the log.
 add schema-cpumel 150 "$SCH --mel-device cpu"
+# ... and the fourth lease's bounded preset (maxLength on its strings: 0.44x free text there; the
+# presets dropped the bounds after bench.py grammar measured their mask cost)
+add schema-bounded 150 "$SCH --schema-file benchmarks/2026-12-02-h200-c/audio-tags-bounded.schema.json"
 # issue 12: AF-Next at HF parity on the GPU (short grid and 20-30 min audio, one engine)
 add parity-af-next 330 "$PY scripts/parity.py --kind af-next --ckpt $NEXT --size $SIZE --dtype $PDT --n $PN \
   --min-s 30 --max-s 120 --long-n $PLONG --long-min-s 1200 --long-max-s 1800 --max-new-tokens $PTOK \
@@ -168,7 +171,7 @@ add frontend 150 "$B frontend --ckpt $AF3 --dir $DATA/bench-10s --warmup $WARM -
 # The default: what the four 2026-12-02 leases left (the fourth ran schema, raw10, flamingo10, fp8-10,
 # replica2 and the bf16 floor; its fp8kv, cpumel10 and frontend were lost), most needed first; the
 # flamingo step writes the bf16 reference that fp8kv's quality is scored against; the budget cuts the tail.
-PLAN=${PLAN:-af3-flamingo10 af3-fp8kv af3-raw10 af3-replica2 schema af3-cpumel10 frontend}
+PLAN=${PLAN:-af3-flamingo10 af3-fp8kv af3-raw10 schema schema-bounded af3-replica2 af3-cpumel10 frontend}
 
 # --- setup (host CPU, in parallel): audio, the AF3 and AF-Next random-weight checkpoints -----------
 # AF3 with a sharpened output layer (logit spread ~6, not flat): the same checkpoint times every
