@@ -38,6 +38,9 @@ INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 # would let the model write JSON that breaks them, so it is refused up front.
 UNENFORCED_KEYWORDS = ("if", "then", "else", "dependentRequired", "dependentSchemas", "dependencies")
 
+# String length bounds: xgrammar 0.2.3 cannot precompute such a string's token masks (bench.py grammar).
+STRING_BOUNDS = ("maxLength", "minLength")
+
 # Where subschemas sit inside a schema (JSON Schema 2020-12 and draft 7), for walking it.
 _SCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
 _SCHEMA_LISTS = ("allOf", "anyOf", "oneOf", "prefixItems")
@@ -102,7 +105,7 @@ class JsonSchema:
         """Where the schema bounds a string's length (maxLength/minLength): xgrammar 0.2.3 cannot serve
         such a string's token masks from its precomputed ones (they depend on the characters left), so
         each costs CPU time the GPU waits for (BENCHMARKS.md: 1.16 vs 0.004 ms a mask)."""
-        return tuple(path for path, node in subschemas(self.value) if "maxLength" in node or "minLength" in node)
+        return tuple(path for path, node in subschemas(self.value) if any(k in node for k in STRING_BOUNDS))
 
     def cost_warning(self) -> str | None:
         """What a user should hear before a costly schema runs (None when it is not costly)."""

@@ -572,6 +572,7 @@ def cmd_grammar(a):
 
     from flamingo_cli.checkpoints import REAL_VOCAB_SIZE, build_tokenizer
     from flamingo_cli.config import load_preset
+    from flamingo_cli.schema import STRING_BOUNDS
 
     if Path(a.ckpt, "tokenizer_config.json").exists():
         from transformers import AutoTokenizer
@@ -583,7 +584,7 @@ def cmd_grammar(a):
 
     def unbounded(node):
         if isinstance(node, dict):
-            return {k: unbounded(v) for k, v in node.items() if k not in ("maxLength", "minLength")}
+            return {k: unbounded(v) for k, v in node.items() if k not in STRING_BOUNDS}
         return [unbounded(v) for v in node] if isinstance(node, list) else node
 
     info = xgr.TokenizerInfo.from_huggingface(tok, vocab_size=len(tok))
