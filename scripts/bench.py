@@ -777,7 +777,7 @@ def cmd_hf(a):
 # --- suite: one engine per variant, every workload timed through it (issue 14 / 15 lease) -------------
 
 PEAK_BF16_TFLOPS = {"H200": 989.4, "H100": 989.4}  # dense BF16 spec (SXM); the MFU base
-VARIANTS = ("raw", "flamingo", "cpumel", "untrimmed", "fp8", "fp8kv", "replica", "replica2")
+VARIANTS = ("raw", "flamingo", "fullfeat", "cpumel", "untrimmed", "fp8", "fp8kv", "replica", "replica2")
 
 
 def cmd_clips(a):
@@ -888,7 +888,8 @@ def cmd_suite(a):
 
     raw: vLLM's LLM(model=ckpt) with its defaults (bf16, flamingo's plugin off via its env switch),
     LLM.generate over pre-decoded arrays, one engine for every workload. flamingo (its defaults: trimmed
-    encoder, log-mel on the GPU), cpumel, untrimmed, fp8, fp8kv: flamingo's pipeline from the files on
+    encoder, compact features, log-mel on the GPU), fullfeat (the full 30-s log-mel windows sent to the
+    engine core), cpumel, untrimmed, fp8, fp8kv: flamingo's pipeline from the files on
     disk, one engine per audio-window count sized as `flamingo caption` sizes it from its plan (10-s and
     30-s clips share a 30-s engine, 5-minute tracks get a 300-s one). replica: flamingo through one
     data-parallel replica process (issue 15); replica2: two replicas sharing the GPU, memory split.
@@ -927,6 +928,8 @@ def cmd_suite(a):
             llm = LLM(model=a.ckpt, **({"max_model_len": 8192} if _on_cpu() else {}))
             engine = None
         else:
+            if a.variant == "fullfeat":  # every engine process inherits it: the front-end sends whole windows
+                os.environ["FLAMINGO_COMPACT_FEATURES"] = "0"
             engine = _suite_engine(a, family, cap_s)
             llm = getattr(engine, "llm", None)
         start_s = time.perf_counter() - t0

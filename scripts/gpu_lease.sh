@@ -152,6 +152,9 @@ add af3-cpumel 200 "$S --variant cpumel"
 # engine each; the flamingo step writes the bf16 quality reference the fp8 and floor steps score against
 add af3-flamingo10 180 "$S10 --variant flamingo $Q"
 add af3-raw10 170 "$S10 --variant raw"
+# the features sent whole (1.5 MB fp32 -> 768 KB bf16 per window) vs compact (flamingo's default since
+# 2026-12-02: the frames the trimmed encoder reads, 256 KB for a 10-s clip), same engine otherwise
+add af3-fullfeat10 170 "$S10 --variant fullfeat"
 add af3-fp8-10 200 "$S10 --variant fp8 $Q"
 add af3-bf16-floor10 180 "$S10 --variant flamingo $Q --quality-recheck"
 # the log-mel on the CPU vs flamingo's default (GPU) in same-sized engines with a warm-up: the second
@@ -169,9 +172,11 @@ add mf-fp8 220 "$MFS --variant fp8"
 add frontend 150 "$B frontend --ckpt $AF3 --dir $DATA/bench-10s --warmup $WARM --out-tokens $TOK --results $RES"
 
 # The default: what the four 2026-12-02 leases left (the fourth ran schema, raw10, flamingo10, fp8-10,
-# replica2 and the bf16 floor; its fp8kv, cpumel10 and frontend were lost), most needed first; the
-# flamingo step writes the bf16 reference that fp8kv's quality is scored against; the budget cuts the tail.
-PLAN=${PLAN:-af3-flamingo10 af3-fp8kv af3-raw10 schema schema-bounded af3-replica2 af3-cpumel10 frontend}
+# replica2 and the bf16 floor; its fp8kv, cpumel10 and frontend were lost) and the compact features'
+# A/B, most needed first; the flamingo step writes the bf16 reference that fp8kv's quality and the
+# floor (a second identical flamingo engine, late in the lease: the 18 % spread) are scored against;
+# the budget cuts the tail.
+PLAN=${PLAN:-af3-flamingo10 af3-fullfeat10 af3-raw10 af3-fp8kv af3-replica2 af3-bf16-floor10 schema schema-bounded af3-cpumel10}
 
 # --- setup (host CPU, in parallel): audio, the AF3 and AF-Next random-weight checkpoints -----------
 # AF3 with a sharpened output layer (logit spread ~6, not flat): the same checkpoint times every

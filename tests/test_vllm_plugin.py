@@ -110,7 +110,9 @@ def test_plugin_registers_flamingo_classes_for_both_architectures():
     for arch, target in ARCHITECTURES.items():
         cls = ModelRegistry._try_load_model_cls(arch)  # loads the lazily registered class
         assert f"{cls.__module__}:{cls.__name__}" == target
-        assert hasattr(cls, "_processor_factory")  # vLLM's multimodal processor is inherited
+        # vLLM's multimodal processor, made to send compact features
+        processor = cls._processor_factory.processor
+        assert processor.__name__.startswith("Compacting") and processor.__mro__[1].__name__.endswith("Processor")
 
 
 def test_trimming_opt_outs(monkeypatch):
@@ -128,3 +130,128 @@ def test_trimming_opt_outs(monkeypatch):
     assert off["hf_overrides"] == {TRIM_OVERRIDE: False}
     monkeypatch.setenv(TRIM_ENV, "0")
     assert not trim_enabled(None)
+
+
+def _vllm_flat_batch(tensors):
+    """What vLLM's engine core makes of one step's requests (its flat field's own reduction)."""
+    from vllm.multimodal.inputs import MultiModalFlatField
+
+    return MultiModalFlatField(slices=[], dim=0)._reduce_data(list(tensors), pin_memory=False)
+
+
+def test_compact_features_leave_the_trimmed_encoder_outputs_unchanged(tower_and_features):
+    """Each request cut to the frames the trimmed encoder reads, batched as vLLM batches them (zero-padded
+    to the step's longest) and padded back to the window: the encoder's outputs are the full features'."""
+    import torch
+
+    from flamingo_cli.vllm_plugin import compact_features, frames_read, pad_frames
+
+    tower, features, mask = tower_and_features
+    lengths = mask.sum(-1)
+    parts = [
+        compact_features({"input_features": features[i : i + 1], "feature_attention_mask": mask[i : i + 1]})
+        for i in range(len(lengths))
+    ]
+    kept = [p["input_features"].shape[-1] for p in parts]
+    assert kept == [frames_read(int(n), 3000) for n in lengths] and kept[1] == 1001  # a 10-s window: a third
+    assert all(
+        int(p["feature_attention_mask"].sum()) == int(n) for p, n in zip(parts, lengths, strict=True)
+    )  # token counts
+    batched = _vllm_flat_batch(p["input_features"] for p in parts)
+    batched_mask = _vllm_flat_batch(p["feature_attention_mask"] for p in parts)
+    assert batched.shape[-1] == max(kept)  # vLLM zero-pads the step to its longest request
+    with torch.inference_mode():
+        ref = encode_trimmed(tower, features, lengths)
+        got = encode_trimmed(tower, pad_frames(batched, 3000), pad_frames(batched_mask, 3000).sum(-1))
+    assert torch.equal(got, ref)
+    # one 10-s request alone: 1001 frames, padded back by the model
+    alone = parts[1]
+    with torch.inference_mode():
+        got1 = encode_trimmed(tower, pad_frames(alone["input_features"], 3000), lengths[1:2])
+    assert torch.equal(got1[0], ref[1])
+
+
+def test_compact_features_keep_what_the_encoder_reads_and_nothing_is_cast():
+    import torch
+
+    from flamingo_cli.vllm_plugin import compact_features
+
+    features = torch.randn(2, 128, 3000, dtype=torch.bfloat16)
+    mask = torch.zeros(2, 3000, dtype=torch.int32)
+    mask[0, :400], mask[1, :1000] = 1, 1
+    out = compact_features({"input_features": features.clone(), "feature_attention_mask": mask})
+    assert out["input_features"].is_contiguous() and torch.equal(out["input_features"], features[..., :1001])
+    assert out["feature_attention_mask"].dtype == torch.int32 and out["feature_attention_mask"].shape == (2, 1001)
+    empty = {"input_features": torch.zeros(0, 128, 3000), "feature_attention_mask": torch.zeros(0, 3000)}
+    assert compact_features(dict(empty))["input_features"].shape == (0, 128, 3000)
+    assert compact_features({"input_ids": torch.zeros(3)}).keys() == {"input_ids"}  # text-only prompts
+
+
+@pytest.fixture(scope="module")
+def vllm_processor(tiny_af3):
+    """vLLM's multimodal processor for the tiny AF3, as the engine's front-end builds it (bf16 engine)."""
+    from vllm.config import ModelConfig
+    from vllm.multimodal import MULTIMODAL_REGISTRY
+    from vllm.plugins import load_general_plugins
+
+    load_general_plugins()
+    config = ModelConfig(model=str(tiny_af3), dtype="bfloat16", max_model_len=4096)
+    return MULTIMODAL_REGISTRY.create_processor(config)
+
+
+def _process(processor, seconds: float):
+    from vllm.multimodal.processing.context import TimingContext
+    from vllm.multimodal.processing.inputs import ProcessorInputs
+
+    audio = Case(f"{seconds}", seconds, "", seed=3).samples()
+    items = processor.info.get_data_parser().parse_mm_data({"audio": [audio]})
+    out = processor.apply(ProcessorInputs(prompt="<sound>Describe.", mm_data_items=items), TimingContext())
+    return out["prompt_token_ids"], out["mm_kwargs"].get_data()
+
+
+def test_the_engine_front_end_sends_compact_features(vllm_processor, monkeypatch):
+    """vLLM's own processing of a 10-s clip: a third of the frames (bf16: vLLM casts to the model's
+    dtype), the same prompt ids; opted out, or with trimming off, the full window."""
+    import torch
+
+    from flamingo_cli.vllm_plugin import COMPACT_ENV, TRIM_ENV
+
+    ids, data = _process(vllm_processor, 10.0)
+    assert data["input_features"].shape == (1, 128, 1001) and data["input_features"].dtype == torch.bfloat16
+    assert int(data["feature_attention_mask"].sum()) == 1000
+    for env in (COMPACT_ENV, TRIM_ENV):
+        monkeypatch.setenv(env, "0")
+        full_ids, full = _process(vllm_processor, 10.0)
+        monkeypatch.delenv(env)
+        assert full["input_features"].shape == (1, 128, 3000) and full["input_features"].dtype == torch.bfloat16
+        assert full_ids == ids  # the same sound-token count
+        assert torch.equal(full["input_features"][..., :1001], data["input_features"])
+    _, long = _process(vllm_processor, 45.0)  # a full window and a 15-s one: the full window is kept
+    assert long["input_features"].shape == (2, 128, 3000) and long["input_features"].dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+def test_the_model_takes_compact_features_through_vllms_input_checks(arch, tiny_af3, tiny_mf):
+    """vLLM's input schema wants 3000-frame windows: the model class pads compact ones back (zeros,
+    never read) before vLLM's checks, for a batch tensor and for a list of requests alike."""
+    import torch
+    from transformers import AutoConfig
+    from vllm import ModelRegistry
+    from vllm.plugins import load_general_plugins
+
+    load_general_plugins()
+    cls = ModelRegistry._try_load_model_cls(arch)
+    model = object.__new__(cls)  # no weights needed: only the input parsing runs
+    ckpt = tiny_af3 if arch.startswith("AudioFlamingo3") else tiny_mf
+    model.__dict__["config"] = AutoConfig.from_pretrained(ckpt)
+    features, mask = torch.randn(2, 128, 1001), torch.ones(2, 1001, dtype=torch.int32)
+    for feats, masks in ((features, mask), (list(features), list(mask))):
+        parsed = model._parse_and_validate_audio_input(
+            input_features=feats, feature_attention_mask=masks, chunk_counts=torch.tensor([1, 1])
+        )
+        got = parsed["input_features"]
+        got = torch.stack(got) if isinstance(got, list) else got
+        assert got.shape == (2, 128, 3000) and torch.equal(got[..., :1001], features) and not got[..., 1001:].any()
+        got_mask = parsed["feature_attention_mask"]
+        got_mask = torch.stack(got_mask) if isinstance(got_mask, list) else got_mask
+        assert got_mask.shape == (2, 3000) and int(got_mask.sum()) == 2002
