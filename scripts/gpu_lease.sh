@@ -64,6 +64,8 @@ else
   NEXT=/tmp/af-next-full; PDT=bfloat16; PDEV=cuda; PN=64; PLONG=16; PTOK=32
   QN=32; QTOK=64; WARM=64; MFTOK=512; TOK=128; REPEAT=2; KEEP=/tmp/lease-keep
 fi
+# a short lease (what is left of a session's budget) may shrink the 10-s workload: e.g. N10=664 REPEAT=1
+N10=${LEASE_N10:-$N10}; REPEAT=${LEASE_REPEAT:-$REPEAT}
 CKPTS=${CKPTS:-af3} # built in setup, in parallel (af3 always); at most two full-size ones
 START=$(date +%s)
 DEADLINE=$((START + BUDGET_S))
