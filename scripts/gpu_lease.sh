@@ -14,6 +14,7 @@
 #   PLAN="parity-af-next …".
 #   The whole lease runs in the background on the GPU host, so no step waits on a call boundary:
 #     call 1 (carry .whl1):  mkdir -p /tmp/up && cp .whl1/* /tmp/up/
+#     call 1b (carry .whl3, only when the plan has a schema step):  cp .whl3/* /tmp/up/
 #     call 2 (carry .whl2 .deps):  bash .deps/install.sh && python3 -m pip install -q --no-index \
 #         --no-deps --upgrade --target /tmp/site /tmp/up/*.whl && export PYTHONPATH=/tmp/site:$PWD \
 #         VLLM_USE_FLASHINFER_SAMPLER=0 VLLM_WORKER_MULTIPROC_METHOD=spawn && \
@@ -22,7 +23,8 @@
 #     calls 3…: bash scripts/lease_poll.sh 540      (each copies what is there to its $OUT every 20 s)
 #   Send each poll the moment the previous call returns, deciding nothing in between: the machine is
 #   given back 30 s after a call, and a poll that reaches a fresh machine finds no runner and spends the
-#   budget (the fourth lease lost its last three steps so). Decide the polls' lengths before the first
+#   budget (the fourth lease lost its last three steps so). A machine may also be taken back during a
+#   call (the fifth lease's first was): what the polls copied before is all that returns. Decide the polls' lengths before the first
 #   call: the last one gets budget_left_s - 100 (a call cut by the budget returns no files), then give
 #   the machine back.
 #   CPU smoke test with tiny checkpoints:  SMOKE=1 OUT=/tmp/lease-smoke bash scripts/gpu_lease.sh
