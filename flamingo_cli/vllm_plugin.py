@@ -42,18 +42,21 @@ ARCHITECTURES = {
 }
 
 
+def _switched_off(env: str) -> bool:
+    """An on-by-default switch set to 0/false/no/off in the environment."""
+    return os.environ.get(env, "1").strip().lower() in ("0", "false", "no", "off")
+
+
 def trim_enabled(hf_config: Any = None) -> bool:
     """Trimming is on unless the env or the engine's config override turns it off."""
-    if os.environ.get(TRIM_ENV, "1").strip().lower() in ("0", "false", "no", "off"):
+    if _switched_off(TRIM_ENV):
         return False
     return bool(getattr(hf_config, TRIM_OVERRIDE, True))
 
 
 def compact_enabled(hf_config: Any = None) -> bool:
     """Compact features go with trimming (the untrimmed encoder reads every frame); env opt-out."""
-    if os.environ.get(COMPACT_ENV, "1").strip().lower() in ("0", "false", "no", "off"):
-        return False
-    return trim_enabled(hf_config)
+    return not _switched_off(COMPACT_ENV) and trim_enabled(hf_config)
 
 
 def conv_lengths(mel_lengths):
@@ -61,10 +64,10 @@ def conv_lengths(mel_lengths):
     return (mel_lengths - 1) // 2 + 1
 
 
-def frames_read(mel_length: int, frames: int) -> int:
-    """Mel frames (from the window's start) that ``encode_trimmed`` reads for a window of
-    ``mel_length`` valid frames: conv2's last valid output reads up to frame 2 x positions."""
-    return min(frames, 2 * conv_lengths(mel_length) + 1)
+def frames_read(positions: int, frames: int) -> int:
+    """Mel frames (from the window's start) that ``encode_trimmed`` reads for ``positions`` conv2
+    outputs: output positions-1 reads mel frames up to 2 x positions; the frame after is never read."""
+    return min(frames, 2 * positions + 1)
 
 
 def compact_features(outputs: Any) -> Any:
@@ -75,7 +78,7 @@ def compact_features(outputs: Any) -> Any:
     features, mask = outputs.get("input_features"), outputs.get("feature_attention_mask")
     if features is None or mask is None or not hasattr(features, "shape") or features.shape[0] == 0:
         return outputs
-    keep = frames_read(int(mask.sum(-1).max()), features.shape[-1])
+    keep = frames_read(conv_lengths(int(mask.sum(-1).max())), features.shape[-1])
     outputs["input_features"] = features[..., :keep].contiguous()
     outputs["feature_attention_mask"] = mask[..., :keep].contiguous()
     return outputs
@@ -141,8 +144,7 @@ def encode_trimmed(tower, features, mel_lengths, overhead: int = GROUP_OVERHEAD_
         longest = int(lens.max())
         if longest < 2:  # no pooled output: a window's last 10 ms give no sound token (vLLM counts 0)
             continue
-        # conv2 output longest-1 reads mel frames up to 2*longest; the frame after is never read.
-        x = features[idx, :, : min(frames, 2 * longest + 1)]
+        x = features[idx, :, : frames_read(longest, frames)]
         x = F.gelu(tower.conv1(x))
         x = F.gelu(tower.conv2(x))[:, :, :longest].transpose(1, 2)
         x = (x + tower.embed_positions.weight[:longest]).to(x.dtype)

@@ -144,7 +144,7 @@ def test_compact_features_leave_the_trimmed_encoder_outputs_unchanged(tower_and_
     to the step's longest) and padded back to the window: the encoder's outputs are the full features'."""
     import torch
 
-    from flamingo_cli.vllm_plugin import compact_features, frames_read, pad_frames
+    from flamingo_cli.vllm_plugin import compact_features, conv_lengths, frames_read, pad_frames
 
     tower, features, mask = tower_and_features
     lengths = mask.sum(-1)
@@ -153,7 +153,7 @@ def test_compact_features_leave_the_trimmed_encoder_outputs_unchanged(tower_and_
         for i in range(len(lengths))
     ]
     kept = [p["input_features"].shape[-1] for p in parts]
-    assert kept == [frames_read(int(n), 3000) for n in lengths] and kept[1] == 1001  # a 10-s window: a third
+    assert kept == [frames_read(conv_lengths(int(n)), 3000) for n in lengths] and kept[1] == 1001  # 10 s: a third
     assert all(
         int(p["feature_attention_mask"].sum()) == int(n) for p, n in zip(parts, lengths, strict=True)
     )  # token counts
