@@ -13,7 +13,9 @@ Each yields the same AudioItems as a folder or manifest, lazily and in a stable 
   (no lhotse import: it pulls in torch): a cut's recording source + start/duration become a segment,
   id = the cut id. Relative source paths resolve against the manifest's folder (or URL).
 
-A bad row/member becomes an AudioItem with ``error`` set; only usage errors raise ``SourceError``.
+Dataset rows and lhotse cuts become items through manifests.row_item, so ids, offset/duration, prompts
+and passthrough columns follow the manifest rules. A bad row/member becomes an AudioItem with ``error``
+set; only usage errors raise ``SourceError``.
 """
 
 from __future__ import annotations
@@ -21,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import gzip
 import json
-import math
 import os
 import posixpath
 import tarfile
@@ -29,11 +30,11 @@ from collections.abc import Iterator, Mapping
 from typing import IO, Any
 
 from flamingo_cli import remote
-from flamingo_cli.records import AudioItem
+from flamingo_cli.manifests import row_item
+from flamingo_cli.records import AudioItem, SeenIds
 
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 _SIDECARS = ("json", "txt", "cls")
-_KNOWN = frozenset({"id", "prompt", "offset", "duration"})
 HF_PREFIX = "hf:"
 
 
@@ -43,13 +44,6 @@ class CorpusError(Exception):
 
 def _open(path: str) -> IO[bytes]:
     return remote.open_binary(path) if remote.is_url(path) else open(path, "rb")
-
-
-def _text(value: Any) -> str | None:
-    if value is None:
-        return None
-    text = value if isinstance(value, str) else str(value)
-    return text if text.strip() else None
 
 
 # --- WebDataset ------------------------------------------------------------------------------------------
@@ -205,10 +199,12 @@ def _resolve(base: str, source: str) -> str:
 
 
 def _lhotse_item(obj: dict[str, Any], base: str, origin: str, placeholder: str) -> AudioItem:
-    item_id = _text(obj.get("id")) or placeholder
+    """A cut (a segment of its recording) or a recording (the whole file), through the manifest row's
+    function: its id, start/duration as offset/duration, the recording id, supervision text and custom
+    fields as passthrough columns."""
 
     def bad(reason: str) -> AudioItem:
-        return AudioItem(id=item_id, path="", origin=origin, error=reason)
+        return row_item({"id": obj.get("id")}, "", origin, placeholder, error=reason)
 
     rec = obj["recording"] if isinstance(obj.get("recording"), dict) else obj if "sources" in obj else None
     if rec is None:
@@ -226,30 +222,27 @@ def _lhotse_item(obj: dict[str, Any], base: str, origin: str, placeholder: str) 
     kind, src = chosen.get("type"), chosen.get("source")
     if kind not in ("file", "url") or not isinstance(src, str):
         return bad(f"unsupported lhotse audio source type {kind!r} (file and url are read)")
-    extra: dict[str, Any] = {"recording_id": rec.get("id")}
+    is_cut = rec is not obj
+    row: dict[str, Any] = {
+        "id": obj.get("id"),
+        "offset": obj.get("start") if is_cut else None,
+        "duration": obj.get("duration") if is_cut else None,
+        "prompt": None,
+        "recording_id": rec.get("id"),
+    }
     texts = [s.get("text") for s in obj.get("supervisions") or [] if isinstance(s, dict) and s.get("text")]
     if texts:
-        extra["text"] = " ".join(texts)
+        row["text"] = " ".join(texts)
     custom = obj.get("custom")
-    if isinstance(custom, dict):
-        extra.update({k: v for k, v in custom.items() if k not in _KNOWN and k not in extra})
-    is_cut = rec is not obj
-    start = float(obj.get("start") or 0.0) if is_cut else 0.0
-    duration = obj.get("duration") if is_cut else None
-    return AudioItem(
-        id=item_id,
-        path=_resolve(base, src),
-        offset=start,
-        duration=float(duration) if duration is not None else None,
-        extra=extra,
-        origin=origin,
-    )
+    if isinstance(custom, dict):  # custom fields never override the cut's own (nor set id/offset/…/prompt)
+        row.update({k: v for k, v in custom.items() if k not in row})
+    return row_item(row, _resolve(base, src), origin, placeholder)
 
 
 def iter_lhotse(shown: str, path: str) -> Iterator[AudioItem]:
     base = remote.parent(path) if remote.is_url(path) else os.path.dirname(os.path.abspath(path))
     name = remote.basename(path)
-    seen: dict[str, int] = {}
+    seen = SeenIds("row ")
     with contextlib.closing(open_text(path)) as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
@@ -264,15 +257,8 @@ def iter_lhotse(shown: str, path: str) -> Iterator[AudioItem]:
                 yield AudioItem(id=placeholder, path="", origin=origin, error="not a JSON object")
                 continue
             item = _lhotse_item(obj, base, origin, placeholder)
-            if item.id in seen and item.error is None:
-                item = AudioItem(
-                    id=item.id,
-                    path=item.path,
-                    origin=origin,
-                    error=f"duplicate id {item.id!r} (first at row {seen[item.id]})",
-                )
-            seen.setdefault(item.id, n)
-            yield item
+            checked = seen.check(item, n)  # an error row keeps its own reason (its id still counts)
+            yield item if item.error is not None else checked
 
 
 # --- HF datasets -------------------------------------------------------------------------------------------
@@ -383,51 +369,17 @@ def probe_hf(shown: str, spec: str) -> None:
         _prepared(shown, ds)
 
 
-def _seconds(value: Any, name: str) -> float | None:
-    """An offset/duration cell: None when absent; ValueError with a row-ready message when bad."""
-    if value is None:
-        return None
-    try:
-        x = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} is not a number: {value!r}") from None
-    if not math.isfinite(x) or x < 0 or (name == "duration" and x == 0):
-        raise ValueError(f"{name} must be a finite number {'> 0' if name == 'duration' else '>= 0'}: {value!r}")
-    return x
-
-
 def _hf_item(shown: str, row: Mapping[str, Any], column: str, where: str, base: str, with_data: bool) -> AudioItem:
     """One dataset row: its bytes (or its path, resolved against the dataset's folder) and its columns."""
     origin, path = f"{shown}:{where}", f"{shown}#{where}"
-    item_id = _text(row.get("id")) or where
-    extra = {k: v for k, v in row.items() if k != column and k not in _KNOWN}
     audio = row.get(column) or {}
     data, audio_path = audio.get("bytes"), audio.get("path")
     if data is None and audio_path:
         path = _resolve(base, audio_path)
     elif audio_path:
         path = f"{path}:{audio_path}"
-    error = None
-    offset = duration = None
-    if with_data and data is None and not audio_path:
-        error = "row has no audio"
-    else:
-        try:
-            offset = _seconds(row.get("offset"), "offset")
-            duration = _seconds(row.get("duration"), "duration")
-        except ValueError as e:
-            error = str(e)
-    return AudioItem(
-        id=item_id,
-        path=path,
-        offset=offset or 0.0,
-        duration=duration,
-        prompt=_text(row.get("prompt")),
-        extra=extra,
-        origin=origin,
-        error=error,
-        data=None if error else data,
-    )
+    error = "row has no audio" if with_data and data is None and not audio_path else None
+    return row_item(row, path, origin, where, column=column, error=error, data=data)
 
 
 def iter_hf(shown: str, spec: str, with_data: bool = True) -> Iterator[AudioItem]:
@@ -439,24 +391,14 @@ def iter_hf(shown: str, spec: str, with_data: bool = True) -> Iterator[AudioItem
         base = remote.parent(target.rstrip("/") + "/x")
     else:
         base = os.path.abspath(target if os.path.isdir(target) else os.path.dirname(target) or ".")
-    seen: dict[str, str] = {}
+    seen = SeenIds()
     for split, ds in _load_hf(shown, spec).items():
         ds, column = _prepared(shown, ds)
         if not with_data:
             ds = ds.remove_columns([column])
         for n, row in enumerate(ds):
             where = f"{split}/{n}"
-            item = _hf_item(shown, row, column, where, base, with_data)
-            if item.id in seen:
-                item = AudioItem(
-                    id=item.id,
-                    path=item.path,
-                    origin=item.origin,
-                    extra=item.extra,
-                    error=f"duplicate id {item.id!r} (first at {seen[item.id]})",
-                )
-            seen.setdefault(item.id, where)
-            yield item
+            yield seen.check(_hf_item(shown, row, column, where, base, with_data), where)
 
 
 def hf_kind(spec: str) -> bool:

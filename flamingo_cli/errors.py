@@ -1,6 +1,6 @@
 """Every failure flamingo reports, and the one table that turns a failure into an exit status.
 
-Modules raise these (or subclasses named for their stage: ``spec.SpecError``, ``sources.SourceError``,
+Modules raise these (or subclasses named for their stage: ``spec.SpecError``, ``manifests.SourceError``,
 ``config.ConfigError`` are usage errors; ``engine.EngineError`` and ``sink.OutputError`` re-export the
 classes here), so the Python API raises the same exception for the same mistake as the CLI exits with
 the same code. ``exit_status`` is the table; ``cli.main`` and the run summary both use it (like httpie's

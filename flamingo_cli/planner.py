@@ -17,7 +17,7 @@ from typing import Any, Protocol
 
 from flamingo_cli.models import WINDOW_S
 from flamingo_cli.prompts import PromptBuilder
-from flamingo_cli.records import AudioItem, Result, Sampling
+from flamingo_cli.records import AudioItem, Result, Sampling, SeenIds, duplicate_reason, duplicate_row
 from flamingo_cli.sink import ResumeIndex, error_result
 from flamingo_cli.sources import Fingerprint, source_changed
 
@@ -123,16 +123,15 @@ class Planner:
 
     def __init__(self, job: CaptionJob, index: ResumeIndex | None, stats: Stats) -> None:
         self.job, self.index, self.stats = job, index, stats
-        self._seen_ids: dict[str, int] = {}
+        self._seen_ids = SeenIds()
 
     def unique(self, item: AudioItem) -> AudioItem:
         """Two inputs may yield the same id; the second gets a suffix and an error row."""
-        count = self._seen_ids.get(item.id, 0)
-        self._seen_ids[item.id] = count + 1
+        count = self._seen_ids.add(item.id)
         if count == 0:
             return item
-        reason = item.error or f"duplicate id {item.id!r} ({item.path} and an earlier input)"
-        return AudioItem(id=f"{item.id}#{count}", path=item.path, origin=item.origin, extra=item.extra, error=reason)
+        reason = item.error or duplicate_reason(item.id, f"{item.path} and an earlier input")
+        return duplicate_row(item, reason, f"{item.id}#{count}")
 
     def plan(self, item: AudioItem, source: Fingerprint | None) -> ItemPlan:
         """Skip, finish or redo the item, from what the output holds and the file now."""

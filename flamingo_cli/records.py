@@ -39,6 +39,44 @@ class AudioItem:
     data: bytes | None = field(default=None, repr=False)
 
 
+def duplicate_reason(item_id: str, detail: str) -> str:
+    """The error of an item whose id came before: ``duplicate id 'x' (first at row 2)``."""
+    return f"duplicate id {item_id!r} ({detail})"
+
+
+def duplicate_row(item: AudioItem, reason: str, item_id: str | None = None) -> AudioItem:
+    """The error row that stands for a duplicate: id (or ``item_id``), path, origin and extras, no audio."""
+    return AudioItem(id=item_id or item.id, path=item.path, origin=item.origin, extra=item.extra, error=reason)
+
+
+class SeenIds:
+    """The ids one stream of items has given out, and where each came first: the one duplicate-id check
+    of manifest rows, dataset rows and the inputs of a run (whose second sighting of an id is an error row).
+
+    ``label`` goes before the remembered place in messages (``"row "``: "first at row 2").
+    """
+
+    def __init__(self, label: str = "") -> None:
+        self._label = label
+        self._first: dict[str, Any] = {}
+        self._repeats: dict[str, int] = {}  # only ids seen twice or more: a million unique ids cost one dict
+
+    def add(self, item_id: str, where: Any = None) -> int:
+        """Count one item with this id; how many came before it (0: the first, and ``where`` is kept)."""
+        if item_id not in self._first:
+            self._first[item_id] = where
+            return 0
+        count = self._repeats.get(item_id, 0) + 1
+        self._repeats[item_id] = count
+        return count
+
+    def check(self, item: AudioItem, where: Any) -> AudioItem:
+        """The item when its id is new here (remembering ``where``), else its duplicate-id error row."""
+        if self.add(item.id, where) == 0:
+            return item
+        return duplicate_row(item, duplicate_reason(item.id, f"first at {self._label}{self._first[item.id]}"))
+
+
 @dataclass(slots=True)
 class DecodedAudio:
     """16 kHz mono float32 samples of one item."""

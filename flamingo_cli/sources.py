@@ -1,15 +1,14 @@
 """Turn input paths (directories, manifests, single files) into a lazy, deterministic stream of AudioItems.
 
+One job: tell inputs apart (``_kind``), check them before a model loads, walk folders, and hand each
+input to its reader: manifests (flamingo_cli/manifests.py), dataset formats (HF ``datasets``,
+WebDataset shards, lhotse manifests: flamingo_cli/corpora.py); then the static ``--shard`` split.
 Inputs may be local paths or URLs (``s3://``, ``gs://``, ``az://``, ``hf://``, ``http(s)://``: see
-flamingo_cli/remote.py), and besides folders and manifests, dataset formats (HF ``datasets``,
-WebDataset shards, lhotse manifests: flamingo_cli/corpora.py); ``_kind`` tells them apart.
+flamingo_cli/remote.py).
 
 Nothing here decodes audio. Problems with one file or one manifest row become an AudioItem with
 ``error`` set, so a million-file run reports them instead of dying; only usage-level problems (an input
 that does not exist, a manifest that cannot be read as a whole) raise SourceError.
-
-Row numbers in ``origin`` ("manifest:N"), placeholder ids and duplicate-id messages are line numbers for
-the text manifests (.txt, .csv, .tsv, .jsonl; a CSV header is line 1) and 1-based row indices for Parquet.
 """
 
 from __future__ import annotations
@@ -17,8 +16,6 @@ from __future__ import annotations
 import contextlib
 import csv
 import hashlib
-import json
-import math
 import os
 import stat
 import threading
@@ -26,13 +23,26 @@ from collections import Counter
 from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from flamingo_cli import corpora, remote
-from flamingo_cli.errors import UsageError
+from flamingo_cli.manifests import (  # the underscored ones: declared_columns reads manifest headers with them
+    _KNOWN_COLUMNS,
+    MANIFEST_EXTENSIONS,
+    PATH_COLUMNS,
+    SourceError,
+    _csv_header,
+    _is_manifest,
+    _jsonl_rows,
+    _open_parquet,
+    _open_text,
+    iter_manifest,
+    manifest_ext,
+    probe_manifest,
+)
 from flamingo_cli.paths import escape_path
 from flamingo_cli.records import AudioItem
 
@@ -50,17 +60,6 @@ DEFAULT_EXTENSIONS: frozenset[str] = SOUNDFILE_EXTENSIONS | PYAV_EXTENSIONS
 ALL_EXTENSIONS = "all"  # --ext all: try every file (what does not decode gets an error row)
 NO_EXTENSION = "(none)"  # the ScanStats key of files without an extension
 HIDDEN = "(hidden)"  # and of hidden files (".DS_Store", "._x.wav"), which a scan never takes
-MANIFEST_EXTENSIONS: frozenset[str] = frozenset({".txt", ".csv", ".tsv", ".jsonl", ".parquet"})
-
-# Where a manifest keeps the audio path, in order of preference (NeMo uses audio_filepath).
-PATH_COLUMNS = ("path", "audio_filepath", "file", "filename", "audio")
-_KNOWN_COLUMNS = frozenset({"id", "prompt", "offset", "duration"})
-_PARQUET_BATCH_ROWS = 4096
-_JSONL_PROBE_LINES = 1000
-
-
-class SourceError(UsageError):
-    """A usage-level input problem (missing input, unreadable manifest); the message names the file."""
 
 
 def _normalise_extensions(extensions: Collection[str] | None) -> tuple[str, ...] | None:
@@ -73,20 +72,6 @@ def _normalise_extensions(extensions: Collection[str] | None) -> tuple[str, ...]
     if not out:
         raise ValueError("extensions must name at least one extension")
     return tuple(sorted(out))
-
-
-def _manifest_ext(path: str) -> str:
-    """ ".csv", ".jsonl", … (a ".gz" suffix is looked through: the text is gunzipped as it is read)."""
-    name = remote.basename(path) if remote.is_url(path) else path
-    stem, ext = os.path.splitext(name.lower())
-    if ext == ".gz":
-        ext = os.path.splitext(stem)[1]
-        return ext if ext in (".txt", ".csv", ".tsv", ".jsonl") else ".gz"
-    return ext
-
-
-def _is_manifest(path: str) -> bool:
-    return _manifest_ext(path) in MANIFEST_EXTENSIONS
 
 
 def _input_path(raw: str | Path) -> str:
@@ -120,7 +105,7 @@ def _stat(raw: str | Path, path: str) -> tuple[bool, bool]:
 
 def _is_parquet_dataset(path: str) -> bool:
     """A Parquet file whose audio column holds embedded audio (struct of bytes/path, HF's Audio)."""
-    if _manifest_ext(path) != ".parquet":
+    if manifest_ext(path) != ".parquet":
         return False
     try:
         with contextlib.ExitStack() as stack:
@@ -146,7 +131,7 @@ def _kind(raw: str | Path, path: str) -> str:
         return "hf" if corpora.is_saved_dataset(path) else "dir"
     if corpora.is_tar(path):
         return "wds"
-    ext = _manifest_ext(path)
+    ext = manifest_ext(path)
     if ext == ".jsonl":
         try:
             if corpora.is_lhotse_row(corpora.first_object(path)):
@@ -173,14 +158,14 @@ def check_inputs(inputs: Iterable[str | Path]) -> None:
                 pass  # _kind read its first object
             elif remote.is_url(path):
                 if kind == "manifest":
-                    _probe_manifest(_shown(raw), path)
+                    probe_manifest(_shown(raw), path)
             elif kind == "dir":
                 try:
                     os.scandir(path).close()
                 except OSError as e:
                     raise SourceError(f"{raw}: cannot read directory ({e.strerror})") from e
             elif kind == "manifest":
-                _probe_manifest(str(raw), path)
+                probe_manifest(str(raw), path)
             elif not os.access(path, os.R_OK):
                 raise SourceError(f"{raw}: file is not readable")
         except corpora.CorpusError as e:
@@ -255,7 +240,7 @@ def iter_items(
                 scan = _scan_remote if remote.is_url(path) else _scan_dir
                 yield from scan(shown, path, exts, stats)
             elif kind == "manifest":
-                yield from _iter_manifest(shown, path)
+                yield from iter_manifest(shown, path)
             elif remote.is_url(path):
                 yield AudioItem(id=remote.basename(path), path=path, origin=shown)
             else:
@@ -479,281 +464,6 @@ def _scan_dir(
             yield bad(rel, full, "broken symlink")
         else:
             yield bad(rel, full, "not a regular file")
-
-
-# --- manifests -------------------------------------------------------------------------------------------
-
-# A manifest yields (row number, row mapping) or (row number, reason the row is unusable).
-_Rows = Iterator[tuple[int, Mapping[str, Any] | str]]
-
-
-def _undecodable(text: str) -> bool:
-    """True if the text holds bytes that were not UTF-8 (kept as lone surrogates by surrogateescape)."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return True
-    return False
-
-
-def _open_text(path: str, newline: str | None = None) -> TextIO:
-    # utf-8-sig drops a BOM; surrogateescape turns bad bytes into a per-row error instead of a crash.
-    if remote.is_url(path) or path.endswith(".gz"):
-        import fsspec
-
-        opened = fsspec.open(
-            path, "rt", encoding="utf-8-sig", errors="surrogateescape", newline=newline, compression="infer"
-        )
-        return opened.open()
-    return open(path, encoding="utf-8-sig", errors="surrogateescape", newline=newline)
-
-
-def _path_column(shown: str, columns: Sequence[str]) -> str:
-    for name in PATH_COLUMNS:
-        if name in columns:
-            return name
-    raise SourceError(
-        f"{shown}: no path column (expected one of {', '.join(PATH_COLUMNS)}; found {', '.join(columns)})"
-    )
-
-
-def _csv_header(shown: str, reader: Iterator[list[str]]) -> list[str]:
-    try:
-        header = next(reader)
-    except StopIteration:
-        raise SourceError(f"{shown}: empty manifest (a header row is required)") from None
-    except csv.Error as e:
-        raise SourceError(f"{shown}: cannot parse header ({e})") from e
-    header = [h.strip() for h in header]
-    dupes = sorted({h for h in header if header.count(h) > 1})
-    if dupes:
-        raise SourceError(f"{shown}: duplicate column(s) {', '.join(dupes)}")
-    _path_column(shown, header)
-    return header
-
-
-def _csv_rows(shown: str, path: str, delimiter: str) -> _Rows:
-    with _open_text(path, newline="") as f:
-        reader = csv.reader(f, delimiter=delimiter)
-        header = _csv_header(shown, reader)
-        last_error_line = -1
-        while True:
-            try:
-                row = next(reader)
-            except StopIteration:
-                return
-            except csv.Error as e:  # the reader moves on past the bad record; guard against no progress
-                if reader.line_num == last_error_line:
-                    raise SourceError(f"{shown}:{reader.line_num}: cannot parse ({e})") from e
-                last_error_line = reader.line_num
-                yield reader.line_num, f"cannot parse row ({e})"
-                continue
-            if not row:
-                continue
-            if len(row) != len(header):
-                yield reader.line_num, f"expected {len(header)} fields, got {len(row)}"
-            elif any(_undecodable(v) for v in row):
-                yield reader.line_num, "row is not valid UTF-8"
-            else:
-                yield reader.line_num, dict(zip(header, row, strict=True))
-
-
-def _txt_rows(path: str) -> _Rows:
-    """One path per line; surrounding whitespace is dropped; blank lines and '#' comments are skipped."""
-    with _open_text(path) as f:
-        for n, line in enumerate(f, 1):
-            text = line.strip()
-            if not text or text.startswith("#"):
-                continue
-            yield n, ("line is not valid UTF-8" if _undecodable(text) else {"path": text})
-
-
-def _json_row(line: str) -> Mapping[str, Any] | str:
-    if _undecodable(line):
-        return "line is not valid UTF-8"
-    try:
-        obj = json.loads(line)
-    except json.JSONDecodeError as e:
-        return f"invalid JSON ({e.msg} at column {e.colno})"
-    return obj if isinstance(obj, dict) else f"not a JSON object ({type(obj).__name__})"
-
-
-def _jsonl_rows(shown: str, path: str) -> _Rows:
-    first = True
-    with _open_text(path) as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            row = _json_row(line)
-            if first and not isinstance(row, str):
-                _path_column(shown, list(row))  # the first object stands in for a header
-                first = False
-            yield n, row
-
-
-def _open_parquet(shown: str, path: str) -> pq.ParquetFile:
-    try:
-        pf = pq.ParquetFile(remote.open_binary(path) if remote.is_url(path) else path)
-    except (OSError, pa.ArrowException) as e:
-        raise SourceError(f"{shown}: cannot read Parquet ({e})") from e
-    schema = pf.schema_arrow
-    col = _path_column(shown, schema.names)
-    typ = schema.field(col).type
-    if not (pa.types.is_string(typ) or pa.types.is_large_string(typ) or pa.types.is_null(typ)):
-        pf.close()
-        raise SourceError(
-            f"{shown}: path column '{col}' has type {typ}, expected strings (for embedded audio: an Audio"
-            " column of bytes/path structs, read as an HF dataset)"
-        )
-    return pf
-
-
-def _parquet_rows(shown: str, path: str) -> _Rows:
-    """Record batches, so a million-row manifest never sits in memory whole."""
-    with _open_parquet(shown, path) as pf:
-        n = 0
-        for batch in pf.iter_batches(batch_size=_PARQUET_BATCH_ROWS):
-            for row in batch.to_pylist():
-                n += 1
-                yield n, row
-
-
-def _manifest_rows(shown: str, path: str) -> _Rows:
-    ext = _manifest_ext(path)
-    if ext == ".txt":
-        return _txt_rows(path)
-    if ext in (".csv", ".tsv"):
-        return _csv_rows(shown, path, "\t" if ext == ".tsv" else ",")
-    if ext == ".jsonl":
-        return _jsonl_rows(shown, path)
-    return _parquet_rows(shown, path)
-
-
-def _probe_manifest(shown: str, path: str) -> None:
-    """Open a manifest and read just enough (header, schema, first object) to know iter_items can use it."""
-    ext = _manifest_ext(path)
-    try:
-        if ext in (".csv", ".tsv"):
-            with _open_text(path, newline="") as f:
-                _csv_header(shown, csv.reader(f, delimiter="\t" if ext == ".tsv" else ","))
-        elif ext == ".jsonl":
-            with _open_text(path) as f:
-                for _, line in zip(range(_JSONL_PROBE_LINES), f, strict=False):
-                    row = _json_row(line) if line.strip() else "blank"
-                    if not isinstance(row, str):
-                        _path_column(shown, list(row))
-                        break
-        elif ext == ".parquet":
-            _open_parquet(shown, path).close()
-        else:
-            with _open_text(path) as f:
-                f.read(1)
-    except OSError as e:
-        raise SourceError(f"{shown}: cannot read manifest ({e.strerror or remote.redact(str(e))})") from e
-
-
-def _seconds(value: Any, name: str) -> float | None:
-    """Parse an offset/duration cell; None when absent. Raises ValueError with a row-ready message."""
-    if value is None or (isinstance(value, str) and not value.strip()):
-        return None
-    if isinstance(value, bool):
-        raise ValueError(f"{name} is not a number: {value!r}")
-    try:
-        x = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} is not a number: {value!r}") from None
-    if not math.isfinite(x) or x < 0:
-        raise ValueError(f"{name} must be a finite number >= 0: {value!r}")
-    if name == "duration" and x == 0:
-        raise ValueError("duration must be > 0")
-    return x
-
-
-def _text(value: Any) -> str | None:
-    if value is None:
-        return None
-    text = value if isinstance(value, str) else str(value)
-    return text if text.strip() else None
-
-
-def _iter_manifest(shown: str, path: str) -> Iterator[AudioItem]:
-    """Rows to AudioItems: resolve paths against the manifest folder, derive ids, flag bad rows and dupes."""
-    base = remote.parent(path) if remote.is_url(path) else os.path.dirname(os.path.abspath(path))
-    name = remote.basename(path) if remote.is_url(path) else os.path.basename(path)
-    seen: dict[str, int] = {}
-    try:
-        for n, row in _manifest_rows(shown, path):
-            origin = f"{shown}:{n}"
-            placeholder = f"{name}:row{n}"
-            if isinstance(row, str):
-                yield AudioItem(id=placeholder, path="", origin=origin, error=row)
-                continue
-            yield _row_item(row, base, placeholder, origin, n, seen)
-    except (OSError, pa.ArrowException) as e:
-        raise SourceError(f"{shown}: cannot read manifest ({e})") from e
-
-
-def _row_item(
-    row: Mapping[str, Any], base: str, placeholder: str, origin: str, n: int, seen: dict[str, int]
-) -> AudioItem:
-    key = next((k for k in PATH_COLUMNS if k in row), None)
-    extra = {k: v for k, v in row.items() if k != key and k not in _KNOWN_COLUMNS}
-    given_id = _text(row.get("id"))
-    raw_path = row.get(key) if key else None
-    full = ""
-    if isinstance(raw_path, str) and raw_path.strip():
-        if remote.is_url(raw_path):
-            full = raw_path
-        elif remote.is_url(base):
-            full = remote.join(base + "/", raw_path)
-        else:
-            full = os.path.abspath(os.path.join(base, os.path.expanduser(raw_path)))
-
-    def bad(reason: str, item_id: str | None = None) -> AudioItem:
-        return AudioItem(id=item_id or given_id or placeholder, path=full, origin=origin, extra=extra, error=reason)
-
-    if key is None:
-        return bad(f"no path field (expected one of {', '.join(PATH_COLUMNS)})")
-    if raw_path is None or (isinstance(raw_path, str) and not raw_path.strip()):
-        return bad("empty path")
-    if not isinstance(raw_path, str):
-        return bad(f"path is not a string: {raw_path!r}")
-    try:
-        offset = _seconds(row.get("offset"), "offset")
-        duration = _seconds(row.get("duration"), "duration")
-    except ValueError as e:
-        return bad(str(e))
-
-    if given_id is not None:
-        item_id = given_id
-    elif offset is not None or duration is not None:
-        item_id = f"{raw_path}@{(offset or 0.0)!r}"  # segments of one file need distinct ids
-    else:
-        item_id = raw_path
-    if item_id in seen:
-        return bad(f"duplicate id {item_id!r} (first at row {seen[item_id]})", item_id)
-    seen[item_id] = n
-
-    error = None
-    try:
-        if remote.is_url(full):  # no HEAD per row: the fingerprint and the decoder say if it is missing
-            pass
-        elif stat.S_ISDIR(os.stat(full).st_mode):
-            error = f"is a directory: {full}"
-    except FileNotFoundError:
-        error = f"{'broken symlink' if os.path.lexists(full) else 'file not found'}: {full}"
-    except OSError as e:
-        error = f"cannot access ({e.strerror}): {full}"
-    return AudioItem(
-        id=item_id,
-        path=full,
-        offset=offset or 0.0,
-        duration=duration,
-        prompt=_text(row.get("prompt")),
-        extra=extra,
-        origin=origin,
-        error=error,
-    )
 
 
 # --- the run's passthrough columns ---------------------------------------------------------------------

@@ -18,8 +18,9 @@ from s3_server import s3_bucket, s3_env, s3_server  # noqa: F401  (fixtures)
 from test_reliability import FAKE_ARGS, FakeEngine
 
 from flamingo_cli import audio, remote
+from flamingo_cli.manifests import SourceError
 from flamingo_cli.records import AudioItem
-from flamingo_cli.sources import SourceError, check_inputs, fingerprint, iter_items, source_changed
+from flamingo_cli.sources import check_inputs, fingerprint, iter_items, source_changed
 
 
 def wav_bytes(seconds: float, seed: int = 0, fmt: str = "WAV", sr: int = 16000) -> bytes:
@@ -247,6 +248,47 @@ def test_hf_datasets_save_to_disk_parquet_and_paths(tmp_path: Path) -> None:
     with pytest.raises(SourceError, match="no Audio column"):
         datasets.Dataset.from_dict({"text": ["x"]}).save_to_disk(str(tmp_path / "noaudio"))
         check_inputs([tmp_path / "noaudio"])
+
+
+def test_dataset_rows_read_ids_offsets_and_durations_as_manifest_rows_do(tmp_path: Path) -> None:
+    """A boolean duration is refused and a blank one is absent, in a dataset row as in a manifest row;
+    a repeated id is an error row naming where it came first."""
+    flags = hf_dataset(2).add_column("duration", [True, None])
+    blanks = hf_dataset(2).add_column("duration", ["", " 0.1"]).add_column("offset", [" ", ""])
+    flags.save_to_disk(str(tmp_path / "flags"))
+    blanks.save_to_disk(str(tmp_path / "blanks"))
+    t, none = iter_items([tmp_path / "flags"])
+    assert (t.id, t.error, t.duration, t.data) == ("utt0", "duration is not a number: True", None, None)
+    assert (none.error, none.offset, none.duration) == (None, 0.0, None)
+    blank, short = iter_items([tmp_path / "blanks"])
+    assert (blank.error, blank.offset, blank.duration) == (None, 0.0, None)
+    assert (short.error, short.duration) == (None, 0.1)
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text("".join(json.dumps({"path": "x.wav", "duration": d}) + "\n" for d in (True, "", None)))
+    assert [i.error for i in iter_items([manifest])][:1] == ["duration is not a number: True"]
+    assert [(i.id, i.duration) for i in iter_items([manifest])][1:] == [("x.wav", None), ("x.wav", None)]
+
+    hf_dataset(2).map(lambda r: {"id": "same"}).save_to_disk(str(tmp_path / "dupes"))
+    first, second = iter_items([tmp_path / "dupes"])
+    assert (first.error, second.error) == (None, "duplicate id 'same' (first at train/0)")
+    assert (second.data, dict(second.extra)) == (None, {"speaker": "spk1"})
+
+
+def test_lhotse_segments_and_ids_follow_the_manifest_rules(tmp_path: Path) -> None:
+    wav = make_audio(tmp_path / "a.wav", 1.0)
+    rec = {"id": "rec", "sources": [{"type": "file", "channels": [0], "source": str(wav)}], "sampling_rate": 16000}
+    cuts = [
+        {"id": "c", "start": 0.5, "duration": 0.25, "channel": 0, "recording": rec, "type": "MonoCut"},
+        {"id": "c", "start": 0, "duration": 0.25, "channel": 0, "recording": rec, "type": "MonoCut"},
+        {"id": "bool", "start": 0, "duration": True, "channel": 0, "recording": rec, "type": "MonoCut"},
+        {"id": "neg", "start": -1, "duration": 0.25, "channel": 0, "recording": rec, "type": "MonoCut"},
+    ]
+    (tmp_path / "cuts.jsonl").write_text("".join(json.dumps(c) + "\n" for c in cuts))
+    c, dup, flag, neg = iter_items([tmp_path / "cuts.jsonl"])
+    assert (c.id, c.offset, c.duration, c.error) == ("c", 0.5, 0.25, None)
+    assert (dup.id, dup.error) == ("c", "duplicate id 'c' (first at row 1)")
+    assert flag.error == "duration is not a number: True"
+    assert neg.error == "offset must be a finite number >= 0: -1"
 
 
 def test_hf_dataset_folder_on_s3(tmp_path: Path, s3_bucket: str) -> None:  # noqa: F811

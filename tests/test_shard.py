@@ -14,9 +14,10 @@ import pytest
 from conftest import make_audio, read_rows, run_cli
 from test_reliability import FAKE_ARGS, FakeEngine
 
+from flamingo_cli.manifests import SourceError
 from flamingo_cli.records import AudioItem
 from flamingo_cli.sink import LockedError, Sink
-from flamingo_cli.sources import SourceError, parse_shard, select_shard, shard_of
+from flamingo_cli.sources import parse_shard, select_shard, shard_of
 
 
 def test_parse_shard() -> None:

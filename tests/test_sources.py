@@ -12,7 +12,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from flamingo_cli.sources import DEFAULT_EXTENSIONS, SourceError, check_inputs, iter_items
+from flamingo_cli.manifests import SourceError
+from flamingo_cli.sources import DEFAULT_EXTENSIONS, check_inputs, iter_items
 
 
 def touch(path: Path, data: bytes = b"RIFF") -> Path:
