@@ -24,7 +24,6 @@ import stat
 import threading
 from collections import Counter
 from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -33,6 +32,7 @@ import pyarrow.parquet as pq
 
 from flamingo_cli import corpora, remote
 from flamingo_cli.errors import UsageError
+from flamingo_cli.output.columns import arrow_kind, merge_kinds, value_kind
 from flamingo_cli.paths import escape_path
 from flamingo_cli.records import AudioItem
 
@@ -294,88 +294,6 @@ def select_shard(items: Iterable[AudioItem], index: int, count: int) -> Iterator
     for item in items:
         if count == 1 or shard_of(item.id, count) == index:
             yield item
-
-
-# --- change detection ------------------------------------------------------------------------------
-
-_HASH_BLOCK = 1 << 20
-
-
-@dataclass(frozen=True, slots=True)
-class Fingerprint:
-    """What a source file looked like when it was captioned: size and mtime, and sha256 with --hash."""
-
-    size: int
-    mtime_ns: int
-    sha256: str | None = None
-
-
-def _remote_fingerprint(url: str, content_hash: bool) -> Fingerprint | None:
-    """size + mtime (or an ETag/version stamp) from the store's metadata; sha256 reads the object."""
-    try:
-        st = remote.info(url)
-        if st.get("type") == "directory":
-            return None
-        size, mtime = remote.version_of(st)
-        digest = None
-        if content_hash:
-            h = hashlib.sha256()
-            with remote.open_binary(url) as f:
-                while block := f.read(_HASH_BLOCK):
-                    h.update(block)
-            digest = h.hexdigest()
-    except Exception:  # not found, no credentials, network: "cannot read now", never "changed"
-        return None
-    return Fingerprint(size, mtime or 0, digest)
-
-
-def fingerprint(src: str | AudioItem, content_hash: bool = False) -> Fingerprint | None:
-    """Stat (and with ``content_hash`` read and hash) the item's source; None when it cannot be read.
-
-    ``src`` is a path, a URL (the store's size and modification time, or an ETag/version stamp where it
-    has none) or an item: one with embedded bytes is fingerprinted by its bytes (size, and a 63-bit
-    content stamp in the mtime slot, so a changed row is seen without --hash)."""
-    if isinstance(src, AudioItem):
-        if src.data is not None:
-            data = src.data
-            sha = hashlib.sha256(data).hexdigest() if content_hash else None
-            return Fingerprint(len(data), remote.stamp(data), sha)
-        src = src.path
-    if remote.is_url(src):
-        return _remote_fingerprint(src, content_hash)
-    path = src
-    try:
-        st = os.stat(path)
-        if not stat.S_ISREG(st.st_mode):
-            return None
-        digest = None
-        if content_hash:
-            h = hashlib.sha256()
-            with open(path, "rb") as f:
-                while block := f.read(_HASH_BLOCK):
-                    h.update(block)
-            digest = h.hexdigest()
-    except OSError:
-        return None
-    return Fingerprint(int(st.st_size), int(st.st_mtime_ns), digest)
-
-
-def source_changed(recorded: Fingerprint | None, current: Fingerprint | None, content_hash: bool = False) -> bool:
-    """True when the file differs from what was captioned, so the item must be captioned again.
-
-    ``current is None`` (the file cannot be read now: a mount is down, it vanished) never counts as a
-    change, so a transient outage does not supersede good captions. ``recorded is None`` (the file
-    could not be read last time, e.g. a manifest row whose file did not exist yet) and a readable file
-    now counts as a change. With ``content_hash`` the sha256 decides where both sides have one;
-    otherwise size and mtime do.
-    """
-    if current is None:
-        return False
-    if recorded is None:
-        return True
-    if content_hash and recorded.sha256 is not None and current.sha256 is not None:
-        return recorded.sha256 != current.sha256
-    return (recorded.size, recorded.mtime_ns) != (current.size, current.mtime_ns)
 
 
 # --- directories -----------------------------------------------------------------------------------------
@@ -763,45 +681,6 @@ def _row_item(
 DECLARE_ROWS = 1000
 
 
-def value_kind(value: Any) -> str | None:
-    """The column type one passthrough value asks for: string, int64, float64, bool; json for the rest."""
-    if value is None:
-        return None
-    if isinstance(value, bool):
-        return "bool"
-    if isinstance(value, int):
-        return "int64" if -(2**63) <= value < 2**63 else "json"
-    if isinstance(value, float):
-        return "float64"
-    if isinstance(value, str):
-        return "string"
-    if getattr(value, "ndim", None) == 0 and hasattr(value, "item"):  # numpy scalars
-        return value_kind(value.item())
-    return "json"
-
-
-def merge_kinds(kinds: Iterable[str | None]) -> str | None:
-    """One column type for a set of value kinds: ints with floats are float64, any other mix is string."""
-    found = {k for k in kinds if k is not None}
-    if not found:
-        return None
-    if len(found) == 1 and "json" not in found:
-        return found.pop()
-    if found <= {"int64", "float64"}:
-        return "float64"
-    return "string"
-
-
-def _arrow_kind(typ: pa.DataType) -> str:
-    if pa.types.is_boolean(typ):
-        return "bool"
-    if pa.types.is_integer(typ) and not (pa.types.is_uint64(typ)):
-        return "int64"
-    if pa.types.is_floating(typ):
-        return "float64"
-    return "string"
-
-
 def declared_columns(inputs: Sequence[str | Path], rows: int = DECLARE_ROWS) -> dict[str, str]:
     """The passthrough columns a run writes, {manifest key: type}, decided before its first part.
 
@@ -835,7 +714,7 @@ def declared_columns(inputs: Sequence[str | Path], rows: int = DECLARE_ROWS) -> 
                 key = next((k for k in PATH_COLUMNS if k in schema.names), None)
                 for field in schema:
                     if field.name != key and field.name not in _KNOWN_COLUMNS:
-                        add(field.name, _arrow_kind(field.type))
+                        add(field.name, arrow_kind(field.type))
             elif ext == ".jsonl":
                 for n, (_, row) in enumerate(_jsonl_rows(str(raw), path)):
                     if n >= rows:
