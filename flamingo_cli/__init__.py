@@ -33,8 +33,8 @@ _LAZY = {
     "CaptionReport": "flamingo_cli.api",
     "CaptionSpec": "flamingo_cli.spec",
     "SpecError": "flamingo_cli.spec",
-    "export": "flamingo_cli.sink",
-    "read_output": "flamingo_cli.sink",
+    "export": "flamingo_cli.output.export",
+    "read_output": "flamingo_cli.output.layout",
 }
 
 

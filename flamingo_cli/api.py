@@ -231,7 +231,7 @@ def scout(
     from flamingo_cli.audio import probe_duration
     from flamingo_cli.chunking import plan_chunks
     from flamingo_cli.planner import Planner, Stats
-    from flamingo_cli.sources import fingerprint
+    from flamingo_cli.resume import fingerprint
 
     job = spec.job()
     planner = Planner(job, index, Stats())
@@ -316,9 +316,11 @@ class _Run:
         self.received: list[int] = []
 
     def execute(self) -> CaptionReport:
+        from flamingo_cli.errors import LockedError
+        from flamingo_cli.manifests import declared_columns
         from flamingo_cli.planner import Stats
-        from flamingo_cli.sink import LockedError, Sink
-        from flamingo_cli.sources import ScanStats, declared_columns
+        from flamingo_cli.sink import Sink
+        from flamingo_cli.sources import ScanStats
 
         spec, env, progress = self.spec, self.env, self.progress
         spec.check_inputs()

@@ -428,7 +428,9 @@ def export_cmd(
     run: Annotated[str | None, typer.Option("--run", help="Only this run key (default: every run).")] = None,
 ) -> None:
     """Write the current rows (one per chunk, superseded ones left out) and a real `run` column, for any reader."""
-    from flamingo_cli.sink import EXPORT_FORMATS, OutputError, export, runs
+    from flamingo_cli.errors import OutputError
+    from flamingo_cli.output.export import EXPORT_FORMATS, export
+    from flamingo_cli.output.layout import runs
 
     if fmt not in EXPORT_FORMATS:
         raise Fail(ExitStatus.USAGE, f"--format {fmt!r}: expected one of {', '.join(EXPORT_FORMATS)}")
@@ -536,7 +538,7 @@ def demo(
     status = main([*args, "--summary-json", str(first)], env=_env)
     if status != 0:
         raise typer.Exit(status)
-    from flamingo_cli.sink import read_output
+    from flamingo_cli.output.layout import read_output
 
     table = read_output(out)  # the current rows, sorted by run, id, chunk
     lines = [f"{table.num_rows} rows in {out} (random-model captions):"]

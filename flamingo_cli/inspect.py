@@ -1,12 +1,12 @@
 """``flamingo inspect OUT``: what a result dataset holds, without loading a model.
 
-Reads ``OUT`` (a folder or an ``s3://`` URL) run by run through the sink's layout functions (committed
-parts only, each run with its one schema, ``run`` as a column), applies the sink's
-reading rule (``sink.current_rows``: the latest source version and the latest row per chunk, so a
+Reads ``OUT`` (a folder or an ``s3://`` URL) run by run through the output layout's functions (committed
+parts only, each run with its one schema, ``run`` as a column), applies the layout's
+reading rule (``output.layout.current_rows``: the latest source version and the latest row per chunk, so a
 retried error does not count twice) and summarises: rows, items, chunks, errors grouped by reason (the
 file path taken out, numbers and quoted names folded, so "x.wav: empty file" and "y.wav: empty file"
 are one group), audio hours, tokens, the runs with their settings (from each part's key-value
-metadata, ``sink.read_metadata``) and a few sample captions. Captions are read only for the samples.
+metadata, ``output.layout.read_metadata``) and a few sample captions. Captions are read only for the samples.
 
 Schema runs (``--schema``, flamingo_cli/schema.py) also get, per field, how many successful rows fill
 it and its most common values, from the typed ``f_*`` columns (or, for a nested schema, from the
@@ -61,14 +61,14 @@ def error_group(error: str, path: str | None) -> str:
 
 
 def _runs(out: str | Path) -> list[tuple[str, list[str]]]:
-    """(run key, its complete parts in sequence order): the layout as sink.py defines it."""
-    from flamingo_cli import sink
+    """(run key, its complete parts in sequence order): the layout as output/layout.py defines it."""
+    from flamingo_cli.output import layout
 
-    return [(key, sink.part_files(out, key)) for key in sink.runs(out)]
+    return [(key, layout.part_files(out, key)) for key in layout.runs(out)]
 
 
 def _run_info(out: str | Path, key: str, parts: list[str]) -> dict[str, Any]:
-    from flamingo_cli.sink import SCHEMA, read_metadata, run_dataset
+    from flamingo_cli.output.layout import SCHEMA, read_metadata, run_dataset
 
     info: dict[str, Any] = {"run": key, "parts": len(parts)}
     if not parts:
@@ -127,7 +127,7 @@ def schema_fields(out: str | Path, key: str, fields: dict[str, str], top: int = 
 
     import pyarrow.compute as pc
 
-    from flamingo_cli.sink import current_rows, run_dataset
+    from flamingo_cli.output.layout import current_rows, run_dataset
 
     keys = ["id", "chunk_index", "created_at", "source_version", "error"]
     try:
@@ -182,9 +182,11 @@ def inspect_output(out: str | Path, samples: int = 3, max_groups: int = 20, top:
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    from flamingo_cli import objstore, sink
+    from flamingo_cli.errors import OutputError
+    from flamingo_cli.output import layout
+    from flamingo_cli.output.folder import local_path
 
-    if not objstore.is_remote(str(out)):
+    if local_path(out) is not None:
         out = Path(out)
         if not out.exists():
             raise InspectError(f"{out}: no such directory")
@@ -194,14 +196,14 @@ def inspect_output(out: str | Path, samples: int = 3, max_groups: int = 20, top:
         runs = _runs(out)
         if not runs:
             raise InspectError(f"{out}: no run=<key> folders: not a flamingo output (or nothing written yet)")
-        tables = [sink.read_run(out, key, columns=_STAT_COLUMNS) for key, _ in runs]
+        tables = [layout.read_run(out, key, columns=_STAT_COLUMNS) for key, _ in runs]
         table = pa.concat_tables(tables, promote_options="permissive")
-    except (OSError, pa.ArrowException, sink.OutputError) as exc:
+    except (OSError, pa.ArrowException, OutputError) as exc:
         raise InspectError(f"{out}: cannot read the dataset: {exc}") from exc
     rows_total = table.num_rows
     try:
-        from flamingo_cli.sink import current_rows
-    except ImportError:  # an older sink: every row is current
+        from flamingo_cli.output.layout import current_rows
+    except ImportError:  # an older layout: every row is current
         current = table
     else:
         current = current_rows(table) if rows_total else table
@@ -241,7 +243,7 @@ def inspect_output(out: str | Path, samples: int = 3, max_groups: int = 20, top:
             created[run] = (lo, hi)
         g = items.group_by("run").aggregate([([], "count_all")])
         per_run_items = dict(zip(g["run"].to_pylist(), g["count_all"].to_pylist(), strict=True))
-    from flamingo_cli.sink import read_scan
+    from flamingo_cli.output.layout import read_scan
 
     run_docs = []
     for key, parts in runs:
@@ -264,7 +266,7 @@ def inspect_output(out: str | Path, samples: int = 3, max_groups: int = 20, top:
         import pyarrow.dataset as ds
 
         for key, _ in runs:  # captions are read for the samples only
-            dataset = sink.run_dataset(out, key)
+            dataset = layout.run_dataset(out, key)
             if dataset is None or len(sample_rows) >= samples:
                 continue
             head = dataset.head(

@@ -18,6 +18,7 @@ import os
 import stat
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import replace
+from pathlib import Path
 from typing import Any, TextIO
 
 import pyarrow as pa
@@ -25,6 +26,7 @@ import pyarrow.parquet as pq
 
 from flamingo_cli import remote
 from flamingo_cli.errors import UsageError
+from flamingo_cli.output.columns import arrow_kind, merge_kinds, value_kind
 from flamingo_cli.records import AudioItem, SeenIds
 
 MANIFEST_EXTENSIONS: frozenset[str] = frozenset({".txt", ".csv", ".tsv", ".jsonl", ".parquet"})
@@ -350,3 +352,60 @@ def _manifest_item(
     except OSError as e:
         error = f"cannot access ({e.strerror}): {full}"
     return item if error is None else replace(item, error=error)
+
+
+# --- the run's passthrough columns ---------------------------------------------------------------------
+
+# How many rows of a JSONL manifest decide its columns' types (CSV has a header and only strings;
+# Parquet has a schema).
+DECLARE_ROWS = 1000
+
+
+def declared_columns(inputs: Sequence[str | Path], rows: int = DECLARE_ROWS) -> dict[str, str]:
+    """The passthrough columns a run writes, {manifest key: type}, decided before its first part.
+
+    Read from every manifest input: a CSV/TSV header (all strings), a Parquet schema, the keys and
+    values of a JSONL manifest's first ``rows`` objects (a key only seen later is not declared; its
+    values go to the ``warnings`` column). Folders, single files and .txt manifests declare nothing.
+    A key two manifests type differently is float64 (ints and floats) or string. Types: string,
+    int64, float64, bool. Inputs that cannot be read declare nothing here (check_inputs reports them).
+    """
+    kinds: dict[str, list[str | None]] = {}
+
+    def add(key: str, kind: str | None) -> None:
+        kinds.setdefault(key, []).append(kind)
+
+    for raw in inputs:
+        path = os.fspath(raw)
+        path = path if remote.is_url(path) else os.path.expanduser(path)
+        if not os.path.isfile(path) or not _is_manifest(path):
+            continue
+        ext = os.path.splitext(path)[1].lower()
+        try:
+            if ext in (".csv", ".tsv"):
+                with _open_text(path, newline="") as f:
+                    header = _csv_header(str(raw), csv.reader(f, delimiter="\t" if ext == ".tsv" else ","))
+                key = next((k for k in PATH_COLUMNS if k in header), None)
+                for name in header:
+                    if name != key and name not in _KNOWN_COLUMNS:
+                        add(name, "string")
+            elif ext == ".parquet":
+                with _open_parquet(str(raw), path) as pf:
+                    schema = pf.schema_arrow
+                key = next((k for k in PATH_COLUMNS if k in schema.names), None)
+                for field in schema:
+                    if field.name != key and field.name not in _KNOWN_COLUMNS:
+                        add(field.name, arrow_kind(field.type))
+            elif ext == ".jsonl":
+                for n, (_, row) in enumerate(_jsonl_rows(str(raw), path)):
+                    if n >= rows:
+                        break
+                    if isinstance(row, str):
+                        continue
+                    key = next((k for k in PATH_COLUMNS if k in row), None)
+                    for name, value in row.items():
+                        if name != key and name not in _KNOWN_COLUMNS:
+                            add(name, value_kind(value))
+        except (OSError, SourceError, pa.ArrowException):
+            continue
+    return {k: merge_kinds(v) or "string" for k, v in kinds.items()}

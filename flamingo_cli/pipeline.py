@@ -6,10 +6,10 @@ over that queue and writes Results as they finish. Memory stays bounded: at most
 decoded files wait for the engine, plus the engine's own in-flight cap. Only this module knows every
 stage.
 
-Resume and incremental runs: an item is skipped when the sink's ``ResumeIndex`` holds all its chunks
+Resume and incremental runs: an item is skipped when the ``resume.ResumeIndex`` holds all its chunks
 and its file is unchanged (size and mtime, or sha256 with ``CaptionJob.content_hash``; see
-``sources.source_changed``). A changed file is captioned again, whole, under the next
-``source_version`` (the sink's docstring has the reading rule).
+``resume.source_changed``). A changed file is captioned again, whole, under the next
+``source_version`` (``output/layout.py``'s docstring has the reading rule).
 
 Stopping: when ``stop_event`` is set the producer stops, requests still waiting in the feed are
 dropped (resume redoes them) and the engine finishes what it already runs. Results the engine
@@ -31,9 +31,8 @@ from flamingo_cli.chunking import chunk_audio
 from flamingo_cli.engine import END
 from flamingo_cli.planner import CaptionJob, ItemPlan, Planner, ResultSink, Stats
 from flamingo_cli.records import AudioItem, DecodedAudio, Result
+from flamingo_cli.resume import ResumeIndex, fingerprint
 from flamingo_cli.schema import output_check
-from flamingo_cli.sink import ResumeIndex
-from flamingo_cli.sources import fingerprint
 
 __all__ = ["CaptionJob", "Planner", "Producer", "ResultSink", "Stats", "run_pipeline"]
 

@@ -175,11 +175,12 @@ def _reason_kind(error: str) -> str:
 
 def rows_on_disk(out: str | Path, run_key: str) -> int:
     """Rows already written under OUT/run=<key> (Parquet footers of its committed parts only)."""
-    from flamingo_cli import sink
+    from flamingo_cli.errors import OutputError
+    from flamingo_cli.output.layout import rows_on_disk as on_disk
 
     try:
-        return sink.rows_on_disk(out, run_key)
-    except sink.OutputError:
+        return on_disk(out, run_key)
+    except OutputError:
         return 0
 
 

@@ -17,9 +17,17 @@ from typing import Any, Protocol
 
 from flamingo_cli.models import WINDOW_S
 from flamingo_cli.prompts import PromptBuilder
-from flamingo_cli.records import AudioItem, Result, Sampling, SeenIds, duplicate_reason, duplicate_row
-from flamingo_cli.sink import ResumeIndex, error_result
-from flamingo_cli.sources import Fingerprint, source_changed
+from flamingo_cli.records import (
+    AudioItem,
+    Fingerprint,
+    Result,
+    Sampling,
+    SeenIds,
+    duplicate_reason,
+    duplicate_row,
+    error_result,
+)
+from flamingo_cli.resume import ResumeIndex
 
 
 class ResultSink(Protocol):
@@ -139,14 +147,12 @@ class Planner:
         if index is None or item.id not in index:
             version = 0 if index is None else (index.version(item.id) or 0)
             return ItemPlan(source, version, fresh=True)
-        version = index.version(item.id)
-        if index.source_recorded(item.id) and source_changed(
-            index.recorded_source(item.id), source, self.job.content_hash
-        ):
+        version, changed = index.source_version(item.id, source, self.job.content_hash)
+        if changed:
             with self.stats.lock:
                 self.stats.items_changed += 1
-            return ItemPlan(source, (version or 0) + 1, fresh=True)
-        plan = ItemPlan(source, version or 0, fresh=False)
+            return ItemPlan(source, version, fresh=True)
+        plan = ItemPlan(source, version, fresh=False)
         if self.job.retry_failed and index.is_failed(item.id):
             return plan
         plan.wanted = not index.is_done(item.id)

@@ -54,10 +54,9 @@ from flamingo_cli.planner import CaptionJob, Planner, ResultSink, Stats
 from flamingo_cli.prompts import PromptBuilder
 from flamingo_cli.quiet import QUIET_ENV, quiet_env
 from flamingo_cli.reasoning import with_reasoning
-from flamingo_cli.records import SAMPLE_RATE, AudioItem, Chunk, DecodedAudio, Result
+from flamingo_cli.records import SAMPLE_RATE, AudioItem, Chunk, DecodedAudio, Fingerprint, Result, error_result
+from flamingo_cli.resume import ResumeIndex, fingerprint
 from flamingo_cli.schema import output_check
-from flamingo_cli.sink import ResumeIndex, error_result
-from flamingo_cli.sources import Fingerprint, fingerprint
 
 # ray.data.llm's per-row error column: a row with it set skips every stage and its postprocess.
 ERROR_COLUMN = "__inference_error__"

@@ -135,6 +135,22 @@ class Result:
     reasoning: str | None = None  # think models: the text inside <think> … </think>
 
 
+def error_result(item: AudioItem, reason: str) -> Result:
+    """A Result for an item that failed before chunking: one row with num_chunks = 0."""
+    nan = float("nan")
+    chunk = Chunk(item=item, index=0, num_chunks=0, start_s=nan, end_s=nan, samples=None, duration_s=nan, error=reason)
+    return Result(chunk=chunk, prompt=item.prompt, error=reason)
+
+
+@dataclass(frozen=True, slots=True)
+class Fingerprint:
+    """What a source file looked like when it was captioned: size and mtime, and sha256 with --hash."""
+
+    size: int
+    mtime_ns: int
+    sha256: str | None = None
+
+
 def text_hash(text: str) -> str:
     """12 hex of a text's sha256 (a schema's short name in run identities and logs)."""
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:12]

@@ -14,31 +14,21 @@ that does not exist, a manifest that cannot be read as a whole) raise SourceErro
 from __future__ import annotations
 
 import contextlib
-import csv
 import hashlib
 import os
-import stat
 import threading
 from collections import Counter
 from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from flamingo_cli import corpora, remote
 from flamingo_cli.manifests import (  # the underscored ones: declared_columns reads manifest headers with them
-    _KNOWN_COLUMNS,
     MANIFEST_EXTENSIONS,
     PATH_COLUMNS,
     SourceError,
-    _csv_header,
-    _is_manifest,
-    _jsonl_rows,
-    _open_parquet,
-    _open_text,
     iter_manifest,
     manifest_ext,
     probe_manifest,
@@ -281,88 +271,6 @@ def select_shard(items: Iterable[AudioItem], index: int, count: int) -> Iterator
             yield item
 
 
-# --- change detection ------------------------------------------------------------------------------
-
-_HASH_BLOCK = 1 << 20
-
-
-@dataclass(frozen=True, slots=True)
-class Fingerprint:
-    """What a source file looked like when it was captioned: size and mtime, and sha256 with --hash."""
-
-    size: int
-    mtime_ns: int
-    sha256: str | None = None
-
-
-def _remote_fingerprint(url: str, content_hash: bool) -> Fingerprint | None:
-    """size + mtime (or an ETag/version stamp) from the store's metadata; sha256 reads the object."""
-    try:
-        st = remote.info(url)
-        if st.get("type") == "directory":
-            return None
-        size, mtime = remote.version_of(st)
-        digest = None
-        if content_hash:
-            h = hashlib.sha256()
-            with remote.open_binary(url) as f:
-                while block := f.read(_HASH_BLOCK):
-                    h.update(block)
-            digest = h.hexdigest()
-    except Exception:  # not found, no credentials, network: "cannot read now", never "changed"
-        return None
-    return Fingerprint(size, mtime or 0, digest)
-
-
-def fingerprint(src: str | AudioItem, content_hash: bool = False) -> Fingerprint | None:
-    """Stat (and with ``content_hash`` read and hash) the item's source; None when it cannot be read.
-
-    ``src`` is a path, a URL (the store's size and modification time, or an ETag/version stamp where it
-    has none) or an item: one with embedded bytes is fingerprinted by its bytes (size, and a 63-bit
-    content stamp in the mtime slot, so a changed row is seen without --hash)."""
-    if isinstance(src, AudioItem):
-        if src.data is not None:
-            data = src.data
-            sha = hashlib.sha256(data).hexdigest() if content_hash else None
-            return Fingerprint(len(data), remote.stamp(data), sha)
-        src = src.path
-    if remote.is_url(src):
-        return _remote_fingerprint(src, content_hash)
-    path = src
-    try:
-        st = os.stat(path)
-        if not stat.S_ISREG(st.st_mode):
-            return None
-        digest = None
-        if content_hash:
-            h = hashlib.sha256()
-            with open(path, "rb") as f:
-                while block := f.read(_HASH_BLOCK):
-                    h.update(block)
-            digest = h.hexdigest()
-    except OSError:
-        return None
-    return Fingerprint(int(st.st_size), int(st.st_mtime_ns), digest)
-
-
-def source_changed(recorded: Fingerprint | None, current: Fingerprint | None, content_hash: bool = False) -> bool:
-    """True when the file differs from what was captioned, so the item must be captioned again.
-
-    ``current is None`` (the file cannot be read now: a mount is down, it vanished) never counts as a
-    change, so a transient outage does not supersede good captions. ``recorded is None`` (the file
-    could not be read last time, e.g. a manifest row whose file did not exist yet) and a readable file
-    now counts as a change. With ``content_hash`` the sha256 decides where both sides have one;
-    otherwise size and mtime do.
-    """
-    if current is None:
-        return False
-    if recorded is None:
-        return True
-    if content_hash and recorded.sha256 is not None and current.sha256 is not None:
-        return recorded.sha256 != current.sha256
-    return (recorded.size, recorded.mtime_ns) != (current.size, current.mtime_ns)
-
-
 # --- directories -----------------------------------------------------------------------------------------
 
 
@@ -464,98 +372,3 @@ def _scan_dir(
             yield bad(rel, full, "broken symlink")
         else:
             yield bad(rel, full, "not a regular file")
-
-
-# --- the run's passthrough columns ---------------------------------------------------------------------
-
-# How many rows of a JSONL manifest decide its columns' types (CSV has a header and only strings;
-# Parquet has a schema).
-DECLARE_ROWS = 1000
-
-
-def value_kind(value: Any) -> str | None:
-    """The column type one passthrough value asks for: string, int64, float64, bool; json for the rest."""
-    if value is None:
-        return None
-    if isinstance(value, bool):
-        return "bool"
-    if isinstance(value, int):
-        return "int64" if -(2**63) <= value < 2**63 else "json"
-    if isinstance(value, float):
-        return "float64"
-    if isinstance(value, str):
-        return "string"
-    if getattr(value, "ndim", None) == 0 and hasattr(value, "item"):  # numpy scalars
-        return value_kind(value.item())
-    return "json"
-
-
-def merge_kinds(kinds: Iterable[str | None]) -> str | None:
-    """One column type for a set of value kinds: ints with floats are float64, any other mix is string."""
-    found = {k for k in kinds if k is not None}
-    if not found:
-        return None
-    if len(found) == 1 and "json" not in found:
-        return found.pop()
-    if found <= {"int64", "float64"}:
-        return "float64"
-    return "string"
-
-
-def _arrow_kind(typ: pa.DataType) -> str:
-    if pa.types.is_boolean(typ):
-        return "bool"
-    if pa.types.is_integer(typ) and not (pa.types.is_uint64(typ)):
-        return "int64"
-    if pa.types.is_floating(typ):
-        return "float64"
-    return "string"
-
-
-def declared_columns(inputs: Sequence[str | Path], rows: int = DECLARE_ROWS) -> dict[str, str]:
-    """The passthrough columns a run writes, {manifest key: type}, decided before its first part.
-
-    Read from every manifest input: a CSV/TSV header (all strings), a Parquet schema, the keys and
-    values of a JSONL manifest's first ``rows`` objects (a key only seen later is not declared; its
-    values go to the ``warnings`` column). Folders, single files and .txt manifests declare nothing.
-    A key two manifests type differently is float64 (ints and floats) or string. Types: string,
-    int64, float64, bool. Inputs that cannot be read declare nothing here (check_inputs reports them).
-    """
-    kinds: dict[str, list[str | None]] = {}
-
-    def add(key: str, kind: str | None) -> None:
-        kinds.setdefault(key, []).append(kind)
-
-    for raw in inputs:
-        path = _input_path(raw)
-        if not os.path.isfile(path) or not _is_manifest(path):
-            continue
-        ext = os.path.splitext(path)[1].lower()
-        try:
-            if ext in (".csv", ".tsv"):
-                with _open_text(path, newline="") as f:
-                    header = _csv_header(str(raw), csv.reader(f, delimiter="\t" if ext == ".tsv" else ","))
-                key = next((k for k in PATH_COLUMNS if k in header), None)
-                for name in header:
-                    if name != key and name not in _KNOWN_COLUMNS:
-                        add(name, "string")
-            elif ext == ".parquet":
-                with _open_parquet(str(raw), path) as pf:
-                    schema = pf.schema_arrow
-                key = next((k for k in PATH_COLUMNS if k in schema.names), None)
-                for field in schema:
-                    if field.name != key and field.name not in _KNOWN_COLUMNS:
-                        add(field.name, _arrow_kind(field.type))
-            elif ext == ".jsonl":
-                for n, (_, row) in enumerate(_jsonl_rows(str(raw), path)):
-                    if n >= rows:
-                        break
-                    if isinstance(row, str):
-                        continue
-                    key = next((k for k in PATH_COLUMNS if k in row), None)
-                    for name, value in row.items():
-                        if name != key and name not in _KNOWN_COLUMNS:
-                            add(name, value_kind(value))
-        except (OSError, SourceError, pa.ArrowException):
-            continue
-    return {k: merge_kinds(v) or "string" for k, v in kinds.items()}

@@ -235,7 +235,7 @@ class CaptionSpec:
 
     @property
     def run_key(self) -> str:
-        from flamingo_cli.sink import run_key
+        from flamingo_cli.output.layout import run_key
 
         return run_key(self.identity())
 

@@ -13,24 +13,51 @@ import pytest
 PACKAGE = Path(__file__).resolve().parent.parent / "flamingo_cli"
 
 
+def _module(path: Path) -> str:
+    """A module's name below flamingo_cli: ``sink``, ``output.layout``; a package is its folder (``output``)."""
+    parts = list(path.relative_to(PACKAGE).with_suffix("").parts)
+    if parts[-1] == "__init__" and len(parts) > 1:
+        parts.pop()
+    return ".".join(parts)
+
+
+def _exists(name: str) -> bool:
+    """``name`` (dotted, below flamingo_cli) is a module or a package of flamingo's."""
+    path = PACKAGE.joinpath(*name.split("."))
+    return path.with_suffix(".py").exists() or (path / "__init__.py").exists()
+
+
 def _imports(path: Path) -> set[str]:
-    """flamingo modules a file imports, at module level or inside functions (lazy imports count)."""
+    """flamingo modules a file imports, at module level or inside functions (lazy imports count), by
+    their full names below flamingo_cli (``output.layout``), so modules in subpackages are nodes too."""
     found: set[str] = set()
     for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
         if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("flamingo_cli"):
-            parts = node.module.split(".")
-            if len(parts) > 1:
-                found.add(parts[1])
-            else:
-                found.update(a.name for a in node.names if (PACKAGE / f"{a.name}.py").exists())
+            base = node.module.split(".")[1:]
+            if base:
+                found.add(".".join(base))
+            for a in node.names:  # "from flamingo_cli.output import layout" imports output.layout
+                if _exists(".".join([*base, a.name])):
+                    found.add(".".join([*base, a.name]))
         elif isinstance(node, ast.Import):
-            found.update(a.name.split(".")[1] for a in node.names if a.name.startswith("flamingo_cli."))
-    found.discard(path.stem)
+            found.update(a.name.split(".", 1)[1] for a in node.names if a.name.startswith("flamingo_cli."))
+    found.discard(_module(path))
     return found
 
 
+def _graph() -> dict[str, set[str]]:
+    return {_module(p): _imports(p) for p in PACKAGE.rglob("*.py")}
+
+
+def test_the_import_graph_sees_modules_in_subpackages() -> None:
+    graph = _graph()
+    assert {"sink", "output", "output.layout", "output.writers"} <= set(graph)
+    assert "output.layout" in graph["sink"] and "output.folder" in graph["output.writers"]
+    assert all(dep in graph for deps in graph.values() for dep in deps), "an import names no module of flamingo's"
+
+
 def test_no_module_imports_one_that_imports_it_back() -> None:
-    graph = {p.stem: _imports(p) for p in PACKAGE.glob("*.py")}
+    graph = _graph()
     cycles = []
 
     def walk(start: str, node: str, path: list[str]) -> None:
@@ -43,6 +70,17 @@ def test_no_module_imports_one_that_imports_it_back() -> None:
     for module in graph:
         walk(module, module, [module])
     assert not cycles, cycles[:5]
+
+
+def test_the_output_rooms_import_nothing_above_them() -> None:
+    """output/ sits below the sink: it imports its own rooms and the bottom layer only; the sink no
+    longer reaches up to sources (fingerprints and the change rule live in resume.py)."""
+    graph = _graph()
+    bottom = {"errors", "env", "paths", "records", "remote"}
+    for module, deps in graph.items():
+        if module == "output" or module.startswith("output."):
+            assert {d for d in deps if not d.startswith("output")} <= bottom, (module, deps)
+    assert "sources" not in graph["sink"] and "sources" not in graph["resume"]
 
 
 def test_the_package_root_imports_nothing_heavy() -> None:

@@ -129,8 +129,8 @@ class _Interrupts(FakeEngine):
 
 def test_summary_json_after_every_exit(audio, tmp_path, use_engine, monkeypatch) -> None:
     """exit 2 (bad option), 3 (engine died), 4 (disk full), 5 (locked), 130 (Ctrl-C): the summary is there."""
+    import flamingo_cli.output.writers as writers_mod
     import flamingo_cli.prompts
-    import flamingo_cli.sink as sink_mod
     from flamingo_cli.sink import Sink
 
     monkeypatch.setattr(flamingo_cli.prompts, "load_chat_template", lambda model: None)
@@ -156,7 +156,7 @@ def test_summary_json_after_every_exit(audio, tmp_path, use_engine, monkeypatch)
         raise OSError(28, "No space left on device")
 
     with monkeypatch.context() as m:
-        m.setattr(sink_mod.pq, "write_table", disk_full)
+        m.setattr(writers_mod.pq, "write_table", disk_full)
         assert run("disk", FakeEngine())["status"] == "output_error"
 
     from flamingo_cli.spec import CaptionSpec

@@ -73,7 +73,7 @@ def test_the_plan_before_the_engine_finds_the_longest_chunk(tmp_path, tiny_af3):
     from conftest import make_audio
 
     from flamingo_cli.api import scout
-    from flamingo_cli.sink import ResumeIndex
+    from flamingo_cli.resume import ResumeIndex
     from flamingo_cli.spec import CaptionSpec
 
     for name, seconds in (("a.wav", 5.0), ("b.wav", 47.0), ("c.wav", 12.0)):

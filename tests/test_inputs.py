@@ -20,7 +20,8 @@ from test_reliability import FAKE_ARGS, FakeEngine
 from flamingo_cli import audio, remote
 from flamingo_cli.manifests import SourceError
 from flamingo_cli.records import AudioItem
-from flamingo_cli.sources import check_inputs, fingerprint, iter_items, source_changed
+from flamingo_cli.resume import fingerprint, source_changed
+from flamingo_cli.sources import check_inputs, iter_items
 
 
 def wav_bytes(seconds: float, seed: int = 0, fmt: str = "WAV", sr: int = 16000) -> bytes:

@@ -8,8 +8,8 @@ import pytest
 from conftest import run_cli
 
 from flamingo_cli.inspect import error_group
-from flamingo_cli.records import AudioItem, Chunk, Result
-from flamingo_cli.sink import Sink, error_result
+from flamingo_cli.records import AudioItem, Chunk, Result, error_result
+from flamingo_cli.sink import Sink
 
 
 def ok(item_id: str, index: int, num_chunks: int, length: float = 30.0, extra=None) -> Result:

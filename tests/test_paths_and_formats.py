@@ -17,8 +17,10 @@ from audiogen import encode
 from conftest import make_audio, read_rows, run_cli
 from test_reliability import FakeEngine, caption
 
+from flamingo_cli.errors import OutputError
+from flamingo_cli.output.layout import SCAN_FILE, read_scan
 from flamingo_cli.paths import escape_path, path_bytes
-from flamingo_cli.sink import SCAN_FILE, OutputError, Sink, read_scan
+from flamingo_cli.sink import Sink
 from flamingo_cli.sources import HIDDEN, NO_EXTENSION, ScanStats, describe_skipped, iter_items
 
 LATIN1_NAME = b"caf\xe9 \xab live \xbb.wav"  # "café «live».wav" as Latin-1: not valid UTF-8

@@ -17,12 +17,12 @@ import pytest
 from conftest import ENGINE_ARGS, make_audio, read_rows, run_cli
 
 from flamingo_cli.engine import Sampling
-from flamingo_cli.sink import SCHEMA
+from flamingo_cli.output.layout import SCHEMA
 
 # Ray's own modules raise pydantic deprecation warnings on import; they are not flamingo's.
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
-# Compared column by column: every core column (sink.SCHEMA) and the hive column; created_at differs by
+# Compared column by column: every core column (output.layout.SCHEMA) and the hive column; created_at differs by
 # design, captions are compared separately.
 COMPARED = [name for name in SCHEMA.names if name not in ("created_at", "caption")] + ["run"]
 

@@ -4,7 +4,7 @@ The output is made the hard way: manifest passthrough columns of mixed presence 
 per part (so each part would have typed its columns alone before), an engine failure then a
 ``--retry-failed`` retry, and a changed file captioned again. Then pandas, pyarrow, polars, DuckDB and
 HF ``datasets`` read (a) the raw output with the documented reading rule (docs/cron.md) and (b) what
-``flamingo export`` writes, and all must agree with ``sink.current_rows``.
+``flamingo export`` writes, and all must agree with ``output.layout.current_rows``.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import pytest
 import test_reliability as rel
 from conftest import make_audio, run_cli
 
-from flamingo_cli.sink import current_rows
+from flamingo_cli.output.layout import current_rows
 
 COMPARED = ["run", "id", "chunk_index", "caption", "error", "source_version", "year", "genre", "score", "tags", "live"]
 

@@ -23,6 +23,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import crash_writer
 import numpy as np
 import pyarrow as pa
 import pyarrow.dataset as ds
@@ -33,9 +34,11 @@ from conftest import make_audio, read_rows, run_cli
 from fakes import FakeEngine
 
 from flamingo_cli.engine import END, EngineError
-from flamingo_cli.records import AudioItem
-from flamingo_cli.sink import OutputError, ResumeIndex, Sink, current_rows, error_result
-from flamingo_cli.sources import Fingerprint, fingerprint, source_changed
+from flamingo_cli.errors import OutputError
+from flamingo_cli.output.layout import current_rows
+from flamingo_cli.records import AudioItem, Fingerprint, error_result
+from flamingo_cli.resume import ResumeIndex, fingerprint, source_changed
+from flamingo_cli.sink import Sink
 
 TESTS = Path(__file__).resolve().parent
 REPO = TESTS.parent
@@ -84,56 +87,7 @@ def visible_parts_readable(out: Path, checked: dict[Path, int] | None = None) ->
 
 # --- exactly once under SIGKILL (the sink alone, many kill points) ---------------------------------------
 
-# A zygote imports pyarrow and the sink once, then forks one writer per attempt (a fresh interpreter
-# per kill would spend ~2 s importing). Each writer resumes from what is on disk, like flamingo does.
-_ZYGOTE = textwrap.dedent(
-    """
-    import os, sys
-    from flamingo_cli.records import AudioItem, Chunk, Result
-    from flamingo_cli.sink import Sink, error_result
-
-    def write(out, n_items):
-        sink = Sink(out, "abcdef123456", {}, model="m", task="t", rows_per_part=1)
-        index = sink.load_index()
-        print("ready", len(index), flush=True)
-        for i in range(n_items):
-            item_id = f"item{i:04d}"
-            if index.is_done(item_id):
-                continue
-            item = AudioItem(id=item_id, path=f"/a/{item_id}.wav", extra={"n": i})
-            if i % 11 == 5:  # an item that fails before chunking: one num_chunks = 0 row
-                sink.write(error_result(item, "not decodable audio"))
-                continue
-            n = 1 + i % 4
-            done = index.done_chunks(item_id)
-            for c in range(n):
-                if c in done:
-                    continue
-                chunk = Chunk(item=item, index=c, num_chunks=n, start_s=c, end_s=c + 1.0, samples=None, duration_s=n)
-                err = "audio too short" if (i % 13 == 7 and c == n - 1) else None
-                sink.write(Result(chunk=chunk, prompt="p", caption=None if err else "x" * 50, error=err))
-        sink.close()
-        print("complete", flush=True)
-
-    out, n_items = sys.argv[1], int(sys.argv[2])
-    for _ in sys.stdin:
-        pid = os.fork()
-        if pid == 0:
-            write(out, n_items)
-            os._exit(0)
-        print("pid", pid, flush=True)
-        os.waitpid(pid, 0)
-        print("exited", flush=True)
-    """
-)
-
-
-def _expected_keys(n_items: int) -> set[tuple[str, int]]:
-    keys = set()
-    for i in range(n_items):
-        n = 1 if i % 11 == 5 else 1 + i % 4
-        keys |= {(f"item{i:04d}", c) for c in range(n)}
-    return keys
+# The writers run in processes forked by tests/crash_writer.py's Zygote (shared with the S3 test).
 
 
 def _unique_keys(out: Path) -> list[tuple[str, int]]:
@@ -155,43 +109,22 @@ def test_sink_sigkill_at_random_points_is_exactly_once(tmp_path: Path) -> None:
     out = tmp_path / "out"
     n_items = 1000  # ~2,500 chunks: no writer finishes inside its 80 ms before the kill
     rng = random.Random(20250605)
-    zygote = subprocess.Popen(
-        [sys.executable, "-c", _ZYGOTE, str(out), str(n_items)],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
-    )
-    assert zygote.stdin is not None and zygote.stdout is not None
+    zygote = crash_writer.Zygote(out, n_items, {**os.environ, "PYTHONPATH": str(REPO)}, chunk_errors=True)
     kills = progressed = 0
     checked: dict[Path, int] = {}
     t0 = time.monotonic()
     try:
         while kills < 20:
-            zygote.stdin.write("go\n")
-            zygote.stdin.flush()
-            pid, before, lines = None, None, []
-            while pid is None or before is None:
-                line = zygote.stdout.readline().split()
-                pid = int(line[1]) if line[0] == "pid" else pid
-                before = int(line[1]) if line[0] == "ready" else before
+            pid, before = zygote.start()
             time.sleep(rng.uniform(0.0, 0.08))
-            os.kill(pid, signal.SIGKILL)
-            while (line := zygote.stdout.readline().strip()) != "exited":
-                lines.append(line)
-            assert "complete" not in lines, "finished before the kill: make the corpus larger"
+            zygote.kill(pid)
             kills += 1
             progressed += visible_parts_readable(out, checked) > before
             _unique_keys(out)
-        zygote.stdin.write("go\n")  # the last one runs to the end
-        zygote.stdin.flush()
-        while (line := zygote.stdout.readline().strip()) != "exited":
-            lines.append(line)
-        assert "complete" in lines
+        zygote.finish()  # the last one runs to the end
     finally:
-        zygote.stdin.close()
-        zygote.wait(timeout=30)
-    assert set(_unique_keys(out)) == _expected_keys(n_items)
+        zygote.close(timeout=30)
+    assert set(_unique_keys(out)) == crash_writer.expected_keys(n_items)
     assert not list((out / "run=abcdef123456" / ".tmp").iterdir())
     assert progressed >= 15, (kills, progressed)
     print(f"\n{kills} SIGKILLs ({progressed} after new parts) in {time.monotonic() - t0:.1f} s")
@@ -199,30 +132,13 @@ def test_sink_sigkill_at_random_points_is_exactly_once(tmp_path: Path) -> None:
 
 # --- one writer ----------------------------------------------------------------------------------------
 
-_HOLDER = textwrap.dedent(
-    """
-    import sys, time
-    from flamingo_cli.sink import Sink
-    s = Sink(sys.argv[1], sys.argv[2], {}, model="m", task="t")
-    print("locked", flush=True)
-    time.sleep(600)
-    """
-)
-
 
 def _hold_lock(out: Path, key: str) -> subprocess.Popen:
-    proc = subprocess.Popen(
-        [sys.executable, "-c", _HOLDER, str(out), key],
-        stdout=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
-    )
-    assert proc.stdout is not None and proc.stdout.readline().strip() == "locked"
-    return proc
+    return crash_writer.hold_run(out, key, {**os.environ, "PYTHONPATH": str(REPO)})
 
 
 def test_lock_of_a_killed_writer_is_taken_over(tmp_path: Path) -> None:
-    from flamingo_cli.sink import LockedError
+    from flamingo_cli.errors import LockedError
 
     holder = _hold_lock(tmp_path, "abcdef123456")
     try:
@@ -420,7 +336,7 @@ def test_changing_model_task_prompt_or_sampling_starts_a_separate_run(fake: Fake
 
 
 def _t(rows: list[dict]) -> pa.Table:
-    from flamingo_cli.sink import SCHEMA
+    from flamingo_cli.output.layout import SCHEMA
 
     full = [{name: r.get(name) for name in SCHEMA.names} for r in rows]
     for r in full:
@@ -607,12 +523,12 @@ def test_second_ctrl_c_quits_at_once_without_corrupting_output(tmp_path: Path) -
 def test_disk_full_is_exit_4_no_corrupt_part_and_resume_completes(
     fake: FakeEngine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import flamingo_cli.sink as sink_mod
+    import flamingo_cli.output.writers as writers_mod
 
     audio, out = tmp_path / "audio", tmp_path / "out"
     for i in range(12):
         make_audio(audio / f"f{i:02d}.wav", 0.5, seed=i)
-    real_write = sink_mod.pq.write_table
+    real_write = writers_mod.pq.write_table
     calls = {"n": 0}
 
     def write_table(table, where, **kw):  # the 4th part hits a full disk halfway through
@@ -623,13 +539,13 @@ def test_disk_full_is_exit_4_no_corrupt_part_and_resume_completes(
             raise OSError(errno.ENOSPC, "No space left on device")
         return real_write(table, where, **kw)
 
-    monkeypatch.setattr(sink_mod.pq, "write_table", write_table)
+    monkeypatch.setattr(writers_mod.pq, "write_table", write_table)
     res = caption([audio], out, "--rows-per-part", "2")
     assert res.status == 4, res.stderr
     assert "no space left on device" in res.stderr and "resume" in res.stderr
     assert visible_parts_readable(out) == 6
     assert not list(out.glob("run=*/.tmp/*"))
-    monkeypatch.setattr(sink_mod.pq, "write_table", real_write)  # space is back
+    monkeypatch.setattr(writers_mod.pq, "write_table", real_write)  # space is back
     assert caption([audio], out, "--rows-per-part", "2").status == 0
     assert sorted(keys_of(read_rows(out)).values()) == [1] * 12
 
@@ -913,14 +829,14 @@ def test_pipeline_feed_is_ended_on_stop() -> None:
 
 
 def test_sink_failed_close_does_not_hide_the_first_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import flamingo_cli.sink as sink_mod
+    import flamingo_cli.output.writers as writers_mod
 
     def full(*a, **kw):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     s = Sink(tmp_path, "abcdef123456", {}, model="m", task="t", rows_per_part=10)
     s.write(error_result(AudioItem("a", "/a.wav"), "x"))
-    monkeypatch.setattr(sink_mod.pq, "write_table", full)
+    monkeypatch.setattr(writers_mod.pq, "write_table", full)
     with pytest.raises(RuntimeError, match="first"), s:
         raise RuntimeError("first")
     with pytest.raises(OutputError, match="no space left"):

@@ -8,15 +8,11 @@ with expiry and renewal; a writer paused past its lease is fenced out by the log
 from __future__ import annotations
 
 import json
-import os
 import random
-import signal
-import subprocess
-import sys
-import textwrap
 import time
 from pathlib import Path
 
+import crash_writer
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
@@ -25,9 +21,10 @@ import test_reliability as rel
 from conftest import make_audio
 from conftest import run_cli as rel_run
 
-from flamingo_cli import sink as sink_mod
+from flamingo_cli.errors import LockedError, OutputError
+from flamingo_cli.output import layout
 from flamingo_cli.records import AudioItem, Chunk, Result
-from flamingo_cli.sink import LockedError, OutputError, Sink
+from flamingo_cli.sink import Sink
 
 # The local S3 server's fixtures (tests/s3_server.py), used here by name.
 s3_server, s3_env, s3_bucket = s3.s3_server, s3.s3_env, s3.s3_bucket
@@ -75,10 +72,10 @@ def test_writes_parts_and_resumes_on_s3_never_a_local_folder(
         for i in range(5):
             s.write(result(f"a{i}", extra={"year": 2000 + i}))
     assert not (tmp_path / "s3:").exists() and list(tmp_path.iterdir()) == []
-    assert sink_mod.runs(url) == [KEY]
-    files = sink_mod.part_files(url, KEY)
+    assert layout.runs(url) == [KEY]
+    files = layout.part_files(url, KEY)
     assert len(files) == 3 and all(f.startswith(f"s3://{s3_bucket}/caps/run={KEY}/part-") for f in files)
-    assert sink_mod.rows_on_disk(url, KEY) == 5
+    assert layout.rows_on_disk(url, KEY) == 5
     assert sorted(visible_keys(url)) == [(f"a{i}", 0) for i in range(5)]
     # A resume sees every row and drops the duplicates.
     with Sink(url, KEY, {}, model="m", task="t") as s:
@@ -87,11 +84,11 @@ def test_writes_parts_and_resumes_on_s3_never_a_local_folder(
         s.write(result("a0"))
         s.write(result("b0", extra={"year": "x"}))
     assert s.duplicates_dropped == 1
-    table = sink_mod.read_output(url)
+    table = layout.read_output(url)
     assert table.num_rows == 6 and set(table["run"].to_pylist()) == {KEY}
     row = {r["id"]: r for r in table.to_pylist()}["b0"]
     assert row["year"] is None and "year: 'x' is not int64" in row["warnings"]
-    meta = sink_mod.read_metadata(files[0])
+    meta = layout.read_metadata(files[0])
     assert meta["run_key"] == KEY
     store = s3fs_client()
     staging = f"{s3_bucket}/caps/run={KEY}/_flamingo/staging"
@@ -108,25 +105,13 @@ def test_unsupported_store_is_a_clear_error_not_a_local_folder(tmp_path: Path, m
     assert list(tmp_path.iterdir()) == []
 
 
-_HOLDER = textwrap.dedent(
-    """
-    import sys, time
-    from flamingo_cli.sink import Sink
-    s = Sink(sys.argv[1], sys.argv[2], {}, model="m", task="t")
-    print("locked", flush=True)
-    time.sleep(600)
-    """
-)
-
-
 def test_second_writer_refused_and_a_dead_writers_lease_is_taken_over(
     s3_bucket: str, s3_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     url = f"s3://{s3_bucket}/caps"
     env = {**subprocess_env(s3_env), "PYTHONPATH": str(REPO), "FLAMINGO_LEASE_SECONDS": "3"}
-    holder = subprocess.Popen([sys.executable, "-c", _HOLDER, url, KEY], stdout=subprocess.PIPE, text=True, env=env)
+    holder = crash_writer.hold_run(url, KEY, env)
     try:
-        assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
         time.sleep(4)  # past one lease lifetime: the live holder renews it
         with pytest.raises(LockedError, match="another flamingo process is writing this run"):
             Sink(url, KEY, {}, model="m", task="t")
@@ -157,7 +142,7 @@ def test_shards_write_side_by_side_on_s3(s3_bucket: str) -> None:
     a.close()
     b.close()
     assert sorted(visible_keys(url)) == sorted([(f"a{i}", 0) for i in range(3)] + [(f"b{i}", 0) for i in range(3)])
-    assert sink_mod.rows_on_disk(url, KEY) == 6
+    assert layout.rows_on_disk(url, KEY) == 6
 
 
 def test_a_writer_paused_past_its_lease_is_fenced_out(s3_bucket: str) -> None:
@@ -165,7 +150,7 @@ def test_a_writer_paused_past_its_lease_is_fenced_out(s3_bucket: str) -> None:
     url = f"s3://{s3_bucket}/caps"
     a = Sink(url, KEY, {}, model="m", task="t", lease_seconds=1.5, rows_per_part=1)
     a.write(result("a0"))
-    a._lease_stop.set()  # what a long GC pause / suspended VM looks like from outside: no renewals
+    a._writer._lease_stop.set()  # what a long GC pause / suspended VM looks like from outside: no renewals
     time.sleep(2.0)
     b = Sink(url, KEY, {}, model="m", task="t", lease_seconds=30, rows_per_part=1)
     assert b.load_index().is_done("a0")
@@ -176,50 +161,10 @@ def test_a_writer_paused_past_its_lease_is_fenced_out(s3_bucket: str) -> None:
     with pytest.raises(LockedError):
         a.close()  # its buffered row is not committed: B (or the next writer) redoes it
     assert sorted(visible_keys(url)) == [("a0", 0), ("b0", 0)]
-    assert sorted(sink_mod.read_output(url)["id"].to_pylist()) == ["a0", "b0"]
+    assert sorted(layout.read_output(url)["id"].to_pylist()) == ["a0", "b0"]
 
 
 # --- exactly once under SIGKILL ------------------------------------------------------------------------
-
-_ZYGOTE = textwrap.dedent(
-    """
-    import os, sys
-    from flamingo_cli.records import AudioItem, Chunk, Result
-    from flamingo_cli.sink import Sink, error_result
-
-    def write(out, n_items):
-        sink = Sink(out, "abcdef123456", {}, model="m", task="t", rows_per_part=4)
-        index = sink.load_index()
-        print("ready", len(index), flush=True)
-        for i in range(n_items):
-            item_id = f"item{i:04d}"
-            if index.is_done(item_id):
-                continue
-            item = AudioItem(id=item_id, path=f"/a/{item_id}.wav", extra={"n": i})
-            if i % 11 == 5:
-                sink.write(error_result(item, "not decodable audio"))
-                continue
-            n = 1 + i % 4
-            done = index.done_chunks(item_id)
-            for c in range(n):
-                if c in done:
-                    continue
-                chunk = Chunk(item=item, index=c, num_chunks=n, start_s=c, end_s=c + 1.0, samples=None, duration_s=n)
-                sink.write(Result(chunk=chunk, prompt="p", caption="x" * 50))
-        sink.close()
-        print("complete", flush=True)
-
-    out, n_items = sys.argv[1], int(sys.argv[2])
-    for _ in sys.stdin:
-        pid = os.fork()
-        if pid == 0:
-            write(out, n_items)
-            os._exit(0)
-        print("pid", pid, flush=True)
-        os.waitpid(pid, 0)
-        print("exited", flush=True)
-    """
-)
 
 
 def test_sigkill_at_random_moments_then_resume_is_exactly_once_on_s3(s3_bucket: str, s3_env: dict[str, str]) -> None:
@@ -233,52 +178,28 @@ def test_sigkill_at_random_moments_then_resume_is_exactly_once_on_s3(s3_bucket: 
     rng = random.Random(20261201)
     # A killed writer's lease must expire before the next one can start: a short lease.
     env = {**subprocess_env(s3_env), "PYTHONPATH": str(REPO), "FLAMINGO_LEASE_SECONDS": "1"}
-    zygote = subprocess.Popen(
-        [sys.executable, "-c", _ZYGOTE, url, str(n_items)],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-    )
-    assert zygote.stdin is not None and zygote.stdout is not None
+    zygote = crash_writer.Zygote(url, n_items, env, rows_per_part=4)
     kills = progressed = 0
     last = 0
     try:
         while kills < 6:
             time.sleep(1.2)  # the dead writer's lease expires
-            zygote.stdin.write("go\n")
-            zygote.stdin.flush()
-            pid, before, lines = None, None, []
-            while pid is None or before is None:
-                line = zygote.stdout.readline().split()
-                assert line, zygote.stderr.read() if zygote.poll() is not None else "zygote said nothing"
-                pid = int(line[1]) if line[0] == "pid" else pid
-                before = int(line[1]) if line[0] == "ready" else before
+            pid, _ = zygote.start()
             time.sleep(rng.uniform(0.0, 0.6))
-            os.kill(pid, signal.SIGKILL)
-            while (line := zygote.stdout.readline().strip()) != "exited":
-                lines.append(line)
-            assert "complete" not in lines, "finished before the kill: make the corpus larger"
+            zygote.kill(pid)
             kills += 1
             keys = visible_keys(url)
             assert len(keys) == len(set(keys)), "a key is visible twice"
             progressed += len(keys) > last
             last = len(keys)
         time.sleep(1.2)
-        zygote.stdin.write("go\n")
-        zygote.stdin.flush()
-        lines = []
-        while (line := zygote.stdout.readline().strip()) != "exited":
-            lines.append(line)
-        assert "complete" in lines, zygote.stderr.read()
+        zygote.finish()
     finally:
-        zygote.stdin.close()
-        zygote.wait(timeout=60)
+        zygote.close(timeout=60)
     keys = visible_keys(url)
     assert len(keys) == len(set(keys))
-    assert set(keys) == rel._expected_keys(n_items)  # the same item/chunk layout as the local writer
-    assert sink_mod.rows_on_disk(url, KEY) == len(keys)
+    assert set(keys) == crash_writer.expected_keys(n_items)  # the same item/chunk layout as the local writer
+    assert layout.rows_on_disk(url, KEY) == len(keys)
     staging = f"{s3_bucket}/caps/run={KEY}/_flamingo/staging"
     fs = s3fs_client()
     fs.invalidate_cache()
@@ -306,7 +227,7 @@ def test_cli_captions_to_s3_and_resumes(
     assert rel.caption([audio], url).status == 0
     assert engine.requests == []  # resumed from the committed parts
     assert "testing-secret" not in res.stderr + res.stdout
-    run = sink_mod.runs(url)[0]
+    run = layout.runs(url)[0]
     holder = Sink(url, run, {}, model="m", task="t")  # another writer of the same run holds the lease
     try:
         res = rel.caption([audio], url)
@@ -327,7 +248,7 @@ def test_committed_part_is_copied_into_place_and_an_uncommitted_one_deleted(
     s3_bucket: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The two crash windows of a part: after commit before the copy, and after upload before commit."""
-    from flamingo_cli import objstore
+    from flamingo_cli.output import objstore
 
     url = f"s3://{s3_bucket}/caps"
     meta = f"{s3_bucket}/caps/run={KEY}/_flamingo"
@@ -342,7 +263,7 @@ def test_committed_part_is_copied_into_place_and_an_uncommitted_one_deleted(
         s.write(result("a"))
     monkeypatch.setattr(objstore.Store, "copy", real_copy)
     assert visible_keys(url) == []  # committed, but not where plain readers look yet
-    assert sink_mod.read_output(url)["id"].to_pylist() == ["a"]  # the index and export read it staged
+    assert layout.read_output(url)["id"].to_pylist() == ["a"]  # the index and export read it staged
     fs = s3fs_client()
     fs.pipe_file(f"{meta}/staging/part-000099-all-0badf00d.parquet.staged", b"half a part")  # never committed
     s.close()
@@ -355,7 +276,7 @@ def test_committed_part_is_copied_into_place_and_an_uncommitted_one_deleted(
 
 def test_a_store_that_ignores_conditional_writes_is_refused(s3_bucket: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Some S3-compatible servers drop If-None-Match: the probe at open finds out and nothing is written."""
-    from flamingo_cli import objstore
+    from flamingo_cli.output import objstore
 
     def create_ignoring_the_condition(self: objstore.Store, path: str, data: bytes) -> str:
         self.put(path, data)

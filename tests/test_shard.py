@@ -14,9 +14,10 @@ import pytest
 from conftest import make_audio, read_rows, run_cli
 from test_reliability import FAKE_ARGS, FakeEngine
 
+from flamingo_cli.errors import LockedError
 from flamingo_cli.manifests import SourceError
 from flamingo_cli.records import AudioItem
-from flamingo_cli.sink import LockedError, Sink
+from flamingo_cli.sink import Sink
 from flamingo_cli.sources import parse_shard, select_shard, shard_of
 
 

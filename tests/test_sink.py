@@ -1,4 +1,5 @@
-"""Tests for flamingo_cli.sink: schema, atomic parts, batching, resume index, dedup, errors."""
+"""Tests for flamingo_cli.sink and the output layout it writes: schema, atomic parts, batching, resume index,
+dedup, errors."""
 
 from __future__ import annotations
 
@@ -15,18 +16,13 @@ import pyarrow.parquet as pq
 import pytest
 
 import flamingo_cli
-from flamingo_cli import sink as sink_mod
-from flamingo_cli.records import AudioItem, Chunk, Result
-from flamingo_cli.sink import (
-    METADATA_KEY,
-    SCHEMA,
-    OutputError,
-    ResumeIndex,
-    Sink,
-    error_result,
-    read_metadata,
-    run_key,
-)
+from flamingo_cli.errors import OutputError
+from flamingo_cli.output import layout
+from flamingo_cli.output import writers as writers_mod
+from flamingo_cli.output.layout import METADATA_KEY, SCHEMA, read_metadata, run_key
+from flamingo_cli.records import AudioItem, Chunk, Result, error_result
+from flamingo_cli.resume import ResumeIndex
+from flamingo_cli.sink import Sink
 
 KEY = "abc123def456"
 RUN_INFO = {"vllm": "0.24.0", "transformers": "5.5.3", "torch": "2.11.0", "config_hash": "deadbeef"}
@@ -689,7 +685,7 @@ def test_enospc_keeps_rows_buffered_and_retry_succeeds(tmp_path: Path, monkeypat
     s = make_sink(tmp_path, rows_per_part=3)
     s.write(make_result("a"))
     s.write(make_result("b"))
-    monkeypatch.setattr(sink_mod.pq, "write_table", disk_full)
+    monkeypatch.setattr(writers_mod.pq, "write_table", disk_full)
     with pytest.raises(OutputError, match="no space left on device") as info:
         s.write(make_result("c"))  # reaches rows_per_part: flush fails
     assert str(tmp_path) in str(info.value)
@@ -702,7 +698,7 @@ def test_enospc_keeps_rows_buffered_and_retry_succeeds(tmp_path: Path, monkeypat
         s.flush()
     assert s.buffered == 3
 
-    monkeypatch.setattr(sink_mod.pq, "write_table", real_write_table)
+    monkeypatch.setattr(writers_mod.pq, "write_table", real_write_table)
     s.write(make_result("d"))  # >= rows_per_part buffered: flushes all four as one part
     assert s.buffered == 0
     assert s.rows_written == 4
@@ -718,7 +714,7 @@ def test_replace_failure_removes_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyP
     def broken_replace(src: Any, dst: Any) -> None:
         raise OSError(errno.EIO, "Input/output error")
 
-    monkeypatch.setattr(sink_mod.os, "replace", broken_replace)
+    monkeypatch.setattr(writers_mod.os, "replace", broken_replace)
     with pytest.raises(OutputError, match="Input/output error"):
         s.flush()
     assert list((tmp_path / f"run={KEY}" / ".tmp").iterdir()) == []
@@ -732,7 +728,7 @@ def test_close_failure_keeps_sink_open(tmp_path: Path, monkeypatch: pytest.Monke
     s = make_sink(tmp_path)
     s.write(make_result("a"))
     monkeypatch.setattr(
-        sink_mod.pq, "write_table", lambda *a, **k: (_ for _ in ()).throw(OSError(errno.ENOSPC, "full"))
+        writers_mod.pq, "write_table", lambda *a, **k: (_ for _ in ()).throw(OSError(errno.ENOSPC, "full"))
     )
     with pytest.raises(OutputError):
         s.close()
@@ -754,7 +750,7 @@ def test_resume_keeps_the_column_of_each_manifest_key(tmp_path: Path) -> None:
 
 
 def test_layout_functions(tmp_path: Path) -> None:
-    assert sink_mod.runs(tmp_path) == [] and sink_mod.part_files(tmp_path, KEY) == []
+    assert layout.runs(tmp_path) == [] and layout.part_files(tmp_path, KEY) == []
     with make_sink(tmp_path, rows_per_part=2) as s:
         for i in range(5):
             s.write(make_result(f"i{i}"))
@@ -762,10 +758,10 @@ def test_layout_functions(tmp_path: Path) -> None:
     with Sink(tmp_path, other, {}, model="m", task="t") as s:
         s.write(make_result("x"))
     (tmp_path / f"run={KEY}" / "notes.txt").write_text("not a part")
-    assert sink_mod.runs(tmp_path) == sorted([KEY, other])
-    files = sink_mod.part_files(tmp_path, KEY)
+    assert layout.runs(tmp_path) == sorted([KEY, other])
+    files = layout.part_files(tmp_path, KEY)
     assert [Path(f).name[:11] for f in files] == ["part-000000", "part-000001", "part-000002"]
-    assert sink_mod.rows_on_disk(tmp_path, KEY) == 5 and sink_mod.rows_on_disk(tmp_path, "abc") == 0
-    table = sink_mod.read_output(tmp_path)
+    assert layout.rows_on_disk(tmp_path, KEY) == 5 and layout.rows_on_disk(tmp_path, "abc") == 0
+    table = layout.read_output(tmp_path)
     assert table.num_rows == 6 and table.schema.names[-1] == "run"
     assert sorted(set(table["run"].to_pylist())) == sorted([KEY, other])

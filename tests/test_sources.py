@@ -401,7 +401,7 @@ def test_check_inputs(tmp_path: Path) -> None:
 
 
 def test_declared_columns_from_manifest_headers_schemas_and_first_rows(tmp_path: Path) -> None:
-    from flamingo_cli.sources import declared_columns
+    from flamingo_cli.manifests import declared_columns
 
     (tmp_path / "a.csv").write_text("path,id,year,genre\nx.wav,1,1999,rock\n")
     rows = [

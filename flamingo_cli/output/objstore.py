@@ -1,4 +1,4 @@
-"""Object-store primitives the sink needs where there is no atomic rename and no flock.
+"""The S3 conditional writes the object-store writer needs where there is no atomic rename nor flock.
 
 Only conditional writes make a lock and a commit log safe on an object store: a create that fails when
 the key exists (S3 ``If-None-Match: *``) and a replace that fails when the object changed since it was
@@ -27,12 +27,6 @@ class StoreError(Exception):
     """The store cannot be used for output (unsupported scheme, no conditional writes, I/O failure)."""
 
 
-def is_remote(url: str) -> bool:
-    """A URL with a scheme other than file:// (``s3://b/k``, ``gs://``, ``memory://``...)."""
-    head, sep, _ = str(url).partition("://")
-    return bool(sep) and head.lower() not in ("file", "local", "")
-
-
 def _precondition_failed(exc: BaseException) -> bool:
     """The store refused a conditional write (the key exists / the object changed)."""
     if isinstance(exc, FileExistsError):
@@ -56,10 +50,10 @@ def _not_found(exc: BaseException) -> bool:
 
 
 class Store:
-    """One S3 bucket prefix through s3fs: list, read, conditional create/replace, copy, delete.
+    """One S3 bucket prefix through s3fs: read, conditional create/replace, copy, delete.
 
     Paths are s3fs paths without the scheme (``bucket/prefix/key``); ``url(path)`` adds it back for
-    messages.
+    messages. Listing is ``folder.Folder``'s (one listing for local folders and stores).
     """
 
     def __init__(self, fs: Any, protocol: str) -> None:
@@ -78,24 +72,22 @@ class Store:
 
     def create(self, path: str, data: bytes) -> str | None:
         """Write ``path`` only if it does not exist: its ETag, or None when it already exists."""
-        bucket, key = self._split(path)
-        try:
-            resp = self.fs.call_s3("put_object", Bucket=bucket, Key=key, Body=data, IfNoneMatch="*")
-        except Exception as exc:
-            if _precondition_failed(exc):
-                return None
-            raise self._fail(path, "write", exc) from exc
-        finally:
-            self.fs.invalidate_cache(path)
-        return str(resp.get("ETag", ""))
+        return self._put_if(path, data, IfNoneMatch="*")
 
     def replace(self, path: str, data: bytes, etag: str) -> str | None:
         """Overwrite ``path`` only if its ETag is still ``etag``: the new ETag, or None if it changed."""
+        return self._put_if(path, data, IfMatch=etag)
+
+    def _put_if(self, path: str, data: bytes, **condition: str) -> str | None:
+        """One conditional PUT: the new ETag, or None when the store refused the condition.
+
+        A replace of an object that is gone (404) is refused too: the object changed.
+        """
         bucket, key = self._split(path)
         try:
-            resp = self.fs.call_s3("put_object", Bucket=bucket, Key=key, Body=data, IfMatch=etag)
+            resp = self.fs.call_s3("put_object", Bucket=bucket, Key=key, Body=data, **condition)
         except Exception as exc:
-            if _precondition_failed(exc) or _not_found(exc):
+            if _precondition_failed(exc) or ("IfMatch" in condition and _not_found(exc)):
                 return None
             raise self._fail(path, "write", exc) from exc
         finally:
@@ -125,38 +117,6 @@ class Store:
             self.fs.pipe_file(path, data)
         except Exception as exc:
             raise self._fail(path, "write", exc) from exc
-
-    def listdir(self, path: str) -> list[str]:
-        """Names (not paths) of the objects directly under ``path``; [] if there are none."""
-        try:
-            self.fs.invalidate_cache(path)
-            entries = self.fs.ls(path, detail=True, refresh=True)
-        except FileNotFoundError:
-            return []
-        except Exception as exc:
-            raise self._fail(path, "list", exc) from exc
-        prefix = path.rstrip("/") + "/"
-        return sorted(
-            e["name"][len(prefix) :] for e in entries if e.get("type") == "file" and e["name"].startswith(prefix)
-        )
-
-    def listdirs(self, path: str) -> list[str]:
-        """Names of the "folders" (common prefixes) directly under ``path``."""
-        try:
-            self.fs.invalidate_cache(path)
-            entries = self.fs.ls(path, detail=True, refresh=True)
-        except FileNotFoundError:
-            return []
-        except Exception as exc:
-            raise self._fail(path, "list", exc) from exc
-        return sorted(e["name"].rstrip("/").rsplit("/", 1)[-1] for e in entries if e.get("type") == "directory")
-
-    def exists(self, path: str) -> bool:
-        try:
-            self.fs.invalidate_cache(path)
-            return bool(self.fs.exists(path))
-        except Exception as exc:
-            raise self._fail(path, "check", exc) from exc
 
     def copy(self, src: str, dst: str) -> None:
         """Server-side copy (atomic for the reader of ``dst``)."""
