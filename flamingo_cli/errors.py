@@ -1,9 +1,10 @@
 """Every failure flamingo reports, and the one table that turns a failure into an exit status.
 
 Modules raise these (or subclasses named for their stage: ``spec.SpecError``, ``manifests.SourceError``,
-``config.ConfigError`` are usage errors; ``engine.EngineError`` re-exports the class here), so the Python API raises the same exception for the same mistake as the CLI exits with
-the same code. ``exit_status`` is the table; ``cli.main`` and the run summary both use it (like httpie's
-``raw_main``: one place maps exceptions to ``ExitStatus``).
+``config.ConfigError`` are usage errors; ``engine.EngineError`` re-exports the class here), so the Python API
+raises the same exception for the same mistake as the CLI exits with the same code. ``exit_status`` is the
+table; ``cli.main`` and the run summary both use it (like httpie's ``raw_main``: one place maps exceptions to
+``ExitStatus``).
 """
 
 from __future__ import annotations
