@@ -86,36 +86,33 @@ class ModelFamily:
         return self.max_audio_s // self.window_s
 
 
+_AF3_FACTS = dict(
+    architecture=AF3_ARCH,
+    model_type="audioflamingo3",
+    max_audio_s=600,
+    system_prompt=AF3_SYSTEM_PROMPT,
+    sound_bos=None,
+    sound_eos=None,
+)
+_MF_FACTS = dict(
+    architecture=MF_ARCH,
+    model_type="musicflamingo",
+    max_audio_s=1200,
+    system_prompt=MF_SYSTEM_PROMPT,
+    sound_bos="<|sound_bos|>",
+    sound_eos="<|sound_eos|>",
+    max_new_tokens=2048,
+)
+# AF-Next checkpoints are Music Flamingo's architecture with a longer cap and their own system prompt.
+_FACTS = {
+    "af3": _AF3_FACTS,
+    "mf": _MF_FACTS,
+    "afnext": {**_MF_FACTS, "max_audio_s": 1800, "system_prompt": AFNEXT_SYSTEM_PROMPT},
+}
+
+
 def _default(name: str, family: str, hub_id: str, **kw) -> ModelFamily:
-    base = {
-        "af3": dict(
-            architecture=AF3_ARCH,
-            model_type="audioflamingo3",
-            max_audio_s=600,
-            system_prompt=AF3_SYSTEM_PROMPT,
-            sound_bos=None,
-            sound_eos=None,
-        ),
-        "mf": dict(
-            architecture=MF_ARCH,
-            model_type="musicflamingo",
-            max_audio_s=1200,
-            system_prompt=MF_SYSTEM_PROMPT,
-            sound_bos="<|sound_bos|>",
-            sound_eos="<|sound_eos|>",
-            max_new_tokens=2048,
-        ),
-        "afnext": dict(
-            architecture=MF_ARCH,
-            model_type="musicflamingo",
-            max_audio_s=1800,
-            system_prompt=AFNEXT_SYSTEM_PROMPT,
-            sound_bos="<|sound_bos|>",
-            sound_eos="<|sound_eos|>",
-            max_new_tokens=2048,
-        ),
-    }[family]
-    return ModelFamily(name=name, family=family, hub_id=hub_id, **{**base, **kw})
+    return ModelFamily(name=name, family=family, hub_id=hub_id, **{**_FACTS[family], **kw})
 
 
 # Built-in defaults per hub id: used only when the checkpoint is neither a local folder nor in the HF cache

@@ -1,10 +1,10 @@
-"""Wires the stages: sources -> audio -> chunking -> prompts -> engine -> sink.
+"""The local executor: moves items from the sources through one host's engine into the sink.
 
-A producer thread walks the inputs, skips what the sink already holds, decodes in a thread pool
-(soundfile/soxr release the GIL) and puts Requests on a bounded queue; the main thread runs the engine
-over that queue and writes Results as they finish. Memory stays bounded: at most ``workers * 2``
-decoded files wait for the engine, plus the engine's own in-flight cap. Only this module knows every
-stage.
+A producer thread walks the inputs, asks the ``planner.Planner`` what to do with each, prepares the
+wanted ones in a thread pool (``prepare.prepare``: decode, chunks, requests; soundfile/soxr release the
+GIL) and puts the Requests on a bounded queue; the main thread runs the engine over that queue and
+writes Results as they finish. Memory stays bounded: at most ``workers * 2`` prepared files wait for the
+engine, plus the engine's own in-flight cap. The steps themselves live in their stage modules.
 
 Resume and incremental runs: an item is skipped when the ``resume.ResumeIndex`` holds all its chunks
 and its file is unchanged (size and mtime, or sha256 with ``CaptionJob.content_hash``; see
@@ -26,11 +26,11 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-from flamingo_cli.audio import AudioDecodeError, decode, probe_duration
-from flamingo_cli.chunking import chunk_audio
+from flamingo_cli.audio import probe_duration
 from flamingo_cli.engine import END
-from flamingo_cli.planner import CaptionJob, ItemPlan, Planner, ResultSink, Stats
-from flamingo_cli.records import AudioItem, DecodedAudio, Result
+from flamingo_cli.planner import CaptionJob, ItemDecision, Planner, ResultSink, Stats
+from flamingo_cli.prepare import PreparedItem, prepare
+from flamingo_cli.records import AudioItem, Result
 from flamingo_cli.resume import ResumeIndex, fingerprint
 from flamingo_cli.schema import output_check
 
@@ -39,9 +39,8 @@ __all__ = ["CaptionJob", "Planner", "Producer", "ResultSink", "Stats", "run_pipe
 
 @dataclass(slots=True)
 class _Prepared:
-    plan: ItemPlan
-    decoded: DecodedAudio | None = None
-    error: str | None = None
+    decision: ItemDecision
+    ready: PreparedItem | None = None  # None when the decision (made in the pool, with --hash) skips it
 
 
 # Files smaller than this decode to little (about a minute of MP3): no header read to size them.
@@ -76,7 +75,7 @@ class _Feed(queue.Queue):
 
 
 class Producer(threading.Thread):
-    """Sources -> decode pool -> chunks -> Requests on the feed; error rows straight to the sink."""
+    """Sources -> planner -> prepare pool -> Requests on the feed; error rows straight to the sink."""
 
     def __init__(
         self,
@@ -95,11 +94,11 @@ class Producer(threading.Thread):
         self._begin = getattr(sink, "begin_item", None)
 
     @staticmethod
-    def _audio_estimate(item: AudioItem, plan: ItemPlan | None) -> float:
+    def _audio_estimate(item: AudioItem, decision: ItemDecision | None) -> float:
         """Seconds the item decodes to, from its header (0 for small files: not worth the read)."""
         if item.duration is not None:
             return float(item.duration)
-        if plan is not None and plan.source is not None and plan.source.size < _PROBE_BYTES:
+        if decision is not None and decision.source is not None and decision.source.size < _PROBE_BYTES:
             return 0.0
         return probe_duration(item) or 0.0
 
@@ -112,46 +111,26 @@ class Producer(threading.Thread):
                 continue
         return False
 
-    def _emit(self, item: AudioItem, decoded: DecodedAudio, plan: ItemPlan) -> None:
+    def _fail(self, item: AudioItem, reason: str, decision: ItemDecision) -> None:
+        self.planner.fail_item(self.sink, item, reason, decision)
+
+    def _prepare(self, item: AudioItem, decision: ItemDecision | None) -> _Prepared:
+        """In a pool thread: (with --hash) fingerprint the item and decide, then prepare it if wanted."""
+        if decision is None:
+            decision = self.planner.decide(item, fingerprint(item, content_hash=True))
+            if not decision.wanted:
+                return _Prepared(decision)
         job = self.job
-        chunks = chunk_audio(decoded, job.max_chunk_s, job.chunk_s, job.overlap_s)
-        prompt = self.planner.prompt(item)
-        done = self.planner.done_chunks(item, plan)
-        todo = [c for c in chunks if c.index not in done]
-        if self._begin is not None:
-            self._begin(item.id, plan.source, plan.version, len(todo))
-        # Chunks are views of the decoded array; with several, each request gets its own copy, so a
-        # chunk in flight holds its own seconds, not the whole (possibly 3-hour) track.
-        copy = len(chunks) > 1
-        for chunk in todo:
-            if chunk.error:
-                self.sink.write(Result(chunk=chunk, prompt=prompt, error=chunk.error))
-                with self.stats.lock:
-                    self.stats.chunks_failed += 1
-                continue
-            with self.stats.lock:
-                self.stats.chunks_queued += 1
-                self.stats.audio_s_queued += chunk.end_s - chunk.start_s
-            if copy:
-                chunk.samples = chunk.samples.copy()
-            if not self._put(job.prompts.request(chunk, prompt)):
-                return
-
-    def _fail(self, item: AudioItem, reason: str, plan: ItemPlan) -> None:
-        self.planner.fail_item(self.sink, item, reason, plan)
-
-    def _prepare(self, item: AudioItem, plan: ItemPlan | None) -> _Prepared:
-        """In a pool thread: (with --hash) fingerprint and plan the item, then decode it if wanted."""
-        if plan is None:
-            plan = self.planner.plan(item, fingerprint(item, content_hash=True))
-            if not plan.wanted:
-                return _Prepared(plan)
-        try:
-            return _Prepared(plan, decoded=decode(item))
-        except AudioDecodeError as exc:
-            return _Prepared(plan, error=str(exc))
-        except Exception as exc:
-            return _Prepared(plan, error=f"{item.path}: unexpected decode error: {type(exc).__name__}: {exc}")
+        ready = prepare(
+            item,
+            max_chunk_s=job.max_chunk_s,
+            chunk_s=job.chunk_s,
+            overlap_s=job.overlap_s,
+            prompts=job.prompts,
+            prompt=self.planner.prompt(item),
+            skip=self.planner.done_chunks(item, decision),
+        )
+        return _Prepared(decision, ready)
 
     def run(self) -> None:
         try:
@@ -172,23 +151,23 @@ class Producer(threading.Thread):
                 item = self.planner.unique(item)
                 with self.stats.lock:
                     self.stats.items_seen += 1
-                plan: ItemPlan | None = None
+                decision: ItemDecision | None = None
                 if item.error:  # bad before decoding (missing file, bad manifest row): nothing to stat
-                    plan = self.planner.plan(item, None)
+                    decision = self.planner.decide(item, None)
                 elif not self.job.content_hash:
                     # The stat comes before the decode: a file changed in between is redone next run.
-                    plan = self.planner.plan(item, fingerprint(item))
-                if plan is not None and not plan.wanted:
+                    decision = self.planner.decide(item, fingerprint(item))
+                if decision is not None and not decision.wanted:
                     with self.stats.lock:
                         self.stats.items_skipped += 1
                     continue
                 if item.error:
-                    assert plan is not None
-                    self._fail(item, item.error, plan)
+                    assert decision is not None
+                    self._fail(item, item.error, decision)
                     continue
-                # With --hash the pool hashes, plans and decodes (hashing reads the whole file).
-                est = self._audio_estimate(item, plan)
-                pending.append((item, pool.submit(self._prepare, item, plan), est))
+                # With --hash the pool hashes, decides and prepares (hashing reads the whole file).
+                est = self._audio_estimate(item, decision)
+                pending.append((item, pool.submit(self._prepare, item, decision), est))
                 pending_s += est
                 # Emit in input order; keep at most workers*2 decodes, and max_pending_audio_s of audio
                 # (one item always), ahead of the engine.
@@ -210,21 +189,36 @@ class Producer(threading.Thread):
         return est
 
     def _emit_prepared(self, item: AudioItem, prepared: _Prepared) -> None:
-        plan = prepared.plan
-        if not plan.wanted:
+        decision = prepared.decision
+        if not decision.wanted:
             with self.stats.lock:
                 self.stats.items_skipped += 1
             return
         with self.stats.lock:
             self.stats.items_queued += 1
-        if prepared.error is not None:
-            self._fail(item, prepared.error, plan)
+        ready = prepared.ready
+        assert ready is not None
+        if ready.error is not None:
+            self._fail(item, ready.error, decision)
             return
-        assert prepared.decoded is not None
-        try:
-            self._emit(item, prepared.decoded, plan)
-        except ValueError as exc:
-            self._fail(item, f"{item.path}: {exc}", plan)
+        if self._begin is not None:
+            self._begin(item.id, decision.source, decision.version, len(ready.requests))
+        for request in ready.requests:
+            chunk = request.chunk
+            if chunk.error:
+                self.sink.write(Result(chunk=chunk, prompt=request.prompt, error=chunk.error))
+                with self.stats.lock:
+                    self.stats.chunks_failed += 1
+                continue
+            with self.stats.lock:
+                self.stats.chunks_queued += 1
+                self.stats.audio_s_queued += chunk.end_s - chunk.start_s
+            # Chunks are views of the decoded array; with several, each request gets its own copy, so a
+            # chunk in flight holds its own seconds, not the whole (possibly 3-hour) track.
+            if chunk.num_chunks > 1:
+                chunk.samples = chunk.samples.copy()
+            if not self._put(request):
+                return
 
 
 def run_pipeline(

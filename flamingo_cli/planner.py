@@ -116,7 +116,7 @@ class CaptionJob:
 
 
 @dataclass(slots=True)
-class ItemPlan:
+class ItemDecision:
     """What to do with one item: its source fingerprint, the version its rows get, which chunks to skip."""
 
     source: Fingerprint | None
@@ -141,26 +141,26 @@ class Planner:
         reason = item.error or duplicate_reason(item.id, f"{item.path} and an earlier input")
         return duplicate_row(item, reason, f"{item.id}#{count}")
 
-    def plan(self, item: AudioItem, source: Fingerprint | None) -> ItemPlan:
+    def decide(self, item: AudioItem, source: Fingerprint | None) -> ItemDecision:
         """Skip, finish or redo the item, from what the output holds and the file now."""
         index = self.index
         if index is None or item.id not in index:
             version = 0 if index is None else (index.version(item.id) or 0)
-            return ItemPlan(source, version, fresh=True)
+            return ItemDecision(source, version, fresh=True)
         version, changed = index.source_version(item.id, source, self.job.content_hash)
         if changed:
             with self.stats.lock:
                 self.stats.items_changed += 1
-            return ItemPlan(source, version, fresh=True)
-        plan = ItemPlan(source, version, fresh=False)
+            return ItemDecision(source, version, fresh=True)
+        decision = ItemDecision(source, version, fresh=False)
         if self.job.retry_failed and index.is_failed(item.id):
-            return plan
-        plan.wanted = not index.is_done(item.id)
-        return plan
+            return decision
+        decision.wanted = not index.is_done(item.id)
+        return decision
 
-    def done_chunks(self, item: AudioItem, plan: ItemPlan) -> set[int]:
+    def done_chunks(self, item: AudioItem, decision: ItemDecision) -> set[int]:
         """Chunk indexes already on disk for this version (failed ones count as not done with --retry-failed)."""
-        if plan.fresh or self.index is None:
+        if decision.fresh or self.index is None:
             return set()
         done = self.index.done_chunks(item.id)
         if self.job.retry_failed:
@@ -172,11 +172,11 @@ class Planner:
         job = self.job
         return (item.prompt if job.use_row_prompts and item.prompt else None) or job.prompt
 
-    def fail_item(self, sink: Any, item: AudioItem, reason: str, plan: ItemPlan) -> None:
+    def fail_item(self, sink: Any, item: AudioItem, reason: str, decision: ItemDecision) -> None:
         """The one error row of an item that failed before its chunks (missing file, decode error)."""
         begin = getattr(sink, "begin_item", None)
         if begin is not None:
-            begin(item.id, plan.source, plan.version, 1)
+            begin(item.id, decision.source, decision.version, 1)
         result = error_result(item, reason)
         sink.write(result)
         self.stats.add_result(result)

@@ -7,8 +7,8 @@ vLLM engine replicas run as Ray actors through ``ray.data.llm`` (``vLLMEnginePro
 and writes it through ``sink.Sink``: the same schema, run key, lock, atomic parts and exactly-once
 resume as ``flamingo caption``.
 
-    driver      sources.iter_items -> plan each item against the ResumeIndex (skip / finish / redo)
-    Ray tasks   audio.decode -> chunking.chunk_audio -> prompts.PromptBuilder   (one row per chunk)
+    driver      sources.iter_items -> decide each item against the ResumeIndex (skip / finish / redo)
+    Ray tasks   prepare.prepare: audio.decode -> chunking.chunk_audio -> prompts   (one row per chunk)
     Ray actors  vLLM (AsyncLLM) through ray.data.llm; N replicas, each on its own GPU(s) or CPUs
     driver      rows -> Results -> Sink.write (begin_item first: source fingerprint and version)
 
@@ -17,7 +17,7 @@ ray.data.llm's per-row error marker ``__inference_error__``, which makes every p
 through untouched; the engine's own per-row failures come back the same way
 (``should_continue_on_error``), so one bad file or request never fails the job.
 
-Planning is a pass over all inputs in the driver before Ray starts (``ray.data.from_items`` needs the
+Deciding is a pass over all inputs in the driver before Ray starts (``ray.data.from_items`` needs the
 list): a stat per file, or a sha256 with ``content_hash``. Ray and vLLM are imported only when a run
 starts; workers on other hosts need flamingo, Ray and vLLM installed (or a ``runtime_env``).
 """
@@ -37,8 +37,6 @@ from typing import Any
 
 import numpy as np
 
-from flamingo_cli.audio import AudioDecodeError, decode
-from flamingo_cli.chunking import chunk_audio
 from flamingo_cli.engine import (
     EngineConfig,
     EngineError,
@@ -51,10 +49,11 @@ from flamingo_cli.engine import (
 )
 from flamingo_cli.models import FAMILIES
 from flamingo_cli.planner import CaptionJob, Planner, ResultSink, Stats
+from flamingo_cli.prepare import prepare
 from flamingo_cli.prompts import PromptBuilder
 from flamingo_cli.quiet import QUIET_ENV, quiet_env
 from flamingo_cli.reasoning import with_reasoning
-from flamingo_cli.records import SAMPLE_RATE, AudioItem, Chunk, DecodedAudio, Fingerprint, Result, error_result
+from flamingo_cli.records import SAMPLE_RATE, AudioItem, Chunk, Fingerprint, Result, error_result
 from flamingo_cli.resume import ResumeIndex, fingerprint
 from flamingo_cli.schema import output_check
 
@@ -186,7 +185,7 @@ def prepare_item(
     overlap_s: float,
     seed: int | None,
 ) -> list[dict[str, Any]]:
-    """In a Ray task: decode one item, cut it into chunks, render each chunk's prompt.
+    """In a Ray task: a driver row -> ``prepare.prepare`` (decode, chunks, prompts) -> chunk rows.
 
     Returns one row per chunk still to caption (the driver sent the done ones as ``skip``), or one error
     row when the file cannot be decoded or chunked; never raises for a bad file.
@@ -200,28 +199,29 @@ def prepare_item(
         duration=None if duration is None or (isinstance(duration, float) and math.isnan(duration)) else duration,
         data=row.get("data"),
     )
-    try:
-        decoded: DecodedAudio = decode(item)
-        chunks = chunk_audio(decoded, max_chunk_s, chunk_s, overlap_s)
-    except AudioDecodeError as exc:
-        return [_row(seq, 1, error=str(exc))]
-    except ValueError as exc:
-        return [_row(seq, 1, error=f"{item.path}: {exc}")]
-    except Exception as exc:
-        return [_row(seq, 1, error=f"{item.path}: unexpected decode error: {type(exc).__name__}: {exc}")]
     skip = {int(i) for i in (row.get("skip") if row.get("skip") is not None else ())}
-    todo = [c for c in chunks if c.index not in skip]
-    builder = _builder(family, chat_template)
+    prepared = prepare(
+        item,
+        max_chunk_s=max_chunk_s,
+        chunk_s=chunk_s,
+        overlap_s=overlap_s,
+        prompts=_builder(family, chat_template),
+        prompt=str(row["prompt"]),
+        skip=skip,
+    )
+    if prepared.error is not None:
+        return [_row(seq, 1, error=prepared.error)]
+    todo = len(prepared.requests)
     out = []
-    for chunk in todo:
+    for request in prepared.requests:
+        chunk = request.chunk
         if chunk.error:
-            out.append(_row(seq, len(todo), error=chunk.error, chunk=chunk))
+            out.append(_row(seq, todo, error=chunk.error, chunk=chunk))
             continue
-        request = builder.request(chunk, str(row["prompt"]))
         out.append(
             _row(
                 seq,
-                len(todo),
+                todo,
                 chunk=chunk,
                 text=request.text,
                 audio=np.ascontiguousarray(chunk.samples, dtype=np.float32),
@@ -271,7 +271,7 @@ def from_engine_row(row: dict[str, Any], *, max_tokens: int, stop_ids: frozenset
 # --- driver ------------------------------------------------------------------------------------------
 
 
-def _plan(
+def _decide_items(
     job: CaptionJob,
     items: Iterable[AudioItem],
     sink: ResultSink,
@@ -294,17 +294,17 @@ def _plan(
         with stats.lock:
             stats.items_seen += 1
         source = None if item.error else fingerprint(item, content_hash=job.content_hash)
-        plan = planner.plan(item, source)
-        if not plan.wanted:
+        decision = planner.decide(item, source)
+        if not decision.wanted:
             with stats.lock:
                 stats.items_skipped += 1
             continue
         if item.error:
-            planner.fail_item(sink, item, item.error, plan)
+            planner.fail_item(sink, item, item.error, decision)
             continue
         with stats.lock:
             stats.items_queued += 1
-        skip = planner.done_chunks(item, plan)
+        skip = planner.done_chunks(item, decision)
         prompt = planner.prompt(item)
         seq = len(rows)
         rows.append(
@@ -319,7 +319,7 @@ def _plan(
                 "skip": sorted(skip),
             }
         )
-        pending[seq] = _Pending(item, plan.source, plan.version, prompt)
+        pending[seq] = _Pending(item, decision.source, decision.version, prompt)
     stats.sources_exhausted = True
     return rows, pending
 
@@ -474,7 +474,7 @@ def run_ray_pipeline(
         quiet_env()  # vLLM and torch read it at import, in the driver as on the workers
         _quiet_logs()
     stats = stats or Stats()
-    rows, pending = _plan(job, items, sink, stats, index, stop_event)
+    rows, pending = _decide_items(job, items, sink, stats, index, stop_event)
     params = sampling_dict(config.model, job.sampling)
     seed = config.seed if job.sampling.seed is None else job.sampling.seed
     if run_info is not None:
