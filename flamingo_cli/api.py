@@ -93,8 +93,10 @@ def run(
     stop_event: threading.Event | None = None,
 ) -> CaptionReport:
     """Run a validated spec; every exit after this point writes the summary (JSON, log file)."""
+    from flamingo_cli.launch import refuse_to_rerun_in_a_spawned_child
     from flamingo_cli.progress import Progress
 
+    refuse_to_rerun_in_a_spawned_child("flamingo_cli.caption()")
     env = env or Environment()
     progress = Progress(
         env,
@@ -139,11 +141,12 @@ def plan(spec: CaptionSpec, on_file: Any = None) -> Any:
 
 def describe(path: str | Path, *, engine: Any = None, env: Environment | None = None, **options: Any) -> dict[str, Any]:
     """One track through the describe-music task: what ``flamingo describe-music --json`` prints."""
-    from flamingo_cli.launch import get_engine
+    from flamingo_cli.launch import get_engine, refuse_to_rerun_in_a_spawned_child
     from flamingo_cli.pipeline import run_pipeline
     from flamingo_cli.prompts import load_chat_template
     from flamingo_cli.records import AudioItem
 
+    refuse_to_rerun_in_a_spawned_child("flamingo_cli.describe()")
     track = Path(path)
     if not track.exists():
         raise UsageError(f"{track}: file not found")

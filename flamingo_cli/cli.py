@@ -162,6 +162,9 @@ MelOpt = Annotated[
         help="Where the log-mel features are computed: auto (the GPU when the engine runs on one), cpu, cuda.",
     ),
 ]
+CpuKvOpt = Annotated[
+    float, typer.Option("--cpu-kv-cache-gb", help="GiB of KV cache for vLLM's CPU backend (whole GiB, ≥ 1).")
+]
 
 
 def _report_console():
@@ -256,6 +259,7 @@ def caption(
     kv_cache_dtype: KvCacheOpt = "auto",
     trim_encoder: TrimOpt = True,
     mel_device: MelOpt = "auto",
+    cpu_kv_cache_gb: CpuKvOpt = 2.0,
     ignore_eos: Annotated[bool, typer.Option("--ignore-eos", hidden=True)] = False,
     schema: SchemaOpt = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,

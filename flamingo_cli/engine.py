@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from flamingo_cli.engine_options import EngineOptions
 from flamingo_cli.errors import EngineError
 from flamingo_cli.models import TOKENS_PER_WINDOW, WINDOW_S, ModelFamily
 from flamingo_cli.quiet import engine_log_path, log_tail, quiet_env, redirect_fds, remove_quietly
@@ -29,21 +30,17 @@ from flamingo_cli.records import SAMPLE_RATE, Request, Result, Sampling
 END = None  # put on a feed to say no more requests will come
 
 
-@dataclass(frozen=True)
-class EngineConfig:
+@dataclass(frozen=True, kw_only=True)
+class EngineConfig(EngineOptions):
+    """The caller's ``EngineOptions`` plus what the run sizes and decides: the model, the longest chunk,
+    the token budget, the seed, the replicas' devices and the in-flight caps."""
+
     model: str
     family: ModelFamily
     max_chunk_s: float
     max_tokens: int = 512
     prompt_budget: int = 1024  # text tokens a prompt may take besides its audio
-    dtype: str = "auto"
-    gpu_memory_utilization: float = 0.9
-    tensor_parallel_size: int = 1
-    max_num_seqs: int | None = None
-    max_num_batched_tokens: int | None = None
-    enforce_eager: bool = False
     seed: int = 0
-    cpu_kv_cache_gb: float = 2.0
     max_in_flight: int = 512
     max_in_flight_audio_s: float = 4 * 3600.0
     verbose: bool = False
@@ -57,19 +54,6 @@ class EngineConfig:
     # core of the host in every replica. A cap is a candidate fix for multi-GPU scaling, not yet measured
     # on GPUs, so it is not the default (BENCHMARKS.md, "Scale-out").
     replica_threads: int | None = None
-    # Run the audio tower on each window's valid frames (flamingo_cli/vllm_plugin.py): exact up to
-    # float rounding (PARITY.md), so on by default; False runs vLLM's untrimmed encoder.
-    trim_encoder: bool = True
-    # FP8 fast paths, a quality trade the user chooses (PARITY.md has the measured deltas): weights
-    # quantised at load time ("fp8"; the language model only, vLLM's audio tower stays in its dtype)
-    # and the KV cache ("fp8" = e4m3). Checked by ``check_options`` before a model loads.
-    quantization: str | None = None
-    kv_cache_dtype: str = "auto"
-    # Where vLLM's front-end computes each request's log-mel (the HF feature extractor's ``device``):
-    # "auto" = the GPU when the engine runs on one, else the CPU; None/"cpu" = on the CPU thread that also
-    # drives the engine; "cuda" = torch's STFT on the GPU. Measured on an H200 (BENCHMARKS.md,
-    # 2026-12-02): the CPU log-mel starves the GPU on short clips (10-s clips 35.2 -> 48.7 windows/s).
-    mel_device: str | None = "auto"
 
     @property
     def windows(self) -> int:
@@ -158,7 +142,8 @@ class VllmEngine:
 
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(int(max(1, config.cpu_kv_cache_gb))))
+        for name, value in engine_env(config).items():
+            os.environ.setdefault(name, value)
         # Without --verbose vLLM's output (its processes' logs and load bars) goes to a log file, not the
         # terminal; see flamingo_cli/quiet.py. The file is removed at exit, kept when the start fails.
         self.log_path = None if config.verbose else engine_log_path()
@@ -373,27 +358,6 @@ class VllmEngine:
 
 
 GPU_MAX_NUM_BATCHED_TOKENS = 32768
-QUANTIZATIONS = ("fp8",)
-KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3", "fp8_e5m2")
-
-
-class EngineOptionError(ValueError):
-    """An engine option that cannot work here; raised before any model loads (a usage error)."""
-
-
-def check_options(config: EngineConfig, use_gpu: bool) -> None:
-    """Reject FP8 options vLLM 0.24 cannot run on this machine, with the reason, before loading."""
-    if config.quantization is not None and config.quantization not in QUANTIZATIONS:
-        raise EngineOptionError(f"--quantization {config.quantization!r}: expected one of {', '.join(QUANTIZATIONS)}")
-    if config.kv_cache_dtype not in KV_CACHE_DTYPES:
-        raise EngineOptionError(
-            f"--kv-cache-dtype {config.kv_cache_dtype!r}: expected one of {', '.join(KV_CACHE_DTYPES)}"
-        )
-    if config.quantization and not use_gpu:
-        raise EngineOptionError(
-            f"--quantization {config.quantization} needs a CUDA GPU (FP8 matmuls pay on Hopper or newer); "
-            "vLLM's CPU backend has no FP8 weight path"
-        )
 
 
 # Structured outputs (--schema): xgrammar, the backend flamingo checks schemas against before a run
@@ -403,8 +367,9 @@ STRUCTURED_OUTPUTS_CONFIG = {"backend": "xgrammar", "disable_any_whitespace": Tr
 
 
 def engine_kwargs(config: EngineConfig, use_gpu: bool) -> dict[str, Any]:
-    """vLLM engine arguments for ``config`` (all but ``model``): one place for the local and Ray paths."""
-    check_options(config, use_gpu)
+    """vLLM engine arguments for ``config`` (all but ``model``): one place for the local and Ray paths;
+    ``EngineOptionError`` for an option that cannot work (``use_gpu``: the engine runs on a GPU)."""
+    config.check(use_gpu)
     kwargs: dict[str, Any] = dict(
         max_model_len=config.max_model_len,
         # One audio per prompt; vLLM sizes its profiling run and encoder cache by the longest chunk.
@@ -440,6 +405,12 @@ def engine_kwargs(config: EngineConfig, use_gpu: bool) -> dict[str, Any]:
         kwargs["max_num_batched_tokens"] = GPU_MAX_NUM_BATCHED_TOKENS
     kwargs.update(config.extra)
     return kwargs
+
+
+def engine_env(config: EngineConfig) -> dict[str, str]:
+    """The environment variables vLLM reads its options from (the local engine sets them unless the
+    user did; the Ray path puts them in its workers' runtime env)."""
+    return {"VLLM_CPU_KVCACHE_SPACE": str(int(max(1, config.cpu_kv_cache_gb)))}
 
 
 def has_cuda() -> bool:

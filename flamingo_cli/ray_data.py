@@ -42,6 +42,7 @@ from flamingo_cli.engine import (
     EngineError,
     Sampling,
     effective_sampling,
+    engine_env,
     engine_kwargs,
     engine_versions,
     request_seed,
@@ -361,7 +362,7 @@ def _result(row: dict[str, Any], entry: _Pending) -> Result:
 
 def _runtime_env(config: EngineConfig, settings: RaySettings) -> dict[str, Any]:
     env: dict[str, Any] = dict(settings.runtime_env or {})
-    env_vars = {"VLLM_CPU_KVCACHE_SPACE": str(int(max(1, config.cpu_kv_cache_gb)))}
+    env_vars = engine_env(config)
     if not config.verbose:
         env_vars.update(QUIET_ENV)
     env["env_vars"] = {**env_vars, **dict(env.get("env_vars") or {})}

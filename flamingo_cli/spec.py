@@ -8,7 +8,9 @@ then the caller's overrides. ``seed`` and ``max_tokens`` live in ``Sampling`` on
 
 To add an option: a field here (with its check in ``_validate``), the Typer option in ``cli.py`` with
 the same name; ``api.caption`` takes it as a keyword at once. Options that change what is generated
-belong in ``identity()`` (and so in the run key); how it runs (GPUs, workers, logs) does not.
+belong in ``identity()`` (and so in the run key); how it runs (GPUs, workers, logs) does not. An engine
+option is a field of ``engine_options.EngineOptions`` instead (its rule and run-key role with it):
+``build`` routes it there by name.
 """
 
 from __future__ import annotations
@@ -21,12 +23,12 @@ from pathlib import Path
 from typing import Any
 
 from flamingo_cli.config import Preset, load_preset
+from flamingo_cli.engine_options import ENGINE_OPTIONS, EngineOptionError, EngineOptions, check_range
 from flamingo_cli.errors import UsageError
 from flamingo_cli.models import ModelFamily, family_for, resolve_model_id
 from flamingo_cli.records import AudioItem, Sampling
 
 EXECUTORS = ("local", "ray")
-DTYPES = ("auto", "bfloat16", "float16", "float32", "half", "float")
 DEFAULT_MAX_TOKENS = 512
 
 
@@ -66,18 +68,8 @@ class CaptionSpec:
     ray_replicas: int | tuple[int, int] = 1
     ray_settings: Any = field(default=None, compare=False)  # ray_data.RaySettings: the rest of Ray's knobs
     workers: int | None = None
-    # the engine
-    dtype: str = "auto"
-    gpu_memory_utilization: float = 0.9
-    tensor_parallel_size: int = 1
-    max_num_seqs: int | None = None
-    max_num_batched_tokens: int | None = None
-    enforce_eager: bool = False
-    cpu_kv_cache_gb: float = 2.0
-    quantization: str | None = None  # "fp8": LM weights in FP8 (GPU), a quality trade the user chooses
-    kv_cache_dtype: str = "auto"
-    trim_encoder: bool = True  # audio tower on each window's valid frames (exact; vllm_plugin.py)
-    mel_device: str = "auto"  # where vLLM computes the log-mel: auto (the GPU on GPU hosts), cpu, cuda
+    # the engine: dtype, memory, batch caps, FP8, ... (each a keyword of ``build`` by its field name)
+    engine_options: EngineOptions = field(default_factory=EngineOptions)
     # what the operator sees
     quiet: bool = False
     verbose: bool = False
@@ -102,7 +94,7 @@ class CaptionSpec:
         for name in ("log_file", "summary_json"):
             if name in opts:
                 opts[name] = str(opts[name])
-        for name in ("chunk_seconds", "overlap", "gpu_memory_utilization", "log_interval"):
+        for name in ("chunk_seconds", "overlap", "log_interval"):
             # the CLI hands floats: 20 and 20.0 must be one run key
             if isinstance(opts.get(name), int) and not isinstance(opts[name], bool):
                 opts[name] = float(opts[name])
@@ -114,8 +106,10 @@ class CaptionSpec:
         model_opt = opts.pop("model", None)
         prompt_opt = opts.pop("prompt", None)
         schema_opt = opts.pop("schema", None)
+        engine_options = EngineOptions(**{k: opts.pop(k) for k in ENGINE_OPTIONS if k in opts})
         known = {f.name for f in fields(cls)} - {"inputs", "out", "model", "family", "task", "prompt", "sampling"}
-        known -= {"preset", "devices", "extensions", "json_schema"}
+        known -= {"preset", "devices", "extensions", "json_schema", "engine_options"}
+        known |= set(ENGINE_OPTIONS)
         unknown = sorted(set(opts) - known)
         if unknown:
             raise SpecError(f"unknown option(s) {', '.join(unknown)}; known: {', '.join(sorted(known | _PUBLIC))}")
@@ -146,6 +140,7 @@ class CaptionSpec:
             extensions=_extensions(ext),
             shard=_shard(shard),
             ray_replicas=_ray_replicas(ray_replicas),
+            engine_options=engine_options,
             **opts,
         )
         spec._validate()
@@ -155,7 +150,8 @@ class CaptionSpec:
 
     def with_options(self, **options: Any) -> CaptionSpec:
         """A copy with run-time options changed (not the identity: use ``build`` for that)."""
-        spec = replace(self, **options)
+        engine = {k: options.pop(k) for k in ENGINE_OPTIONS if k in options}
+        spec = replace(self, **options, engine_options=replace(self.engine_options, **engine))
         spec._validate()
         return spec
 
@@ -178,37 +174,23 @@ class CaptionSpec:
             _check_range("--workers", self.workers, lo=1, integer=True)
         if self.executor not in EXECUTORS:
             raise SpecError(f"--executor {self.executor!r}: expected {' or '.join(EXECUTORS)}")
-        if self.dtype not in DTYPES:
-            raise SpecError(f"--dtype {self.dtype!r}: expected one of {', '.join(DTYPES)}")
-        _check_range("--gpu-memory-utilization", self.gpu_memory_utilization, lo=0, hi=1, lo_open=True)
-        _check_range("--tensor-parallel-size", self.tensor_parallel_size, lo=1, integer=True)
-        for name, value in (
-            ("--replicas", self.replicas),
-            ("--max-num-seqs", self.max_num_seqs),
-            ("--max-num-batched-tokens", self.max_num_batched_tokens),
-        ):
-            if value is not None:
-                _check_range(name, value, lo=1, integer=True)
+        self._check_engine_options()
+        if self.replicas is not None:
+            _check_range("--replicas", self.replicas, lo=1, integer=True)
         _check_range("--log-interval", self.log_interval, lo=0, lo_open=True)
-        _check_range("cpu_kv_cache_gb", self.cpu_kv_cache_gb, lo=0, lo_open=True)
-        if self.mel_device not in ("auto", "cpu", "cuda"):
-            raise SpecError(f"--mel-device {self.mel_device!r}: expected auto, cpu or cuda")
-        if self.mel_device == "cuda":
+
+    def _check_engine_options(self) -> None:
+        """Each engine option's rule (``EngineOptions.check``); what needs a GPU the engine will not have
+        fails now, not after minutes of model loading."""
+
+        def use_gpu() -> bool:
             from flamingo_cli.engine import has_cuda
 
-            if not has_cuda():
-                raise SpecError("--mel-device cuda needs a CUDA GPU; this host has none (use auto or cpu)")
-        if self.quantization is not None or self.kv_cache_dtype != "auto":
-            self._check_fp8()
+            # A Ray cluster's GPUs are not this host's: only the values are checked for it.
+            return self.executor != "local" or has_cuda()
 
-    def _check_fp8(self) -> None:
-        """FP8 options vLLM cannot run here fail now, not after minutes of model loading."""
-        from flamingo_cli.engine import EngineOptionError, check_options, has_cuda
-
-        # A Ray cluster's GPUs are not this host's: only the option names are checked for it.
-        use_gpu = self.executor != "local" or has_cuda()
         try:
-            check_options(self.engine_config(), use_gpu)
+            self.engine_options.check(use_gpu)
         except EngineOptionError as exc:
             raise SpecError(str(exc)) from exc
 
@@ -216,7 +198,7 @@ class CaptionSpec:
         from flamingo_cli.data_parallel import plan_replicas
 
         try:
-            return tuple(plan_replicas(self.gpus, self.tensor_parallel_size, self.replicas))
+            return tuple(plan_replicas(self.gpus, self.engine_options.tensor_parallel_size, self.replicas))
         except ValueError as exc:
             raise SpecError(str(exc)) from exc
 
@@ -231,6 +213,7 @@ class CaptionSpec:
             "sampling": self.sampling.identity(),
             "chunk_seconds": self.chunk_seconds,
             "overlap": self.overlap,
+            **self.engine_options.identity(),
         }
 
     @property
@@ -289,24 +272,14 @@ class CaptionSpec:
             windows = 1 << max(0, math.ceil(math.log2(max(1.0, longest_chunk_s / WINDOW_S))))
             max_chunk_s = min(max_chunk_s, float(windows * WINDOW_S))
         return EngineConfig(
+            **self.engine_options.options(),
             model=self.model,
             family=self.family,
             max_chunk_s=max_chunk_s,
             max_tokens=self.sampling.max_tokens,
-            dtype=self.dtype,
-            gpu_memory_utilization=self.gpu_memory_utilization,
-            tensor_parallel_size=self.tensor_parallel_size,
-            max_num_seqs=self.max_num_seqs,
-            max_num_batched_tokens=self.max_num_batched_tokens,
-            enforce_eager=self.enforce_eager,
             seed=self.seed,
-            cpu_kv_cache_gb=self.cpu_kv_cache_gb,
             verbose=self.verbose,
             devices=self.devices if self.executor == "local" else (),
-            quantization=self.quantization,
-            kv_cache_dtype=self.kv_cache_dtype,
-            trim_encoder=self.trim_encoder,
-            mel_device=self.mel_device,
         )
 
     @property
@@ -360,32 +333,8 @@ _SAMPLING_OPTIONS = ("temperature", "top_p", "top_k", "repetition_penalty", "max
 _PUBLIC = {"task", "model", "prompt", "ext", "shard", "ray_replicas", "hash", "schema", *_SAMPLING_OPTIONS}
 
 
-def _check_range(
-    name: str,
-    value: Any,
-    lo: float | None = None,
-    hi: float | None = None,
-    *,
-    lo_open: bool = False,
-    integer: bool = False,
-    where: str = "",
-) -> None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if ok and integer:
-        ok = float(value).is_integer()
-    if ok and lo is not None:
-        ok = value > lo if lo_open else value >= lo
-    if ok and hi is not None:
-        ok = value <= hi
-    if not ok:
-        kind = "an integer" if integer else "a number"
-        bounds = []
-        if lo is not None:
-            bounds.append(f"{'>' if lo_open else '≥'} {lo:g}")
-        if hi is not None:
-            bounds.append(f"≤ {hi:g}")
-        rule = f"{kind} {' and '.join(bounds)}".strip()
-        raise SpecError(f"{name} {value!r}{where}: expected {rule}")
+def _check_range(name: str, value: Any, lo: float | None = None, hi: float | None = None, **rule: Any) -> None:
+    check_range(name, value, lo, hi, error=SpecError, **rule)
 
 
 def check_sampling(values: Mapping[str, Any], where: str = "") -> None:

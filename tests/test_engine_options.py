@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
+import re
+from typing import Any
+
 import pytest
 
-from flamingo_cli.engine import EngineConfig, EngineOptionError, check_options, engine_kwargs
+from flamingo_cli.engine import EngineConfig, engine_env, engine_kwargs
+from flamingo_cli.engine_options import EngineOptionError, EngineOptions, flag
 from flamingo_cli.models import AF3, MF
+from flamingo_cli.spec import CaptionSpec, SpecError
 
 
 def _config(**kw) -> EngineConfig:
@@ -21,14 +27,14 @@ def test_fp8_is_off_by_default_and_passed_through_when_asked():
 
 def test_fp8_weights_on_cpu_is_a_usage_error_naming_the_reason():
     with pytest.raises(EngineOptionError, match="needs a CUDA GPU"):
-        check_options(_config(quantization="fp8"), use_gpu=False)
-    check_options(_config(kv_cache_dtype="fp8"), use_gpu=False)  # vLLM's CPU attention has an FP8 KV cache
+        _config(quantization="fp8").check(use_gpu=False)
+    _config(kv_cache_dtype="fp8").check(use_gpu=False)  # vLLM's CPU attention has an FP8 KV cache
 
 
 @pytest.mark.parametrize(("field", "value"), [("quantization", "int3"), ("kv_cache_dtype", "fp4")])
 def test_unknown_fp8_option_values_are_rejected(field, value):
     with pytest.raises(EngineOptionError, match=value):
-        check_options(_config(**{field: value}), use_gpu=True)
+        _config(**{field: value}).check(use_gpu=True)
 
 
 @pytest.mark.parametrize(("seconds", "windows"), [(10.0, 1), (30.0, 1), (30.5, 2), (300.0, 10), (600.0, 20)])
@@ -87,3 +93,96 @@ def test_the_plan_before_the_engine_finds_the_longest_chunk(tmp_path, tiny_af3):
     assert chunked.max_chunk_s == 20.0 and scout(chunked, ResumeIndex()).longest_chunk_s is None
     quick = scout(spec, ResumeIndex(), size=False)
     assert (quick.todo, quick.complete, quick.longest_chunk_s, quick.seen) == (1, False, None, 1)
+
+
+# -- every engine option, generically: adding one is a field of EngineOptions and its Typer option ------
+
+ENGINE_FIELDS = dataclasses.fields(EngineOptions)
+
+
+def _other_value(f: dataclasses.Field) -> Any:
+    """A valid value of option ``f`` other than its default, from its rule."""
+    rule = f.metadata["rule"]
+    if rule.boolean:
+        return not f.default
+    if rule.choices:
+        return next(c for c in rule.choices if c != f.default)
+    if rule.integer:
+        return int(f.default or rule.lo or 0) + 1
+    if rule.hi is not None:
+        return (rule.lo + rule.hi) / 2
+    return f.default * 2
+
+
+def _cli_args(param: Any, value: Any) -> list[str]:
+    if param.is_flag:
+        return [param.opts[0] if value else param.secondary_opts[0]]
+    return [param.opts[0], str(value)]
+
+
+@pytest.mark.parametrize("f", ENGINE_FIELDS, ids=lambda f: f.name)
+def test_every_engine_option_is_a_caption_cli_option_of_the_same_name(f):
+    import typer.main
+
+    from flamingo_cli.cli import app
+
+    command = typer.main.get_command(app).commands["caption"]
+    params = {p.name: p for p in command.params}
+    assert f.name in params, f"EngineOptions.{f.name} has no `flamingo caption` option"
+    param = params[f.name]
+    assert flag(f.name) in param.opts and param.default == f.default
+    value = _other_value(f)
+    ctx = command.make_context("caption", ["in", "--out", "o", *_cli_args(param, value)])
+    assert ctx.params[f.name] == value  # cli.caption hands every parameter to api.caption by its name
+
+
+@pytest.mark.parametrize("f", ENGINE_FIELDS, ids=lambda f: f.name)
+def test_every_engine_option_reaches_the_engine_and_not_the_run_key(tmp_path, f):
+    """CaptionSpec.build takes it by name, EngineConfig carries it, engine_kwargs or engine_env hands it to
+    vLLM, and it joins the run key only if it is marked as changing what is generated (none is today)."""
+    value = _other_value(f)
+    # executor="ray": the values are checked, not this host's GPUs (tensor parallel, FP8 weights).
+    base = CaptionSpec.build([str(tmp_path)], tmp_path / "out", model="af3", executor="ray")
+    spec = CaptionSpec.build([str(tmp_path)], tmp_path / "out", model="af3", executor="ray", **{f.name: value})
+    assert getattr(spec.engine_options, f.name) == value
+    config = spec.engine_config()
+    assert isinstance(config, EngineOptions) and getattr(config, f.name) == value
+    default = base.engine_config()
+    reaches = ({**engine_kwargs(c, use_gpu=True), **engine_env(c)} for c in (default, config))
+    assert next(reaches) != next(reaches), f"{f.name}={value!r} changes nothing vLLM gets"
+    if f.metadata["identity"]:
+        assert spec.identity()[f.name] == value and spec.run_key != base.run_key
+    else:
+        assert f.name not in spec.identity() and spec.run_key == base.run_key
+
+
+@pytest.mark.parametrize("f", ENGINE_FIELDS, ids=lambda f: f.name)
+def test_flamingo_caption_checks_every_engine_option_before_any_model_loads(tmp_path, f):
+    """The Python API routes the keyword into the options and a bad value is a SpecError naming the
+    option as the CLI spells it; the injected engine is never asked for anything."""
+    from fakes import FakeEngine
+
+    import flamingo_cli
+
+    engine = FakeEngine()
+    with pytest.raises(SpecError, match=re.escape(flag(f.name))):
+        flamingo_cli.caption([str(tmp_path)], tmp_path / "out", engine=engine, model="af3", **{f.name: "bad"})
+    assert engine.requests == [] and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"dtype": "fp64"}, "--dtype 'fp64': expected one of auto, bfloat16, float16, float32, half, float"),
+        ({"gpu_memory_utilization": 0}, "--gpu-memory-utilization 0.0: expected a number > 0 and ≤ 1"),
+        ({"tensor_parallel_size": 0}, "--tensor-parallel-size 0: expected an integer ≥ 1"),
+        ({"max_num_seqs": 1.5}, "--max-num-seqs 1.5: expected an integer ≥ 1"),
+        ({"mel_device": "tpu"}, "--mel-device 'tpu': expected auto, cpu or cuda"),
+        ({"quantization": "int3"}, "--quantization 'int3': expected one of fp8"),
+        ({"kv_cache_dtype": "fp4"}, "--kv-cache-dtype 'fp4': expected one of auto, fp8, fp8_e4m3, fp8_e5m2"),
+    ],
+)
+def test_engine_option_messages(tmp_path, options, message):
+    with pytest.raises(SpecError) as info:
+        CaptionSpec.build([str(tmp_path)], tmp_path / "out", model="af3", **options)
+    assert str(info.value) == message
