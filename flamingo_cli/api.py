@@ -232,7 +232,7 @@ def scout(
     model's cap, or after ``budget_s`` of reading headers: then the engine is sized for the cap).
     ``size=False`` (an engine that is not sized from the plan) stops at the first item with work."""
     from flamingo_cli.audio import probe_duration
-    from flamingo_cli.chunking import plan_chunks
+    from flamingo_cli.chunking import chunk_spans
     from flamingo_cli.planner import Planner, Stats
     from flamingo_cli.resume import fingerprint
 
@@ -262,7 +262,7 @@ def scout(
         if seconds is None or seconds <= 0:
             result.longest_chunk_s = None  # unknown length (a header that says nothing): size for the cap
         elif result.longest_chunk_s is not None:
-            spans = plan_chunks(seconds, job.max_chunk_s, spec.chunk_seconds, spec.overlap).spans
+            spans = chunk_spans(seconds, job.max_chunk_s, spec.chunk_seconds, spec.overlap).spans
             result.longest_chunk_s = max(result.longest_chunk_s, max((e - s for s, e in spans), default=0.0))
         if result.longest_chunk_s is None or result.longest_chunk_s >= cap or time.monotonic() - first_todo > budget_s:
             result.complete = False

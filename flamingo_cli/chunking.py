@@ -3,7 +3,7 @@
 The HF processor silently truncates audio beyond the model's cap (AF3 600 s, MF 1200 s), so longer
 items are split. Boundaries are planned once on integer 16 kHz sample indices, so adjacent chunks
 share exact boundaries and every chunk's sample count is provably <= cap * 16000. The same planner
-serves chunk_audio() (real samples) and plan_chunks() (durations only, for --dry-run), so the two
+serves chunk_audio() (real samples) and chunk_spans() (durations only, for --dry-run), so the two
 always agree.
 """
 
@@ -21,7 +21,7 @@ MIN_CHUNK_SAMPLES = next(n for n in range(1, WINDOW_SAMPLES) if num_audio_tokens
 
 
 @dataclass(frozen=True)
-class ChunkPlan:
+class ChunkSpans:
     """Chunk spans in seconds, relative to the item: pure arithmetic, no samples."""
 
     spans: list[tuple[float, float]]
@@ -50,7 +50,7 @@ def _cap_samples(max_chunk_s: float) -> int:
     return cap
 
 
-def _plan_samples(n: int, max_chunk_s: float, chunk_s: float | None, overlap_s: float) -> list[tuple[int, int]]:
+def _sample_spans(n: int, max_chunk_s: float, chunk_s: float | None, overlap_s: float) -> list[tuple[int, int]]:
     """(start, end) sample indices per chunk; covers [0, n] with no gap, each <= the cap."""
     cap = _cap_samples(max_chunk_s)
     if chunk_s is None:
@@ -103,15 +103,15 @@ def _fix_tiny_tail(spans: list[tuple[int, int]], n: int, cap: int) -> list[tuple
     return [*spans[:-2], (ps, new_pe), (new_ls, n)]
 
 
-def plan_chunks(
+def chunk_spans(
     duration_s: float, max_chunk_s: float, chunk_s: float | None = None, overlap_s: float = 0.0
-) -> ChunkPlan:
+) -> ChunkSpans:
     """The spans chunk_audio() would cut for audio of duration_s seconds (at 16 kHz)."""
     if not math.isfinite(duration_s) or duration_s < 0:
         raise ValueError(f"duration_s must be >= 0, got {duration_s}")
     n = round(duration_s * SAMPLE_RATE)
-    spans = _plan_samples(n, max_chunk_s, chunk_s, overlap_s)
-    return ChunkPlan(spans=[(s / SAMPLE_RATE, e / SAMPLE_RATE) for s, e in spans])
+    spans = _sample_spans(n, max_chunk_s, chunk_s, overlap_s)
+    return ChunkSpans(spans=[(s / SAMPLE_RATE, e / SAMPLE_RATE) for s, e in spans])
 
 
 def chunk_audio(
@@ -120,7 +120,7 @@ def chunk_audio(
     """Cut decoded audio into chunks (views of decoded.samples); too-short chunks carry an error."""
     samples = decoded.samples
     n = int(samples.shape[0])
-    spans = _plan_samples(n, max_chunk_s, chunk_s, overlap_s)
+    spans = _sample_spans(n, max_chunk_s, chunk_s, overlap_s)
     total = n / SAMPLE_RATE
     return [
         Chunk(

@@ -79,7 +79,7 @@ def _visible_text(n: int, wanted: list[int]) -> str:
     return f"this host has {n} visible GPU{'s' if n != 1 else ''} ({have}); asked for {asked}"
 
 
-def plan_replicas(gpus: str | None, tensor_parallel_size: int = 1, replicas: int | None = None) -> list[str | None]:
+def replica_devices(gpus: str | None, tensor_parallel_size: int = 1, replicas: int | None = None) -> list[str | None]:
     """One entry per engine replica: the ``CUDA_VISIBLE_DEVICES`` it gets, or None (no GPU pinning).
 
     ``gpus``: "all"/None (every visible GPU), "none" (CPU), or comma-separated indexes into the visible

@@ -2,7 +2,7 @@
 
 Streams the inputs (``sources.iter_items``), reads each file's duration from its header
 (``audio.probe_duration``: libsndfile, else FFmpeg through PyAV; a thread pool, the GIL is released), cuts the same
-chunks a real run would (``chunking.plan_chunks``) and counts audio tokens (``models.num_audio_tokens``)
+chunks a real run would (``chunking.chunk_spans``) and counts audio tokens (``models.num_audio_tokens``)
 and 30 s encoder windows. Only totals and a few example paths per problem are kept, so a million-row
 manifest plans in constant memory. Never imports torch or vLLM.
 
@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from flamingo_cli.audio import probe_duration
-from flamingo_cli.chunking import plan_chunks
+from flamingo_cli.chunking import chunk_spans
 from flamingo_cli.models import ModelFamily, num_audio_tokens, num_windows
 from flamingo_cli.paths import escape_path
 from flamingo_cli.records import SAMPLE_RATE, AudioItem
@@ -135,7 +135,7 @@ def make_plan(
         plan.readable += 1
         plan.duration_s += seconds
         plan.longest_s = max(plan.longest_s, seconds)
-        for start, end in plan_chunks(seconds, max_chunk_s, chunk_s, overlap_s).spans:
+        for start, end in chunk_spans(seconds, max_chunk_s, chunk_s, overlap_s).spans:
             n = round((end - start) * SAMPLE_RATE)
             tokens = num_audio_tokens(n)
             plan.chunks += 1

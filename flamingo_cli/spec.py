@@ -195,10 +195,10 @@ class CaptionSpec:
             raise SpecError(str(exc)) from exc
 
     def _devices(self) -> tuple[str | None, ...]:
-        from flamingo_cli.data_parallel import plan_replicas
+        from flamingo_cli.data_parallel import replica_devices
 
         try:
-            return tuple(plan_replicas(self.gpus, self.engine_options.tensor_parallel_size, self.replicas))
+            return tuple(replica_devices(self.gpus, self.engine_options.tensor_parallel_size, self.replicas))
         except ValueError as exc:
             raise SpecError(str(exc)) from exc
 

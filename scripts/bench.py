@@ -263,9 +263,9 @@ def _devices(a):
     """--gpus/--replicas as flamingo caption reads them; () keeps the engine in this process."""
     if a.gpus is None and a.replicas is None:
         return ()
-    from flamingo_cli.data_parallel import plan_replicas
+    from flamingo_cli.data_parallel import replica_devices
 
-    return tuple(plan_replicas(a.gpus, 1, a.replicas))
+    return tuple(replica_devices(a.gpus, 1, a.replicas))
 
 
 def _report(mode, a, windows, audio_s, seconds, prompt_tokens, output_tokens, busy, start_s, **extra):
@@ -969,11 +969,11 @@ def cmd_suite(a):
 def _suite_engine(a, family, cap_s):
     config = _suite_config(a, family, cap_s)
     if a.variant in ("replica", "replica2"):
-        from flamingo_cli.data_parallel import DataParallelEngine, plan_replicas
+        from flamingo_cli.data_parallel import DataParallelEngine, replica_devices
 
         # replica: one replica process on GPU 0; replica2: two sharing it (`caption --gpus 0 --replicas 2`)
         count = 2 if a.variant == "replica2" else 1
-        return DataParallelEngine(config, plan_replicas("none" if _on_cpu() else "0", 1, count))
+        return DataParallelEngine(config, replica_devices("none" if _on_cpu() else "0", 1, count))
     from flamingo_cli.launch import get_engine
 
     return get_engine(config)

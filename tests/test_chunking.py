@@ -8,7 +8,7 @@ import random
 import numpy as np
 import pytest
 
-from flamingo_cli.chunking import MIN_CHUNK_SAMPLES, ChunkPlan, chunk_audio, plan_chunks
+from flamingo_cli.chunking import MIN_CHUNK_SAMPLES, ChunkSpans, chunk_audio, chunk_spans
 from flamingo_cli.models import AF3, MF, num_audio_tokens
 from flamingo_cli.records import SAMPLE_RATE, AudioItem, DecodedAudio
 
@@ -39,7 +39,7 @@ def assert_covers(spans: list[tuple[int, int]], n: int, cap: int, overlap: bool 
 
 
 def test_short_item_is_one_chunk() -> None:
-    assert plan_chunks(42.5, 600).spans == [(0.0, 42.5)]
+    assert chunk_spans(42.5, 600).spans == [(0.0, 42.5)]
     chunks = chunk_audio(decoded_of(16000 * 42), 600)
     assert len(chunks) == 1
     c = chunks[0]
@@ -48,17 +48,17 @@ def test_short_item_is_one_chunk() -> None:
 
 
 def test_worked_example_1500s_af3() -> None:
-    assert plan_chunks(1500, AF3.max_audio_s).spans == [(0.0, 510.0), (510.0, 1020.0), (1020.0, 1500.0)]
+    assert chunk_spans(1500, AF3.max_audio_s).spans == [(0.0, 510.0), (510.0, 1020.0), (1020.0, 1500.0)]
 
 
 def test_long_items_are_balanced_and_window_aligned() -> None:
     # 3 hours on MF: ceil(10800/1200) = 9 chunks of exactly 1200 s.
-    spans = plan_chunks(10800, MF.max_audio_s).spans
+    spans = chunk_spans(10800, MF.max_audio_s).spans
     assert spans == [(i * 1200.0, (i + 1) * 1200.0) for i in range(9)]
     # 1201 s on MF: 2 chunks, 630 + 571.
-    assert plan_chunks(1201, MF.max_audio_s).spans == [(0.0, 630.0), (630.0, 1201.0)]
+    assert chunk_spans(1201, MF.max_audio_s).spans == [(0.0, 630.0), (630.0, 1201.0)]
     # 601 s on AF3: 330 + 271.
-    assert plan_chunks(601, AF3.max_audio_s).spans == [(0.0, 330.0), (330.0, 601.0)]
+    assert chunk_spans(601, AF3.max_audio_s).spans == [(0.0, 330.0), (330.0, 601.0)]
 
 
 @pytest.mark.parametrize(
@@ -73,7 +73,7 @@ def test_long_items_are_balanced_and_window_aligned() -> None:
     ],
 )
 def test_cap_boundaries(duration: float, cap: int, expected_n: int) -> None:
-    plan = plan_chunks(duration, cap)
+    plan = chunk_spans(duration, cap)
     assert plan.num_chunks == expected_n
     n = round(duration * SR)
     chunks = chunk_audio(decoded_of(n), cap)
@@ -117,7 +117,7 @@ def test_invariants_over_many_durations_auto() -> None:
     for cap in (AF3.max_audio_s, MF.max_audio_s):
         for duration in durations:
             n = round(duration * SR)
-            spans = [(round(s * SR), round(e * SR)) for s, e in plan_chunks(duration, cap).spans]
+            spans = [(round(s * SR), round(e * SR)) for s, e in chunk_spans(duration, cap).spans]
             assert_covers(spans, n, cap * SR)
             assert len(spans) == -(-n // (cap * SR))  # never more chunks than needed
             # every chunk gives sound tokens: a tiny tail never survives alone
@@ -132,7 +132,7 @@ def test_invariants_over_many_durations_fixed_and_overlap() -> None:
         overlap_s = rng.choice([0.0, 0.0, 1.0, chunk_s / 2, rng.uniform(0, chunk_s * 0.9)])
         duration = rng.uniform(0.05, 3 * 3600)
         n = round(duration * SR)
-        spans = [(round(s * SR), round(e * SR)) for s, e in plan_chunks(duration, cap, chunk_s, overlap_s).spans]
+        spans = [(round(s * SR), round(e * SR)) for s, e in chunk_spans(duration, cap, chunk_s, overlap_s).spans]
         assert_covers(spans, n, cap * SR, overlap=overlap_s > 0)
         size = round(chunk_s * SR)
         assert all(e - s <= size + MIN_CHUNK_SAMPLES for s, e in spans)
@@ -140,18 +140,18 @@ def test_invariants_over_many_durations_fixed_and_overlap() -> None:
 
 
 def test_fixed_chunks() -> None:
-    assert plan_chunks(100, 600, chunk_s=30).spans == [(0.0, 30.0), (30.0, 60.0), (60.0, 90.0), (90.0, 100.0)]
-    assert plan_chunks(90, 600, chunk_s=30).spans == [(0.0, 30.0), (30.0, 60.0), (60.0, 90.0)]
-    assert plan_chunks(20, 600, chunk_s=30).spans == [(0.0, 20.0)]
+    assert chunk_spans(100, 600, chunk_s=30).spans == [(0.0, 30.0), (30.0, 60.0), (60.0, 90.0), (90.0, 100.0)]
+    assert chunk_spans(90, 600, chunk_s=30).spans == [(0.0, 30.0), (30.0, 60.0), (60.0, 90.0)]
+    assert chunk_spans(20, 600, chunk_s=30).spans == [(0.0, 20.0)]
 
 
 def test_overlap() -> None:
-    spans = plan_chunks(100, 600, chunk_s=30, overlap_s=10).spans
+    spans = chunk_spans(100, 600, chunk_s=30, overlap_s=10).spans
     # step 20: 0-30, 20-50, 40-70, 60-90, 80-100; no chunk at 100-100 or wholly inside 80-100
     assert spans == [(0.0, 30.0), (20.0, 50.0), (40.0, 70.0), (60.0, 90.0), (80.0, 100.0)]
     # 90 s: the chunk at 60-90 reaches the end, so no trailing 80-90 chunk inside it.
-    assert plan_chunks(90, 600, chunk_s=30, overlap_s=10).spans[-1] == (60.0, 90.0)
-    assert len(plan_chunks(90, 600, chunk_s=30, overlap_s=10).spans) == 4
+    assert chunk_spans(90, 600, chunk_s=30, overlap_s=10).spans[-1] == (60.0, 90.0)
+    assert len(chunk_spans(90, 600, chunk_s=30, overlap_s=10).spans) == 4
 
 
 def test_overlap_chunks_share_samples() -> None:
@@ -167,22 +167,22 @@ def test_overlap_chunks_share_samples() -> None:
 )
 def test_invalid_fixed_parameters(chunk_s: float, overlap_s: float) -> None:
     with pytest.raises(ValueError):
-        plan_chunks(100, 600, chunk_s=chunk_s, overlap_s=overlap_s)
+        chunk_spans(100, 600, chunk_s=chunk_s, overlap_s=overlap_s)
     with pytest.raises(ValueError):
         chunk_audio(decoded_of(100 * SR), 600, chunk_s=chunk_s, overlap_s=overlap_s)
 
 
 def test_invalid_other_parameters() -> None:
     with pytest.raises(ValueError, match="overlap_s needs chunk_s"):
-        plan_chunks(100, 600, overlap_s=5)
+        chunk_spans(100, 600, overlap_s=5)
     with pytest.raises(ValueError):
-        plan_chunks(100, 0)
+        chunk_spans(100, 0)
     with pytest.raises(ValueError):
-        plan_chunks(-1, 600)
+        chunk_spans(-1, 600)
 
 
 def test_chunk_at_cap_is_allowed() -> None:
-    spans = plan_chunks(1300, 600, chunk_s=600).spans
+    spans = chunk_spans(1300, 600, chunk_s=600).spans
     assert spans == [(0.0, 600.0), (600.0, 1200.0), (1200.0, 1300.0)]
 
 
@@ -204,7 +204,7 @@ def test_tiny_tail_that_cannot_merge_borrows_from_previous() -> None:
     assert all(len(c.samples) <= 600 * SR for c in chunks)
     # Auto mode, 21 chunks where window alignment leaves a 10-sample tail.
     n = 20 * 600 * SR + 10
-    spans = [(round(s * SR), round(e * SR)) for s, e in plan_chunks(n / SR, 600).spans]
+    spans = [(round(s * SR), round(e * SR)) for s, e in chunk_spans(n / SR, 600).spans]
     assert len(spans) == 21
     assert spans[-1] == (n - MIN_CHUNK_SAMPLES, n)
     assert_covers(spans, n, 600 * SR)
@@ -239,7 +239,7 @@ def test_plan_matches_chunk_audio() -> None:
         duration = round(rng.uniform(0.1, 5000), 3)
         n = round(duration * SR)
         for kwargs in ({}, {"chunk_s": 60.0}, {"chunk_s": 120.0, "overlap_s": 15.0}):
-            plan = plan_chunks(duration, 600, **kwargs)
+            plan = chunk_spans(duration, 600, **kwargs)
             chunks = chunk_audio(decoded_of(n), 600, **kwargs)
-            assert isinstance(plan, ChunkPlan)
+            assert isinstance(plan, ChunkSpans)
             assert plan.spans == [(c.start_s, c.end_s) for c in chunks]

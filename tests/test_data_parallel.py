@@ -19,7 +19,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from flamingo_cli.data_parallel import DataParallelEngine, plan_replicas
+from flamingo_cli.data_parallel import DataParallelEngine, replica_devices
 from flamingo_cli.engine import END, EngineConfig, EngineError, Sampling
 from flamingo_cli.models import family_for
 from flamingo_cli.records import AudioItem, Chunk, Request, Result
@@ -125,30 +125,30 @@ def _feed(requests: list[Request]) -> queue.Queue:
 
 def test_plan_replicas_from_visible_gpus(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5,6,7")
-    assert plan_replicas("all") == ["4", "5", "6", "7"]
-    assert plan_replicas(None, tensor_parallel_size=2) == ["4,5", "6,7"]
-    assert plan_replicas("1,3") == ["5", "7"]  # indexes into the visible GPUs, as CUDA numbers them
-    assert plan_replicas("all", replicas=2) == ["4", "5"]
-    assert plan_replicas("0,1,2", tensor_parallel_size=2) == ["4,5"]  # a leftover GPU stays idle
-    assert plan_replicas("none") == [None]
-    assert plan_replicas("none", replicas=3) == [None, None, None]
+    assert replica_devices("all") == ["4", "5", "6", "7"]
+    assert replica_devices(None, tensor_parallel_size=2) == ["4,5", "6,7"]
+    assert replica_devices("1,3") == ["5", "7"]  # indexes into the visible GPUs, as CUDA numbers them
+    assert replica_devices("all", replicas=2) == ["4", "5"]
+    assert replica_devices("0,1,2", tensor_parallel_size=2) == ["4,5"]  # a leftover GPU stays idle
+    assert replica_devices("none") == [None]
+    assert replica_devices("none", replicas=3) == [None, None, None]
     # more replicas than GPU groups: a multiple of them, so many replicas on each group
-    assert plan_replicas("all", replicas=8) == ["4", "5", "6", "7", "4", "5", "6", "7"]
-    assert plan_replicas("0", replicas=2) == ["4", "4"]
-    assert plan_replicas(None, tensor_parallel_size=2, replicas=4) == ["4,5", "6,7", "4,5", "6,7"]
+    assert replica_devices("all", replicas=8) == ["4", "5", "6", "7", "4", "5", "6", "7"]
+    assert replica_devices("0", replicas=2) == ["4", "4"]
+    assert replica_devices(None, tensor_parallel_size=2, replicas=4) == ["4,5", "6,7", "4,5", "6,7"]
     with pytest.raises(ValueError, match=r"--replicas 6 with 4 GPU group\(s\): .*multiple .*\(8 = 2 per group\)"):
-        plan_replicas("all", replicas=6)
+        replica_devices("all", replicas=6)
     for bad, kw in [("9", {}), ("0,0", {}), ("x", {}), ("all", {"replicas": 5}), ("0", {"tensor_parallel_size": 2})]:
         with pytest.raises(ValueError):
-            plan_replicas(bad, **kw)
+            replica_devices(bad, **kw)
 
 
 def test_plan_replicas_without_gpus(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
-    assert plan_replicas("all") == [None]
-    assert plan_replicas("all", replicas=2) == [None, None]
+    assert replica_devices("all") == [None]
+    assert replica_devices("all", replicas=2) == [None, None]
     with pytest.raises(ValueError) as info:
-        plan_replicas("0")
+        replica_devices("0")
     assert str(info.value).startswith("--gpus '0': no GPUs visible on this host (asked for 0)")
     assert "0..-1" not in str(info.value)
 
@@ -156,11 +156,11 @@ def test_plan_replicas_without_gpus(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_plan_replicas_index_beyond_visible_gpus(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "5,7")
     with pytest.raises(ValueError) as info:
-        plan_replicas("1,2")
+        replica_devices("1,2")
     assert str(info.value) == "--gpus '1,2': this host has 2 visible GPUs (GPUs 0..1); asked for 1,2"
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3")
     with pytest.raises(ValueError, match=r"has 1 visible GPU \(GPU 0\); asked for 1$"):
-        plan_replicas("1")
+        replica_devices("1")
 
 
 def test_replicas_cap_torch_threads() -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from conftest import make_audio, run_cli
 
-from flamingo_cli.chunking import plan_chunks
+from flamingo_cli.chunking import chunk_spans
 from flamingo_cli.models import (
     AF3,
     AF3_SYSTEM_PROMPT,
@@ -187,11 +187,11 @@ def test_chat_template_comes_from_the_folder_the_cache_never_an_offline_hub(tmp_
 
 
 def test_a_25_minute_file_is_one_chunk_with_af_next_two_with_mf_three_with_af3():
-    assert plan_chunks(1500.0, AFNEXT.max_audio_s).num_chunks == 1
-    assert plan_chunks(1500.0, MF.max_audio_s).num_chunks == 2
-    assert plan_chunks(1500.0, AF3.max_audio_s).num_chunks == 3
-    assert plan_chunks(1800.0, AFNEXT.max_audio_s).num_chunks == 1
-    assert plan_chunks(1801.0, AFNEXT.max_audio_s).spans == [(0.0, 930.0), (930.0, 1801.0)]
+    assert chunk_spans(1500.0, AFNEXT.max_audio_s).num_chunks == 1
+    assert chunk_spans(1500.0, MF.max_audio_s).num_chunks == 2
+    assert chunk_spans(1500.0, AF3.max_audio_s).num_chunks == 3
+    assert chunk_spans(1800.0, AFNEXT.max_audio_s).num_chunks == 1
+    assert chunk_spans(1801.0, AFNEXT.max_audio_s).spans == [(0.0, 930.0), (930.0, 1801.0)]
 
 
 def test_dry_run_knows_the_af_next_cap(tmp_path):

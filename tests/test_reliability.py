@@ -647,7 +647,7 @@ def test_file_vanished_between_scan_and_decode(tmp_path: Path) -> None:
 
 def test_three_hour_flac_decodes_and_chunks_into_19_af3_chunks(tmp_path: Path) -> None:
     from flamingo_cli.audio import decode, probe_duration
-    from flamingo_cli.chunking import chunk_audio, plan_chunks
+    from flamingo_cli.chunking import chunk_audio, chunk_spans
 
     path = tmp_path / "long.flac"
     sr, seconds = 8000, 3 * 3600 + 60
@@ -658,7 +658,7 @@ def test_three_hour_flac_decodes_and_chunks_into_19_af3_chunks(tmp_path: Path) -
             f.write(block[: min(left, block.size)])
             left -= block.size
     assert probe_duration(str(path)) == seconds
-    plan = plan_chunks(seconds, 600)
+    plan = chunk_spans(seconds, 600)
     assert plan.num_chunks == 19 and max(e - s for s, e in plan.spans) <= 600
     decoded = decode(AudioItem(id="long", path=str(path)))
     chunks = chunk_audio(decoded, 600)
