@@ -33,7 +33,7 @@ from flamingo_cli.planner import CaptionJob, ItemPlan, Planner, ResultSink, Stat
 from flamingo_cli.records import AudioItem, DecodedAudio, Result
 from flamingo_cli.schema import output_check
 from flamingo_cli.sink import ResumeIndex
-from flamingo_cli.sources import fingerprint
+from flamingo_cli.sources import with_source
 
 __all__ = ["CaptionJob", "Planner", "Producer", "ResultSink", "Stats", "run_pipeline"]
 
@@ -144,7 +144,8 @@ class Producer(threading.Thread):
     def _prepare(self, item: AudioItem, plan: ItemPlan | None) -> _Prepared:
         """In a pool thread: (with --hash) fingerprint and plan the item, then decode it if wanted."""
         if plan is None:
-            plan = self.planner.plan(item, fingerprint(item, content_hash=True))
+            item = with_source(item, content_hash=True)
+            plan = self.planner.plan(item, item.source)
             if not plan.wanted:
                 return _Prepared(plan)
         try:
@@ -176,9 +177,11 @@ class Producer(threading.Thread):
                 plan: ItemPlan | None = None
                 if item.error:  # bad before decoding (missing file, bad manifest row): nothing to stat
                     plan = self.planner.plan(item, None)
-                elif not self.job.content_hash:
-                    # The stat comes before the decode: a file changed in between is redone next run.
-                    plan = self.planner.plan(item, fingerprint(item))
+                elif item.source is not None or not self.job.content_hash:
+                    # The stat comes before the decode: a file changed in between is redone next run. The
+                    # survey may have taken it (and the hash) already; the decoder reads it from the item.
+                    item = with_source(item)
+                    plan = self.planner.plan(item, item.source)
                 if plan is not None and not plan.wanted:
                     with self.stats.lock:
                         self.stats.items_skipped += 1

@@ -57,7 +57,7 @@ from flamingo_cli.reasoning import with_reasoning
 from flamingo_cli.records import SAMPLE_RATE, AudioItem, Chunk, DecodedAudio, Result
 from flamingo_cli.schema import output_check
 from flamingo_cli.sink import ResumeIndex, error_result
-from flamingo_cli.sources import Fingerprint, fingerprint
+from flamingo_cli.sources import Fingerprint, with_source
 
 # ray.data.llm's per-row error column: a row with it set skips every stage and its postprocess.
 ERROR_COLUMN = "__inference_error__"
@@ -291,10 +291,10 @@ def _plan(
     for raw in items:
         if stop_event is not None and stop_event.is_set():
             break
-        item = planner.unique(raw)
+        item = with_source(planner.unique(raw), job.content_hash)  # the survey's fingerprint if it took one
         with stats.lock:
             stats.items_seen += 1
-        source = None if item.error else fingerprint(item, content_hash=job.content_hash)
+        source = item.source
         plan = planner.plan(item, source)
         if not plan.wanted:
             with stats.lock:

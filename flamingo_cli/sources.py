@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import dataclasses
+import errno
 import hashlib
 import json
 import math
@@ -175,10 +177,8 @@ def check_inputs(inputs: Iterable[str | Path]) -> None:
                 if kind == "manifest":
                     _probe_manifest(_shown(raw), path)
             elif kind == "dir":
-                try:
-                    os.scandir(path).close()
-                except OSError as e:
-                    raise SourceError(f"{raw}: cannot read directory ({e.strerror})") from e
+                if not os.access(path, os.R_OK | os.X_OK):  # not a listing: the run's one walk lists it
+                    raise SourceError(f"{raw}: cannot read directory ({os.strerror(errno.EACCES)})")
             elif kind == "manifest":
                 _probe_manifest(str(raw), path)
             elif not os.access(path, os.R_OK):
@@ -358,6 +358,13 @@ def fingerprint(src: str | AudioItem, content_hash: bool = False) -> Fingerprint
     except OSError:
         return None
     return Fingerprint(int(st.st_size), int(st.st_mtime_ns), digest)
+
+
+def with_source(item: AudioItem, content_hash: bool = False) -> AudioItem:
+    """The item with its fingerprint in ``source``: taken now unless it has one (or an error instead)."""
+    if item.error or item.source is not None:
+        return item
+    return dataclasses.replace(item, source=fingerprint(item, content_hash=content_hash))
 
 
 def source_changed(recorded: Fingerprint | None, current: Fingerprint | None, content_hash: bool = False) -> bool:
