@@ -119,19 +119,24 @@ def _fmt_s(seconds: float) -> str:
     return str(round(float(seconds), 3))
 
 
-def _check_file(path: str) -> None:
-    """The cheap, clear failures, before any decoder produces a cryptic message."""
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        raise AudioDecodeError(path, "file not found") from None
-    except PermissionError:
-        raise AudioDecodeError(path, "permission denied") from None
-    except OSError as e:
-        raise AudioDecodeError(path, f"cannot access file ({e.strerror or e})") from None
-    if stat.S_ISDIR(st.st_mode):
+def _check_file(path: str, known: Any = None) -> None:
+    """The cheap, clear failures, before any decoder produces a cryptic message. ``known``: the item's
+    fingerprint (``AudioItem.source``: a regular file of that size), so the file is not stat'ed again."""
+    if known is not None:
+        mode, size = stat.S_IFREG, known.size
+    else:
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            raise AudioDecodeError(path, "file not found") from None
+        except PermissionError:
+            raise AudioDecodeError(path, "permission denied") from None
+        except OSError as e:
+            raise AudioDecodeError(path, f"cannot access file ({e.strerror or e})") from None
+        mode, size = st.st_mode, st.st_size
+    if stat.S_ISDIR(mode):
         raise AudioDecodeError(path, "is a directory, not an audio file")
-    if stat.S_ISREG(st.st_mode) and st.st_size == 0:
+    if stat.S_ISREG(mode) and size == 0:
         raise AudioDecodeError(path, "empty file (0 bytes)")
     try:
         with open(path, "rb"):
@@ -184,7 +189,7 @@ def _opener(item: AudioItem, shown: str) -> Callable[[], IO[bytes]] | None:
         return lambda: io.BytesIO(data)
     if is_url(item.path):
         return lambda: _open_url(item.path, shown)
-    _check_file(item.path)
+    _check_file(item.path, item.source)
     return None
 
 

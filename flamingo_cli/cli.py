@@ -474,10 +474,6 @@ def doctor(
     raise typer.Exit(ExitStatus.OK if doc["ok"] else ExitStatus.ITEMS_FAILED)
 
 
-DEMO_CHUNK_S = 15.0  # the demo's --chunk-seconds: its 40-s track becomes three chunks
-DEMO_LONG_S = 40
-
-
 @app.command()
 def demo(
     workdir: Annotated[Path, typer.Option("--workdir", help="Where the demo checkpoint, audio and output go.")] = Path(
@@ -490,88 +486,9 @@ def demo(
     The captions are gibberish by design; this proves the install and the whole pipeline (decode,
     chunking, prompts, vLLM engine, Parquet, resume) work without any download.
     """
-    import numpy as np
-    import soundfile as sf
+    from flamingo_cli.demo import run_demo
 
-    from flamingo_cli.audio import FFMPEG_ENCODINGS, write_ffmpeg
-    from flamingo_cli.checkpoints import build_checkpoint
-
-    ckpt = workdir / f"tiny-{kind}"
-    if not (ckpt / "config.json").exists():
-        _env.info(f"building a tiny random-weight {kind} checkpoint in {ckpt} …")
-        build_checkpoint(kind, ckpt)
-    audio_dir = workdir / "audio"
-    audio_dir.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(0)
-    for name, sr, seconds, channels in (
-        ("tone-44k-stereo.flac", 44100, 12, 2),
-        ("noise-16k.wav", 16000, DEMO_LONG_S, 1),  # longer than --chunk-seconds: captioned in chunks
-        ("chirp-22k.ogg", 22050, 7, 1),
-        ("voice-memo.m4a", 44100, 5, 2),  # AAC: decoded by FFmpeg (bundled in PyAV), no system ffmpeg
-    ):
-        path = audio_dir / name
-        if path.exists():
-            continue
-        if path.suffix in FFMPEG_ENCODINGS:
-            sr, channels = FFMPEG_ENCODINGS[path.suffix][2:]
-        t = np.arange(int(sr * seconds)) / sr
-        x = 0.3 * np.sin(2 * np.pi * (220 + 40 * t) * t) + 0.05 * rng.standard_normal(t.size)
-        if path.suffix in FFMPEG_ENCODINGS:
-            write_ffmpeg(path, np.repeat(x[None, :].astype(np.float32), channels, axis=0))
-        else:
-            sf.write(path, np.stack([x] * channels, axis=1) if channels > 1 else x, sr)
-    out = workdir / "out"
-    _env.info("NOTE: the demo model has RANDOM weights; its captions are meaningless smoke-test text.")
-    args = [
-        "caption",
-        str(audio_dir),
-        "--out",
-        str(out),
-        "--model",
-        str(ckpt),
-        "--temperature",
-        "0",
-        "--max-tokens",
-        "16",
-        "--chunk-seconds",
-        str(DEMO_CHUNK_S),
-        "--task",
-        "caption" if kind == "af3" else "describe-music",
-    ]
-    first = workdir / "first-run.json"
-    status = main([*args, "--summary-json", str(first)], env=_env)
-    if status != 0:
-        raise typer.Exit(status)
-    from flamingo_cli.output.layout import read_output
-
-    table = read_output(out)  # the current rows, sorted by run, id, chunk
-    lines = [f"{table.num_rows} rows in {out} (random-model captions):"]
-    for row in table.to_pylist():
-        lines.append(f"  {row['id']} [{row['start_s']:.0f}–{row['end_s']:.0f} s]: {row['caption']!r}")
-    chunked = {r["id"] for r in table.to_pylist() if r["chunk_index"] > 0}
-    lines.append(f"chunked (--chunk-seconds {DEMO_CHUNK_S}): {', '.join(sorted(chunked)) or 'none'}")
-    _plain_out(lines)
-
-    # The same command again, as a cron job would: everything is already in --out, nothing is redone.
-    _env.info("running the same command again (resume) …")
-    second = workdir / "second-run.json"
-    status = main([*args, "--summary-json", str(second)], env=_env)
-    if status != 0:
-        raise typer.Exit(status)
-    doc = json.loads(second.read_text(encoding="utf-8"))
-    rows_after = read_output(out, current=False).num_rows
-    files = len({r["id"] for r in table.to_pylist()})
-    resumed = not doc.get("rows_written") and rows_after == table.num_rows
-    how = doc.get("reason") or f"{doc.get('files_skipped')} of {doc.get('files_seen')} files already done"
-    _plain_out(
-        [
-            f"second run: {how} ({files} files, {rows_after} rows already in {out}; "
-            f"{doc.get('rows_written') or 0} new rows): "
-            + ("resume works" if resumed else "UNEXPECTED: work was redone"),
-            "Real models on a GPU host: flamingo caption DIR --out OUT --model nvidia/audio-flamingo-3-hf",
-        ]
-    )
-    raise typer.Exit(ExitStatus.OK if resumed else ExitStatus.ITEMS_FAILED)
+    raise typer.Exit(run_demo(workdir, kind, _env))
 
 
 def main(argv: list[str] | None = None, env: Environment | None = None) -> int:

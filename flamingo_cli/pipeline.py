@@ -31,7 +31,7 @@ from flamingo_cli.engine import END
 from flamingo_cli.planner import CaptionJob, ItemDecision, Planner, ResultSink, Stats
 from flamingo_cli.prepare import PreparedItem, prepare
 from flamingo_cli.records import AudioItem, Result
-from flamingo_cli.resume import ResumeIndex, fingerprint
+from flamingo_cli.resume import ResumeIndex, with_source
 from flamingo_cli.schema import output_check
 
 __all__ = ["CaptionJob", "Planner", "Producer", "ResultSink", "Stats", "run_pipeline"]
@@ -117,9 +117,11 @@ class Producer(threading.Thread):
     def _prepare(self, item: AudioItem, decision: ItemDecision | None) -> _Prepared:
         """In a pool thread: (with --hash) fingerprint the item and decide, then prepare it if wanted."""
         if decision is None:
-            decision = self.planner.decide(item, fingerprint(item, content_hash=True))
+            item = with_source(item, content_hash=True)
+            decision = self.planner.decide(item, item.source)
             if not decision.wanted:
                 return _Prepared(decision)
+        job = self.job
         job = self.job
         ready = prepare(
             item,
@@ -154,9 +156,11 @@ class Producer(threading.Thread):
                 decision: ItemDecision | None = None
                 if item.error:  # bad before decoding (missing file, bad manifest row): nothing to stat
                     decision = self.planner.decide(item, None)
-                elif not self.job.content_hash:
-                    # The stat comes before the decode: a file changed in between is redone next run.
-                    decision = self.planner.decide(item, fingerprint(item))
+                elif item.source is not None or not self.job.content_hash:
+                    # The stat comes before the decode: a file changed in between is redone next run. The
+                    # survey may have taken it (and the hash) already; the decoder reads it from the item.
+                    item = with_source(item)
+                    decision = self.planner.decide(item, item.source)
                 if decision is not None and not decision.wanted:
                     with self.stats.lock:
                         self.stats.items_skipped += 1

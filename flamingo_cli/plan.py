@@ -192,7 +192,7 @@ def render(plan: Plan, out: Path | None = None) -> Any:
     """A Rich table of the plan."""
     from rich.table import Table
 
-    from flamingo_cli.progress import hms
+    from flamingo_cli.summary import hms
 
     t = Table(title="flamingo caption --dry-run (no model loaded)", show_header=False, title_justify="left")
     t.add_column(style="bold")

@@ -1,55 +1,33 @@
-"""Progress for people and for logs.
+"""Drawing a run's progress: Rich on a terminal, plain lines off it.
 
 On a terminal: a Rich live panel (files and chunks done/total, audio hours, speed, ETA, errors, the
 model) redrawn four times a second by Rich's own thread, so it keeps moving while the engine steps.
 Off a terminal (cron, pipes, CI): no animation and no carriage returns, one plain ``key=value`` line
-every ``interval`` seconds (from a timer thread, so a long engine step does not delay it) and a
-summary at the end. ``--log-file`` appends the same plain lines (and a start and a final line) to a
-file in either case; ``--summary-json`` writes the end-of-run numbers atomically for monitoring.
+every ``interval`` seconds (from a timer thread, so a long engine step does not delay it) and the
+summary's ``done:`` line at the end. ``--log-file`` gets the same plain lines (and whatever ``log``
+is handed: the start and ``done`` lines) in either case.
 
-Totals: the pipeline reads its inputs lazily, so the chunk and audio totals are known only once the
-inputs are exhausted ("…" before that). The number of files is counted sooner by a background walk of
-the same inputs (no decoding), which also gives an early, file-based ETA.
+The numbers come from a callable (``tally.Tally.snapshot``); the summary document from
+``summary.py``. Totals: the inputs are read lazily, so the files total is known once the run's one
+walk of them has finished (the count so far before), the chunk and audio totals once the executor has
+read every input ("…" before that).
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
-import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from flamingo_cli import __version__
-from flamingo_cli.env import Environment, ExitStatus
-from flamingo_cli.errors import exit_status
+from flamingo_cli.env import Environment
+from flamingo_cli.summary import UNKNOWN, hms, now_iso, passed_over_field, summary_line
 
-UNKNOWN = "…"
 REFRESH_PER_SECOND = 4
-
-_STATUS_NAMES = {
-    ExitStatus.OK: "ok",
-    ExitStatus.ITEMS_FAILED: "items_failed",
-    ExitStatus.USAGE: "usage_error",
-    ExitStatus.ENGINE: "engine_error",
-    ExitStatus.OUTPUT: "output_error",
-    ExitStatus.LOCKED: "locked",
-    ExitStatus.INTERRUPTED: "interrupted",
-    ExitStatus.TERMINATED: "terminated",
-    ExitStatus.INTERNAL: "internal_error",
-}
-
-
-def hms(seconds: float | None) -> str:
-    if seconds is None or seconds != seconds:
-        return UNKNOWN
-    seconds = max(0, round(seconds))
-    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
 
 def _of(done: Any, total: Any) -> str:
@@ -64,199 +42,40 @@ def _passed_over(counts: dict[str, int]) -> str:
     return f"{text} (--ext all to try them)" if text else ""
 
 
-def _passed_over_field(counts: dict[str, int]) -> str:
-    """The same as one log field: `` passed_over=11(.xyz:8,.txt:3)`` (no spaces, so lines stay key=value)."""
-    if not counts:
-        return ""
-    kinds = ",".join(f"{ext.replace(' ', '_')}:{n}" for ext, n in counts.items())
-    return f" passed_over={sum(counts.values())}({kinds})"
-
-
 def _hours(seconds: float | None) -> str:
     return UNKNOWN if seconds is None else f"{seconds / 3600:.3f}"
 
 
-def _now_iso() -> str:
-    return datetime.now().astimezone().isoformat(timespec="seconds")
-
-
-def write_json_atomic(path: Path, doc: dict[str, Any]) -> None:
-    """Write JSON to ``path`` via a temp file in the same folder and ``os.replace``: never half-written."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        # backslashreplace: an error quoting a name that is not UTF-8 must not lose the summary.
-        with open(tmp, "w", encoding="utf-8", errors="backslashreplace") as f:
-            json.dump(doc, f, indent=2, sort_keys=True, ensure_ascii=False, default=str)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-
-
-def summary_fields(s: dict[str, Any]) -> dict[str, Any]:
-    """Rates from a ``Stats.snapshot()`` (kept for callers that only have the stats)."""
-    elapsed = max(1e-9, time.monotonic() - s["started"])
-    return {
-        "items": s["items_seen"],
-        "skipped": s["items_skipped"],
-        "failed_items": s["items_failed"],
-        "chunks_done": s["chunks_done"],
-        "chunks_failed": s["chunks_failed"],
-        "audio_hours": s["audio_s_done"] / 3600,
-        "x_realtime": s["audio_s_done"] / elapsed,
-        "windows_per_s": s["windows_done"] / elapsed,
-        "elapsed_s": elapsed,
-    }
-
-
-class _Watched:
-    """The sink the pipeline writes to: delegates everything, and counts finished items on the way.
-
-    An item is finished when rows for all the chunks the pipeline planned for it are written (a chunk
-    error counts). The pipeline announces that number with ``begin_item`` (passed on to the sink);
-    without it, chunks already in the resume index are subtracted from ``num_chunks``.
-    """
-
-    def __init__(self, sink: Any, index: Any = None, retry_failed: bool = False) -> None:
-        self.sink = sink
-        self.index = index
-        self.retry_failed = retry_failed
-        self._lock = threading.Lock()
-        self._expected: dict[str, int] = {}
-        self._got: dict[str, int] = {}
-        self._had_error: set[str] = set()
-        self.items_ok = 0
-        self.items_with_errors = 0  # finished items with at least one chunk error
-        self.chunk_errors_early = 0  # chunks failed before the engine (too short)
-
-    def __getattr__(self, name: str) -> Any:
-        if name == "sink":
-            raise AttributeError(name)
-        return getattr(self.sink, name)
-
-    def begin_item(self, item_id: str, *args: Any) -> None:
-        rows = int(args[-1]) if args else 0
-        inner = getattr(self.sink, "begin_item", None)
-        if inner is not None:
-            inner(item_id, *args)
-        with self._lock:
-            self._expected[str(item_id)] = rows
-
-    def _planned(self, item_id: str, num_chunks: int) -> int:
-        expected = self._expected.get(item_id)
-        if expected is not None:
-            return expected
-        if self.index is None or item_id not in self.index:
-            return num_chunks
-        done = set(self.index.done_chunks(item_id))
-        if self.retry_failed and hasattr(self.index, "failed_chunks"):
-            done -= set(self.index.failed_chunks(item_id))
-        return num_chunks - len(done)
-
-    def write(self, result: Any) -> None:
-        self.sink.write(result)
-        chunk = result.chunk
-        item_id = str(chunk.item.id)
-        with self._lock:
-            if chunk.num_chunks <= 0:  # an item that failed before chunking: Stats counts it
-                self._expected.pop(item_id, None)
-                return
-            if chunk.error is not None:
-                self.chunk_errors_early += 1
-            got = self._got.get(item_id, 0) + 1
-            if result.error is not None:
-                self._had_error.add(item_id)
-            if got >= self._planned(item_id, chunk.num_chunks):
-                self._got.pop(item_id, None)
-                self._expected.pop(item_id, None)
-                if item_id in self._had_error:
-                    self._had_error.discard(item_id)
-                    self.items_with_errors += 1
-                else:
-                    self.items_ok += 1
-            else:
-                self._got[item_id] = got
-
-    @property
-    def items_finished(self) -> int:
-        return self.items_ok + self.items_with_errors
-
-
-class _InputCounter(threading.Thread):
-    """Counts the items the inputs will yield (a walk without decoding), for an early files total."""
-
-    def __init__(self, inputs: Sequence[str], extensions: Any, shard: tuple[int, int] | None = None) -> None:
-        super().__init__(name="flamingo-count", daemon=True)
-        self.inputs, self.extensions, self.shard = list(inputs), extensions, shard
-        self.count = 0
-        self.total: int | None = None
-        self.stop = threading.Event()
-
-    def run(self) -> None:
-        from flamingo_cli.sources import iter_items, select_shard
-
-        try:
-            n = 0
-            found = iter_items(self.inputs, self.extensions, with_data=False)  # ids only: no audio bytes
-            for _ in select_shard(found, *self.shard) if self.shard else found:
-                if self.stop.is_set():
-                    return
-                n += 1
-                self.count = n
-            self.total = n
-        except Exception:  # the pipeline reports input problems; the count just stays unknown
-            return
-
-
 class Progress:
-    """The live display, the periodic log lines, the end-of-run summary.
+    """The live display, the periodic log lines, the end-of-run summary as a table or a line.
 
-    Use: ``with progress.engine_start(): ...``, then ``start(stats, ...)``, pass ``watch(sink)`` to the
-    pipeline (``tick()`` may be called often; a timer thread calls it too), ``close()`` in a ``finally`` and
-    ``finish(status)`` once the outcome is known. ``close()`` during an exception writes the summary
-    with the exception's exit status, so monitoring sees failed runs too.
+    Use: ``with progress.engine_start(): ...``, then ``start()``; ``tick()`` may be called often (a timer
+    thread calls it too); ``close()`` in a ``finally``; ``finish(doc)`` shows the summary document.
     """
 
     def __init__(
         self,
         env: Environment,
-        stats: Any = None,
+        numbers: Callable[[], dict[str, Any]],
         model: str = "",
         *,
         task: str = "",
         quiet: bool = False,
         interval: float = 30.0,
         log_file: Path | None = None,
-        summary_json: Path | None = None,
-        out: str | Path | None = None,
         run_key: str = "",
     ) -> None:
-        self.env, self.model, self.task, self.quiet = env, model, task, quiet
+        self.env, self.numbers, self.model, self.task, self.quiet = env, numbers, model, task, quiet
         self.interval = max(0.05, float(interval))
         self.log_file = Path(log_file) if log_file else None
-        self.summary_json = Path(summary_json) if summary_json else None
-        self.out, self.run_key = out, run_key
-        self.stats: Any = None
-        self.watched: _Watched | None = None
-        self.counter: _InputCounter | None = None
+        self.run_key = run_key
         self.engine_start_s: float | None = None
-        self.created = time.monotonic()
-        self.started_at = _now_iso()
+        self._started = False
         self._last_line = 0.0
         self._line_lock = threading.Lock()
         self._stop_lines = threading.Event()
         self._line_thread: threading.Thread | None = None
         self._live: Any = None
-        self._finished = False
-        self.scan: Any = None  # sources.ScanStats of the pipeline's folder scans (start(scan=...))
-        self._log("start", {"flamingo": __version__, "model": model, "task": task, "run": run_key, "out": out})
-        if stats is not None:
-            self.start(stats)
 
     # -- output channels ---------------------------------------------------------------------------
 
@@ -271,14 +90,15 @@ class Progress:
         self.env.stderr.write(line + "\n")
         self.env.stderr.flush()
 
-    def _log(self, event: str, fields: dict[str, Any] | str) -> None:
+    def log(self, event: str, fields: dict[str, Any] | str) -> None:
+        """Append ``<time> [flamingo] <event> <fields>`` to ``--log-file`` (if any)."""
         if self.log_file is None:
             return
         body = fields if isinstance(fields, str) else " ".join(f"{k}={v}" for k, v in fields.items())
         try:
             self.log_file.parent.mkdir(parents=True, exist_ok=True)
             with open(self.log_file, "a", encoding="utf-8", errors="backslashreplace") as f:
-                f.write(f"{_now_iso()} [flamingo] {event} {body}\n")
+                f.write(f"{now_iso()} [flamingo] {event} {body}\n")
         except OSError as exc:
             self.env.warn(f"{self.log_file}: cannot append to the log file ({exc.strerror or exc})")
             self.log_file = None
@@ -287,24 +107,19 @@ class Progress:
 
     @contextlib.contextmanager
     def engine_start(self) -> Iterator[None]:
-        """A spinner (terminal) or a line (logs) while the model loads; times it."""
+        """A spinner (terminal) or a line (logs) while the model loads; times it (``engine_start_s``)."""
         t0 = time.monotonic()
         what = f"starting the vLLM engine for {self.model}"
-        self._log("engine_start", {"model": self.model})
-        try:
-            if self.tty:
-                with self._status_console() as console, self._spinner(console, f"{what} … (a minute or more)"):
-                    yield
-            else:
-                self._plain(f"{what} …")
+        self.log("engine_start", {"model": self.model})
+        if self.tty:
+            with self._status_console() as console, self._spinner(console, f"{what} … (a minute or more)"):
                 yield
-        except BaseException as exc:
-            status = exit_status(exc)
-            self.finish(int(status), error=str(exc), show=False)
-            raise
+        else:
+            self._plain(f"{what} …")
+            yield
         self.engine_start_s = time.monotonic() - t0
         self._plain(f"engine ready in {self.engine_start_s:.1f} s")
-        self._log("engine_ready", {"seconds": round(self.engine_start_s, 1)})
+        self.log("engine_ready", {"seconds": round(self.engine_start_s, 1)})
 
     @staticmethod
     @contextlib.contextmanager
@@ -347,26 +162,13 @@ class Progress:
 
     # -- the run -----------------------------------------------------------------------------------
 
-    def start(
-        self,
-        stats: Any,
-        inputs: Sequence[str] | None = None,
-        extensions: Any = None,
-        shard: tuple[int, int] | None = None,
-        scan: Any = None,
-    ) -> None:
-        """Begin showing ``stats``; ``inputs`` (this ``shard`` of them) starts the background file count;
-        ``scan`` (a sources.ScanStats the pipeline's iter_items fills) gives the skipped-file counts."""
-        self.stats = stats
-        if scan is not None:
-            self.scan = scan
+    def start(self) -> None:
+        """Begin showing the numbers: the live panel on a terminal, the line thread off one (or for the log)."""
+        self._started = True
         self._last_line = time.monotonic()
         if (not self.tty and not self.quiet) or self.log_file is not None:
             self._line_thread = threading.Thread(target=self._lines, name="flamingo-progress", daemon=True)
             self._line_thread.start()
-        if inputs is not None and (not self.quiet or self.log_file is not None):
-            self.counter = _InputCounter(inputs, extensions, shard)
-            self.counter.start()
         if self.tty:
             from rich.live import Live
 
@@ -380,68 +182,13 @@ class Progress:
             )
             self._live.start()
 
-    def watch(self, sink: Any, index: Any = None, retry_failed: bool = False) -> _Watched:
-        """Wrap the sink the pipeline writes to, so finished files can be counted."""
-        self.watched = _Watched(sink, index, retry_failed)
-        return self.watched
-
-    def snapshot(self) -> dict[str, Any]:
-        """Every number the display, the log lines and the summary show (None = not known yet)."""
-        s = self.stats.snapshot() if self.stats is not None else {}
-        g = s.get
-        now = time.monotonic()
-        elapsed = max(1e-9, now - g("started", now))
-        w = self.watched
-        exhausted = bool(g("sources_exhausted", False))
-        early = w.chunk_errors_early if w else 0
-        skipped, failed_before = g("items_skipped", 0), g("items_failed", 0)
-        finished = w.items_finished if w else 0
-        files_total = g("items_seen", 0) if exhausted else (self.counter.total if self.counter else None)
-        files_done = skipped + failed_before + finished
-        if exhausted and w is None:  # no watched sink: the best count is "read"
-            files_done = g("items_seen", 0)
-        audio_done = g("audio_s_done", 0.0)
-        audio_total = g("audio_s_queued", 0.0) if exhausted else None
-        rate = audio_done / elapsed
-        eta: float | None = None
-        if exhausted and audio_total is not None:
-            eta = max(0.0, audio_total - audio_done) / rate if rate > 0 else (0.0 if audio_total <= 0 else None)
-        elif files_total is not None and files_done - skipped > 0:
-            eta = max(0, files_total - files_done) * elapsed / (files_done - skipped)
-        return {
-            "model": self.model,
-            "task": self.task,
-            "files_done": files_done,
-            "files_total": files_total,
-            "files_skipped": skipped,
-            "files_ok": w.items_ok if w else None,
-            "files_failed": failed_before + (w.items_with_errors if w else 0),
-            "chunks_done": g("chunks_done", 0) + g("chunks_failed", 0),
-            "chunks_ok": g("chunks_done", 0),
-            "chunks_failed": g("chunks_failed", 0),
-            "chunks_dropped": g("chunks_dropped", 0),
-            "files_changed": g("items_changed", 0),
-            "chunks_total": g("chunks_queued", 0) + early if exhausted else None,
-            "audio_s_done": audio_done,
-            "audio_s_total": audio_total,
-            "windows_done": g("windows_done", 0),
-            "prompt_tokens": g("prompt_tokens", 0),
-            "output_tokens": g("output_tokens", 0),
-            "x_realtime": rate,
-            "windows_per_s": g("windows_done", 0) / elapsed,
-            "elapsed_s": elapsed,
-            "eta_s": eta,
-            "errors": failed_before + g("chunks_failed", 0),
-            "passed_over_by_ext": self.scan.skipped() if self.scan is not None else {},
-        }
-
     def renderable(self) -> Any:
         """The live panel (also used by tests to see what a person sees)."""
         from rich.progress_bar import ProgressBar
         from rich.table import Table
         from rich.text import Text
 
-        p = self.snapshot()
+        p = self.numbers()
         grid = Table.grid(padding=(0, 2))
         grid.add_column(style="bold", no_wrap=True)
         grid.add_column()
@@ -466,6 +213,9 @@ class Progress:
         if p["files_failed"]:
             extra.append(f"{p['files_failed']} failed")
         more = f"  ({', '.join(extra)})" if extra else ""
+        found = p.get("files_found")
+        if p["files_total"] is None and found:  # the walk is still reading the inputs
+            more += f"  ({found} found so far)"
         grid.add_row("files", f"{_of(p['files_done'], p['files_total'])} done{more}")
         dropped = f", {p['chunks_dropped']} dropped" if p["chunks_dropped"] else ""
         chunks = _of(p["chunks_done"], p["chunks_total"])
@@ -481,7 +231,7 @@ class Progress:
 
     def line(self) -> str:
         """The periodic plain log line."""
-        p = self.snapshot()
+        p = self.numbers()
         return (
             f"[flamingo {datetime.now().strftime('%H:%M:%S')}] files={_of(p['files_done'], p['files_total'])} "
             f"skipped={p['files_skipped']} failed_files={p['files_failed']} "
@@ -489,13 +239,13 @@ class Progress:
             f"audio_h={_hours(p['audio_s_done'])}/{_hours(p['audio_s_total'])} "
             f"x_rt={p['x_realtime']:.1f} win_s={p['windows_per_s']:.2f} "
             f"elapsed={hms(p['elapsed_s'])} eta={hms(p['eta_s'])} model={self.model}"
-            f"{_passed_over_field(p['passed_over_by_ext'])}"
+            f"{passed_over_field(p['passed_over_by_ext'])}"
         )
 
     def tick(self) -> None:
         """Emit a plain line if ``interval`` has passed. A background thread calls it too, so lines keep
         their rhythm while one engine step takes long; the terminal panel refreshes by itself."""
-        if self.stats is None:
+        if not self._started:
             return
         with self._line_lock:
             now = time.monotonic()
@@ -506,7 +256,7 @@ class Progress:
             if not self.tty and not self.quiet:
                 self._plain(line)
             if self.log_file is not None:
-                self._log("progress", line.split("] ", 1)[1])
+                self.log("progress", line.split("] ", 1)[1])
 
     def _lines(self) -> None:
         while not self._stop_lines.wait(min(self.interval, 1.0) / 2):
@@ -514,104 +264,28 @@ class Progress:
                 self.tick()
 
     def close(self) -> None:
-        """Stop the display and the counter. Called in a ``finally``: if an exception is on its way out,
-        record the run as failed (summary JSON and log line) with the exception's exit status."""
+        """Stop the panel and the line thread (called in a ``finally``; twice is fine)."""
         if self._live is not None:
             with contextlib.suppress(Exception):
                 self._live.refresh()
                 self._live.stop()
             self._live = None
-        if self.counter is not None:
-            self.counter.stop.set()
         self._stop_lines.set()
         if self._line_thread is not None:
             self._line_thread.join(timeout=5)
             self._line_thread = None
-        exc = sys.exc_info()[1]
-        if exc is not None and not self._finished:
-            status = exit_status(exc)
-            self.finish(int(status), error=str(exc), show=False)
 
     # -- the end -----------------------------------------------------------------------------------
 
-    def summary(self, status: int, error: str | None = None, reason: str | None = None) -> dict[str, Any]:
-        p = self.snapshot()
-        sink = self.watched.sink if self.watched is not None else None
-        rows = parts = None
-        if sink is not None:
-            rows = int(getattr(sink, "rows_written", 0)) + int(getattr(sink, "buffered", 0) or 0)
-            parts = getattr(sink, "parts_written", None)
-        try:
-            name = _STATUS_NAMES.get(ExitStatus(status), str(status))
-        except ValueError:
-            name = str(status)
-        return {
-            "status": name,
-            "exit_code": int(status),
-            "error": error,
-            # why the run ended as it did, in words (the error, or e.g. "nothing to do")
-            "reason": error or reason,
-            "flamingo_version": __version__,
-            "model": self.model,
-            "task": self.task,
-            "run_key": self.run_key,
-            "out": str(self.out) if self.out is not None else None,
-            "started_at": self.started_at,
-            "finished_at": _now_iso(),
-            "wall_s": round(time.monotonic() - self.created, 3),
-            "engine_start_s": None if self.engine_start_s is None else round(self.engine_start_s, 3),
-            "processing_s": round(p["elapsed_s"], 3) if self.stats is not None else 0.0,
-            "files_seen": self.stats.snapshot()["items_seen"] if self.stats is not None else 0,
-            "files_ok": p["files_ok"],
-            "files_failed": p["files_failed"],
-            "files_skipped": p["files_skipped"],
-            "chunks_ok": p["chunks_ok"],
-            "chunks_failed": p["chunks_failed"],
-            "chunks_dropped": p["chunks_dropped"],
-            "files_changed": p["files_changed"],
-            "audio_hours": round(p["audio_s_done"] / 3600, 6),
-            "x_realtime": round(p["x_realtime"], 3) if self.stats is not None else 0.0,
-            "windows": p["windows_done"],
-            "windows_per_s": round(p["windows_per_s"], 4) if self.stats is not None else 0.0,
-            "prompt_tokens": p["prompt_tokens"],
-            "output_tokens": p["output_tokens"],
-            "rows_written": rows,
-            "parts_written": parts,
-            # Files folder scans passed over (extension not taken), by extension: {".xyz": 8, ".txt": 3}.
-            "files_passed_over": sum(p["passed_over_by_ext"].values()),
-            "files_passed_over_by_ext": p["passed_over_by_ext"],
-        }
-
-    def finish(
-        self, status: int, error: str | None = None, show: bool = True, reason: str | None = None
-    ) -> dict[str, Any]:
-        """The end-of-run summary: a table (terminal) or a line (logs), the log file, the JSON file."""
-        if self._finished:
-            return {}
-        self._finished = True
-        doc = self.summary(status, error, reason)
+    def finish(self, doc: dict[str, Any], show: bool = True) -> None:
+        """Show the summary document: a table (terminal) or the ``done:`` line (logs); the log's last line."""
+        line = summary_line(doc)
         if show and not self.quiet:
             if self.env.stderr_isatty:
                 self.env.err.print(self.summary_table(doc))
             else:
-                self._plain(self.summary_line(doc))
-        self._log("done", self.summary_line(doc).removeprefix("done: "))
-        if self.summary_json is not None:
-            try:
-                write_json_atomic(self.summary_json, doc)
-            except OSError as exc:
-                self.env.warn(f"{self.summary_json}: cannot write the summary ({exc.strerror or exc})")
-        return doc
-
-    @staticmethod
-    def summary_line(doc: dict[str, Any]) -> str:
-        return (
-            f"done: status={doc['status']} files_ok={doc['files_ok']} files_failed={doc['files_failed']} "
-            f"files_skipped={doc['files_skipped']} chunks_ok={doc['chunks_ok']} chunks_failed={doc['chunks_failed']} "
-            f"audio_h={doc['audio_hours']:.3f} wall={hms(doc['wall_s'])} processing_s={doc['processing_s']:.1f} "
-            f"x_rt={doc['x_realtime']:.1f} rows={doc['rows_written']} out={doc['out']}"
-            f"{_passed_over_field(doc.get('files_passed_over_by_ext') or {})}"
-        ) + (f" reason={json.dumps(doc['reason'], ensure_ascii=False)}" if doc.get("reason") else "")
+                self._plain(line)
+        self.log("done", line.removeprefix("done: "))
 
     @staticmethod
     def summary_table(doc: dict[str, Any]) -> Any:

@@ -55,7 +55,7 @@ from flamingo_cli.prompts import PromptBuilder
 from flamingo_cli.quiet import QUIET_ENV, quiet_env
 from flamingo_cli.reasoning import with_reasoning
 from flamingo_cli.records import SAMPLE_RATE, AudioItem, Chunk, Fingerprint, Result, error_result
-from flamingo_cli.resume import ResumeIndex, fingerprint
+from flamingo_cli.resume import ResumeIndex, with_source
 from flamingo_cli.schema import output_check
 
 # ray.data.llm's per-row error column: a row with it set skips every stage and its postprocess.
@@ -291,10 +291,10 @@ def _decide_items(
     for raw in items:
         if stop_event is not None and stop_event.is_set():
             break
-        item = planner.unique(raw)
+        item = with_source(planner.unique(raw), job.content_hash)  # the survey's fingerprint if it took one
         with stats.lock:
             stats.items_seen += 1
-        source = None if item.error else fingerprint(item, content_hash=job.content_hash)
+        source = item.source
         decision = planner.decide(item, source)
         if not decision.wanted:
             with stats.lock:

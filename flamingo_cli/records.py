@@ -37,6 +37,9 @@ class AudioItem:
     # Set when the source already knows the item is bad (missing file, bad manifest row).
     error: str | None = None
     data: bytes | None = field(default=None, repr=False)
+    # The source's fingerprint (size, mtime; sha256 with --hash) once someone took it (the survey before
+    # the engine, or the executor): later stages use it instead of stat'ing (or hashing) the file again.
+    source: Any = field(default=None, repr=False)
 
 
 def duplicate_reason(item_id: str, detail: str) -> str:

@@ -9,6 +9,7 @@ answers the planner's question with both: the version an item's next rows get.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import stat
@@ -269,3 +270,10 @@ class ResumeIndex:
 
     def __contains__(self, item_id: object) -> bool:
         return item_id in self._done or item_id in self._partial
+
+
+def with_source(item: AudioItem, content_hash: bool = False) -> AudioItem:
+    """The item with its fingerprint in ``source``: taken now unless it has one (or an error instead)."""
+    if item.error or item.source is not None:
+        return item
+    return dataclasses.replace(item, source=fingerprint(item, content_hash=content_hash))

@@ -14,6 +14,7 @@ that does not exist, a manifest that cannot be read as a whole) raise SourceErro
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
 import threading
@@ -150,10 +151,8 @@ def check_inputs(inputs: Iterable[str | Path]) -> None:
                 if kind == "manifest":
                     probe_manifest(_shown(raw), path)
             elif kind == "dir":
-                try:
-                    os.scandir(path).close()
-                except OSError as e:
-                    raise SourceError(f"{raw}: cannot read directory ({e.strerror})") from e
+                if not os.access(path, os.R_OK | os.X_OK):  # not a listing: the run's one walk lists it
+                    raise SourceError(f"{raw}: cannot read directory ({os.strerror(errno.EACCES)})")
             elif kind == "manifest":
                 probe_manifest(str(raw), path)
             elif not os.access(path, os.R_OK):

@@ -74,24 +74,24 @@ def test_spec_carries_the_speed_options_to_the_engine(tmp_path, tiny_af3):
 
 
 def test_the_plan_before_the_engine_finds_the_longest_chunk(tmp_path, tiny_af3):
-    """``api.scout``: the work and its longest chunk (what a GPU engine is sized by), found before vLLM
+    """``lifecycle.survey``: the work and its longest chunk (what a GPU engine is sized by), found before vLLM
     starts; ``size=False`` (a CPU engine keeps the cap) stops at the first file with work."""
     from conftest import make_audio
 
-    from flamingo_cli.api import scout
+    from flamingo_cli.lifecycle import survey
     from flamingo_cli.resume import ResumeIndex
     from flamingo_cli.spec import CaptionSpec
 
     for name, seconds in (("a.wav", 5.0), ("b.wav", 47.0), ("c.wav", 12.0)):
         make_audio(tmp_path / "in" / name, seconds)
     spec = CaptionSpec.build([str(tmp_path / "in")], tmp_path / "out", model=str(tiny_af3))
-    found = scout(spec, ResumeIndex())
+    found = survey(spec, ResumeIndex())
     assert (found.todo, found.errors, found.complete, found.seen) == (3, 0, True, 3)
     assert found.longest_chunk_s == pytest.approx(47.0, abs=0.01)  # whole files: AF3's cap is 600 s
     chunked = CaptionSpec.build([str(tmp_path / "in")], tmp_path / "out", model=str(tiny_af3), chunk_seconds=20)
     # b.wav's 20-s chunks reach the run's own cap: the walk stops there and the engine is sized for it.
-    assert chunked.max_chunk_s == 20.0 and scout(chunked, ResumeIndex()).longest_chunk_s is None
-    quick = scout(spec, ResumeIndex(), size=False)
+    assert chunked.max_chunk_s == 20.0 and survey(chunked, ResumeIndex()).longest_chunk_s is None
+    quick = survey(spec, ResumeIndex(), size=False)
     assert (quick.todo, quick.complete, quick.longest_chunk_s, quick.seen) == (1, False, None, 1)
 
 

@@ -85,7 +85,7 @@ def test_presets_in_a_pipe_are_one_unwrapped_line_each() -> None:
 
 def check_demo(workdir: Path) -> None:
     """The demo's promises: a chunked track, an m4a, a resumed second run, a copyable last line."""
-    from flamingo_cli.cli import DEMO_CHUNK_S, DEMO_LONG_S
+    from flamingo_cli.demo import DEMO_CHUNK_S, DEMO_LONG_S
 
     assert DEMO_LONG_S > DEMO_CHUNK_S and AF3.max_audio_s >= DEMO_LONG_S  # chunked by the option, not the cap
     r = run_cli(["demo", "--workdir", workdir])

@@ -1,5 +1,6 @@
-"""Progress without an engine: plain log lines, totals, ETA, the live panel's content, the summary files,
-and the fd redirection that keeps vLLM's worker output off the terminal."""
+"""Progress without an engine: plain log lines, totals, ETA, the live panel's content, the summary files
+(a run's ``lifecycle.Monitor``: its counts, display and summary), and the fd redirection that keeps
+vLLM's worker output off the terminal."""
 
 from __future__ import annotations
 
@@ -16,9 +17,13 @@ from conftest import make_audio
 from rich.console import Console
 
 from flamingo_cli.env import Environment, ExitStatus
+from flamingo_cli.lifecycle import InputWalk, Monitor
 from flamingo_cli.pipeline import Stats
-from flamingo_cli.progress import Progress, _Watched, hms, write_json_atomic
+from flamingo_cli.progress import Progress
 from flamingo_cli.records import AudioItem, Chunk, Result
+from flamingo_cli.sources import iter_items
+from flamingo_cli.summary import hms, write_json_atomic
+from flamingo_cli.tally import Watched
 
 
 class ListSink:
@@ -57,7 +62,7 @@ def screen(progress: Progress) -> str:
 
 def test_watched_sink_counts_finished_items_and_delegates():
     inner = ListSink()
-    w = _Watched(inner)
+    w = Watched(inner)
     w.begin_item("a", None, 0, 2)  # the pipeline's announcement reaches the real sink too
     assert inner.begun == [("a", 2)]
     w.write(result("a", 0, 2))
@@ -98,7 +103,7 @@ def test_plain_lines_totals_eta_and_summary_files(tmp_path):
     log = tmp_path / "logs" / "run.log"
     summary = tmp_path / "mon" / "summary.json"
     stats = Stats()
-    p = Progress(
+    m = Monitor(
         env,
         model="tiny",
         task="caption",
@@ -108,10 +113,10 @@ def test_plain_lines_totals_eta_and_summary_files(tmp_path):
         out=tmp_path / "out",
         run_key="abc123",
     )
-    p.start(stats, inputs=[str(audio)])
-    sink = p.watch(ListSink())
-    # Lines come by themselves (nobody calls tick()); the background count gives the files total
-    # before the chunk and audio totals are known.
+    m.start(stats, walk=InputWalk(iter_items([str(audio)])).start())
+    sink = m.tally.watch(ListSink())
+    # Lines come by themselves (nobody calls tick()); the walk, once it has read every input, gives the
+    # files total before the chunk and audio totals are known.
     wait_for(err, r"files=0/3 .*chunks=0/… .*audio_h=0.000/… .*eta=…")
 
     with stats.lock:
@@ -123,7 +128,7 @@ def test_plain_lines_totals_eta_and_summary_files(tmp_path):
     with stats.lock:
         stats.chunks_done, stats.audio_s_done, stats.windows_done = 1, 30.0, 1
         stats.sources_exhausted = True
-    snap = p.snapshot()
+    snap = m.tally.snapshot()
     assert (snap["files_done"], snap["files_total"]) == (1, 3)
     assert (snap["chunks_done"], snap["chunks_total"]) == (1, 3)
     assert snap["eta_s"] == pytest.approx(20.0, abs=1.0)  # 60 s of audio left at 3 s/s
@@ -135,8 +140,8 @@ def test_plain_lines_totals_eta_and_summary_files(tmp_path):
     with stats.lock:
         stats.chunks_done, stats.audio_s_done, stats.windows_done = 3, 90.0, 3
     wait_for(err, r"files=3/3 .*chunks=3/3 .*eta=0:00:00")
-    p.close()
-    doc = p.finish(ExitStatus.OK)
+    m.display.close()
+    doc = m.finish(ExitStatus.OK)
 
     text = err.getvalue()
     lines = text.splitlines()
@@ -161,11 +166,11 @@ def test_quiet_prints_nothing_but_still_logs_and_writes_summary(tmp_path):
     env, err = plain_env()
     stats = Stats()
     log, summary = tmp_path / "l.log", tmp_path / "s.json"
-    p = Progress(env, model="m", quiet=True, interval=0.05, log_file=log, summary_json=summary)
-    p.start(stats)
+    m = Monitor(env, model="m", quiet=True, interval=0.05, log_file=log, summary_json=summary)
+    m.start(stats)
     time.sleep(0.2)
-    p.close()
-    p.finish(ExitStatus.ITEMS_FAILED)
+    m.display.close()
+    m.finish(ExitStatus.ITEMS_FAILED)
     assert err.getvalue() == ""
     assert "progress" in (tmp_path / "l.log").read_text()
     assert json.loads((tmp_path / "s.json").read_text())["status"] == "items_failed"
@@ -174,10 +179,10 @@ def test_quiet_prints_nothing_but_still_logs_and_writes_summary(tmp_path):
 def test_live_panel_shows_what_a_person_needs():
     env, _ = plain_env()
     stats = Stats()
-    p = Progress(env, model="nvidia/audio-flamingo-3-hf", task="caption", run_key="k1")
-    p.start(stats)
-    p.watch(ListSink())
-    before = screen(p)
+    m = Monitor(env, model="nvidia/audio-flamingo-3-hf", task="caption", run_key="k1")
+    m.start(stats)
+    m.tally.watch(ListSink())
+    before = screen(m.display)
     for label in ("files", "chunks", "audio", "speed", "ETA", "errors", "nvidia/audio-flamingo-3-hf"):
         assert label in before
     assert "0/… done" in before and "ETA …" in before  # totals unknown until the inputs are exhausted
@@ -188,7 +193,7 @@ def test_live_panel_shows_what_a_person_needs():
         stats.audio_s_queued, stats.audio_s_done, stats.windows_done = 240.0, 120.0, 4
         stats.sources_exhausted = True
     stats.started -= 60
-    after = screen(p)
+    after = screen(m.display)
     assert "3/10 done" in after and "2 already done" in after and "1 failed" in after
     assert "5/8 done" in after  # chunks: 4 ok + 1 failed of 8
     assert "0.033/0.067 h" in after
@@ -202,8 +207,8 @@ def test_failed_engine_start_writes_the_summary(tmp_path):
         status = ExitStatus.ENGINE
 
     env, err = plain_env()
-    p = Progress(env, model="m", summary_json=tmp_path / "s.json")
-    with pytest.raises(Boom), p.engine_start():
+    m = Monitor(env, model="m", summary_json=tmp_path / "s.json")
+    with pytest.raises(Boom), m.recording(), m.display.engine_start():
         raise Boom("vLLM could not load m")
     doc = json.loads((tmp_path / "s.json").read_text())
     assert doc["status"] == "engine_error" and doc["exit_code"] == 3 and "could not load" in doc["error"]
@@ -215,13 +220,10 @@ def test_close_during_an_exception_records_it(tmp_path):
         status = ExitStatus.OUTPUT
 
     env, _ = plain_env()
-    p = Progress(env, model="m", summary_json=tmp_path / "s.json")
-    p.start(Stats())
-    with pytest.raises(Stop):
-        try:
-            raise Stop("disk full")
-        finally:
-            p.close()
+    m = Monitor(env, model="m", summary_json=tmp_path / "s.json")
+    m.start(Stats())
+    with pytest.raises(Stop), m.recording():
+        raise Stop("disk full")
     assert json.loads((tmp_path / "s.json").read_text())["status"] == "output_error"
 
 

@@ -148,7 +148,6 @@ if __name__ == "__main__":
 @pytest.mark.engine
 def test_ray_data_matches_flamingo_caption_then_resumes(corpus, tiny_af3, tmp_path):
     import flamingo_cli
-    from flamingo_cli.api import caption_with_ray
     from flamingo_cli.ray_data import RaySettings
 
     ref_out, ray_out, api_out = tmp_path / "ref", tmp_path / "ray", tmp_path / "api"
@@ -212,18 +211,22 @@ def test_ray_data_matches_flamingo_caption_then_resumes(corpus, tiny_af3, tmp_pa
 
     # The same call again, here: everything is on disk, nothing is captioned, Ray is not even started.
     t0 = time.monotonic()
-    again = caption_with_ray(
+    again = flamingo_cli.caption(
         [corpus],
         ray_out,
         model=str(tiny_af3),
-        sampling=Sampling(temperature=0.0, max_tokens=8, seed=0),
-        chunk_s=20.0,
-        settings=RaySettings(num_cpus=2, batch_size=4),
+        temperature=0.0,
+        max_tokens=8,
+        seed=0,
+        chunk_seconds=20.0,
+        executor="ray",
+        ray_settings=RaySettings(num_cpus=2, batch_size=4),
+        quiet=True,
     )
     assert (
         again.rows_written == 0
-        and again.stats.items_skipped == 5
-        and again.run_dir.name == run["run_dir"].split("/")[-1]
+        and again.stats["items_skipped"] == 5
+        and Path(again.run_dir).name == run["run_dir"].split("/")[-1]
     )
     assert len(read_rows(ray_out)) == len(ray_rows)
     assert time.monotonic() - t0 < 30
