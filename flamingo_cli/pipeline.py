@@ -122,7 +122,6 @@ class Producer(threading.Thread):
             if not decision.wanted:
                 return _Prepared(decision)
         job = self.job
-        job = self.job
         ready = prepare(
             item,
             max_chunk_s=job.max_chunk_s,
