@@ -29,7 +29,7 @@ from flamingo_cli import __version__
 from flamingo_cli.env import Environment, ExitStatus
 from flamingo_cli.errors import EngineError, OutputError, Stopped, UsageError, exit_status
 from flamingo_cli.spec import CaptionSpec
-from flamingo_cli.summary import Summary
+from flamingo_cli.summary import Summary, gpus_held
 from flamingo_cli.tally import Tally
 
 SURVEY_BUDGET_S = 20.0  # how long the survey may read headers to size the engine below the cap
@@ -241,6 +241,12 @@ class Monitor:
         self.tally.scan = scan if scan is not None else self.tally.scan
         self.display.start()
 
+    def engine_ready(self, engine: Any) -> None:
+        """The run's engine is ready (started, injected, or none needed): generation time counts from
+        now; the GPUs it holds go into the summary."""
+        self.tally.engine_ready = time.monotonic()
+        self.summary.gpus = gpus_held(engine)
+
     def finish(self, status: int, error: str | None = None, reason: str | None = None, show: bool = True) -> dict:
         """The end-of-run summary: shown (table or line), logged, written to ``--summary-json``; once."""
         if self._finished:
@@ -397,6 +403,7 @@ class _Run:
                 return self._report(sink, stats, ExitStatus.OK, reason=NOTHING_TO_DO)
             config = spec.engine_config(found.longest_chunk_s if on_gpu else None)
             engine = self._engine(config, needed=found.todo > 0 or not found.complete)
+            self.monitor.engine_ready(engine)
             if engine is not None:
                 sink.run_info.update(
                     {"versions": engine.versions, "sampling_effective": engine.effective_sampling(spec.sampling)}

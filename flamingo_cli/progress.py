@@ -303,7 +303,18 @@ class Progress:
         table.add_row("wall time", hms(doc["wall_s"]))
         if doc["engine_start_s"] is not None:
             table.add_row("engine start", f"{doc['engine_start_s']:.1f} s")
+        if doc.get("time_to_first_row_s") is not None:
+            table.add_row("first row after", f"{doc['time_to_first_row_s']:.1f} s")
         table.add_row("speed", f"{doc['x_realtime']:.1f}× real time · {doc['windows_per_s']:.2f} windows/s")
+        if doc.get("generation_s"):
+            table.add_row(
+                "generation",
+                f"{doc['generation_s']:.1f} s · {doc['rows_per_generation_s']:.1f} rows/s · "
+                f"{doc['windows_per_generation_s']:.2f} windows/s · {doc['audio_s_per_generation_s']:.1f}× real time",
+            )
+        if doc.get("audio_hours_per_gpu_hour") is not None:
+            gpus = f"{doc['gpus']} GPU{'s' * (doc['gpus'] != 1)}"
+            table.add_row("audio h per GPU h", f"{doc['audio_hours_per_gpu_hour']:.1f} ({gpus})")
         table.add_row("rows written", str(doc["rows_written"]))
         passed_over = _passed_over(doc.get("files_passed_over_by_ext") or {})
         if passed_over:

@@ -4,6 +4,11 @@ Built from the run's counts (``tally.Tally``) once the outcome is known, for eve
 an error, a signal, a bad option), so monitoring sees failed runs too. ``write_json_atomic`` never
 leaves a half-written file. Drawing the document (a table on a terminal, the ``done:`` line off one)
 is ``progress.py``'s; the fields and their wording are here.
+
+Two clocks: ``processing_s`` (and ``x_realtime``, ``windows_per_s``) run from the executor's counters'
+start, engine start included; ``generation_s`` runs from the engine being ready to its last result,
+and the ``*_per_generation_s`` rates and ``audio_hours_per_gpu_hour`` divide by it (docs/cron.md,
+"Throughput").
 """
 
 from __future__ import annotations
@@ -71,13 +76,38 @@ def write_json_atomic(path: Path, doc: dict[str, Any]) -> None:
             tmp.unlink()
 
 
+# The timing fields the ``done:`` line carries as they are in the document (null when unknown).
+TIMING_FIELDS = (
+    "engine_start_s",
+    "time_to_first_row_s",
+    "generation_s",
+    "rows_per_generation_s",
+    "windows_per_generation_s",
+    "audio_s_per_generation_s",
+    "gpus",
+    "audio_hours_per_gpu_hour",
+)
+
+
+def gpus_held(engine: Any) -> int | None:
+    """How many GPUs ``engine`` runs on, from its config's ``devices`` (one ``CUDA_VISIBLE_DEVICES``
+    entry per replica, "0,1" for a tensor-parallel pair; replicas sharing a GPU count it once): 0 on
+    CPU (entries None), None when unknown (no config or no devices: an injected engine that does not
+    say, no engine, ``--executor ray``)."""
+    devices = getattr(getattr(engine, "config", None), "devices", None)
+    if not devices:
+        return None
+    return len({g.strip() for d in devices if d for g in str(d).split(",") if g.strip()})
+
+
 def summary_line(doc: dict[str, Any]) -> str:
     """The ``done:`` line (stderr off a terminal; the log file's last line without the prefix)."""
+    timing = " ".join(f"{k}={json.dumps(doc.get(k))}" for k in TIMING_FIELDS)
     return (
         f"done: status={doc['status']} files_ok={doc['files_ok']} files_failed={doc['files_failed']} "
         f"files_skipped={doc['files_skipped']} chunks_ok={doc['chunks_ok']} chunks_failed={doc['chunks_failed']} "
         f"audio_h={doc['audio_hours']:.3f} wall={hms(doc['wall_s'])} processing_s={doc['processing_s']:.1f} "
-        f"x_rt={doc['x_realtime']:.1f} rows={doc['rows_written']} out={doc['out']}"
+        f"x_rt={doc['x_realtime']:.1f} {timing} rows={doc['rows_written']} out={doc['out']}"
         f"{passed_over_field(doc.get('files_passed_over_by_ext') or {})}"
     ) + (f" reason={json.dumps(doc['reason'], ensure_ascii=False)}" if doc.get("reason") else "")
 
@@ -92,8 +122,9 @@ def status_name(status: int) -> str:
 class Summary:
     """One run's summary: who ran what where (fixed at the start), the numbers at the end.
 
-    ``tally`` (a ``tally.Tally``) gives the numbers and the sink; ``engine_start_s`` is set by whoever
-    started the engine. ``document`` builds the dict, ``write`` puts it in ``--summary-json``.
+    ``tally`` (a ``tally.Tally``) gives the numbers, the moments and the sink; ``engine_start_s`` is set
+    by whoever started the engine (None: this run started none), ``gpus`` (``gpus_held``) once the
+    engine is ready. ``document`` builds the dict, ``write`` puts it in ``--summary-json``.
     """
 
     def __init__(
@@ -110,7 +141,8 @@ class Summary:
         self.model, self.task, self.run_key, self.out = model, task, run_key, out
         self.summary_json = Path(summary_json) if summary_json else None
         self.engine_start_s: float | None = None
-        self.created = time.monotonic()
+        self.gpus: int | None = None
+        self.created = time.monotonic()  # the run's start: wall_s and time_to_first_row_s count from here
         self.started_at = now_iso()
 
     def start_fields(self) -> dict[str, Any]:
@@ -126,6 +158,15 @@ class Summary:
         if sink is not None:
             rows = int(getattr(sink, "rows_written", 0)) + int(getattr(sink, "buffered", 0) or 0)
             parts = getattr(sink, "parts_written", None)
+        first_row = watched.first_row_at if watched is not None else None
+        engine_start = None if self.engine_start_s is None else round(self.engine_start_s, 3)
+        # Rates over the rounded generation_s, so that a reader dividing the document's numbers gets them.
+        generation = round(self.tally.generation_s(), 3)
+
+        def per_generation_s(amount: float) -> float:
+            return round(amount / generation, 4) if generation > 0 else 0.0
+
+        gpu_hours = ((engine_start or 0.0) + generation) * (self.gpus or 0) / 3600
         return {
             "status": status_name(status),
             "exit_code": int(status),
@@ -140,8 +181,18 @@ class Summary:
             "started_at": self.started_at,
             "finished_at": now_iso(),
             "wall_s": round(time.monotonic() - self.created, 3),
-            "engine_start_s": None if self.engine_start_s is None else round(self.engine_start_s, 3),
+            "engine_start_s": engine_start,
             "processing_s": round(p["elapsed_s"], 3) if counting else 0.0,
+            # from the run's start to the first row the sink accepted (None: no row)
+            "time_to_first_row_s": None if first_row is None else round(first_row - self.created, 3),
+            # from the engine being ready (after its start) to its last result (0.0: nothing generated)
+            "generation_s": generation,
+            "rows_per_generation_s": per_generation_s(rows or 0),
+            "windows_per_generation_s": per_generation_s(p["windows_done"]),
+            "audio_s_per_generation_s": per_generation_s(p["audio_s_done"]),  # the real-time factor
+            "gpus": self.gpus,  # GPUs the run's engine(s) hold; 0 on CPU, None unknown
+            # audio hours ÷ ((engine_start_s + generation_s) × gpus / 3600); None without GPUs
+            "audio_hours_per_gpu_hour": round(p["audio_s_done"] / 3600 / gpu_hours, 4) if gpu_hours > 0 else None,
             "files_seen": p["files_seen"],
             "files_ok": p["files_ok"],
             "files_failed": p["files_failed"],

@@ -1,8 +1,13 @@
 """The counts of one run: every number the display, the log lines and the summary show.
 
 Read from the executor's ``planner.Stats``, from the results on their way to the sink (``Watched``
-counts finished files), from the input walk (files found so far, the total once it has finished) and
-from the folder scans' ``sources.ScanStats`` (files passed over). Counting only: no drawing, no I/O.
+counts finished files and notes when rows arrive), from the input walk (files found so far, the total
+once it has finished) and from the folder scans' ``sources.ScanStats`` (files passed over). Counting
+only: no drawing, no I/O.
+
+The moments (``time.monotonic()``) the summary's timings come from are taken where they happen: the
+engine ready (``Tally.engine_ready``, set by the run when its engine is started, injected or not
+needed), the first row the sink accepted and the last result the engine produced (``Watched``).
 """
 
 from __future__ import annotations
@@ -18,6 +23,9 @@ class Watched:
     An item is finished when rows for all the chunks the executor planned for it are written (a chunk
     error counts). The executor announces that number with ``begin_item`` (passed on to the sink);
     without it, chunks already in the resume index are subtracted from ``num_chunks``.
+
+    ``first_row_at``: when the sink accepted its first row (any row); ``last_result_at``: when it
+    accepted the last row the engine produced (not an error row written before the engine).
     """
 
     def __init__(self, sink: Any, index: Any = None, retry_failed: bool = False) -> None:
@@ -31,6 +39,8 @@ class Watched:
         self.items_ok = 0
         self.items_with_errors = 0  # finished items with at least one chunk error
         self.chunk_errors_early = 0  # chunks failed before the engine (too short)
+        self.first_row_at: float | None = None
+        self.last_result_at: float | None = None
 
     def __getattr__(self, name: str) -> Any:
         if name == "sink":
@@ -58,14 +68,19 @@ class Watched:
 
     def write(self, result: Any) -> None:
         self.sink.write(result)
+        now = time.monotonic()
         chunk = result.chunk
         item_id = str(chunk.item.id)
         with self._lock:
+            if self.first_row_at is None:
+                self.first_row_at = now
             if chunk.num_chunks <= 0:  # an item that failed before chunking: Stats counts it
                 self._expected.pop(item_id, None)
                 return
             if chunk.error is not None:
                 self.chunk_errors_early += 1
+            else:  # the engine's answer (a caption or its error)
+                self.last_result_at = now
             got = self._got.get(item_id, 0) + 1
             if result.error is not None:
                 self._had_error.add(item_id)
@@ -89,12 +104,21 @@ class Tally:
     """What one run has counted so far; ``snapshot()`` turns it into the numbers (None = not known yet).
 
     ``stats``: the executor's counters; ``watched``: the counting sink (``watch``); ``walk``: the input
-    walk (``found``, and ``total`` once it has finished); ``scan``: the files folder scans passed over.
+    walk (``found``, and ``total`` once it has finished); ``scan``: the files folder scans passed over;
+    ``engine_ready``: when the run's engine was ready (after its start), None while it is not.
     """
 
     def __init__(self, stats: Any = None, walk: Any = None, scan: Any = None) -> None:
         self.stats, self.walk, self.scan = stats, walk, scan
         self.watched: Watched | None = None
+        self.engine_ready: float | None = None
+
+    def generation_s(self) -> float:
+        """Seconds from the engine being ready to the last result it produced; 0.0 when it produced none."""
+        last = self.watched.last_result_at if self.watched is not None else None
+        if self.engine_ready is None or last is None:
+            return 0.0
+        return max(0.0, last - self.engine_ready)
 
     def watch(self, sink: Any, index: Any = None, retry_failed: bool = False) -> Watched:
         """Wrap the sink the executor writes to, so finished files can be counted."""
