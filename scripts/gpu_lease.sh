@@ -175,6 +175,14 @@ add mf-fp8 220 "$MFS --variant fp8"
 # issue 14: vLLM's front-end per request on the GPU host (cProfile; log-mel on the GPU)
 add frontend 150 "$B frontend --ckpt $AF3 --dir $DATA/bench-10s --warmup $WARM --out-tokens $TOK --results $RES"
 
+# issue 28: the real CLI as a user runs it, 10-s clips, --summary-json and vLLM's log (engine start's
+# phases): first on a fresh machine (empty compile cache), then again (warm); a raw vLLM step between
+# them gives the plain script's start and speed in the same lease
+CLI="env TOK=$TOK PY=$PY bash scripts/bench_cli.sh"
+add cli-cold 300 "$CLI cold $AF3 $DATA/bench-10s $RES $KEEP/cli-out"
+add cli-warm 200 "$CLI warm $AF3 $DATA/bench-10s $RES $KEEP/cli-out"
+add cli-replicas2 300 "$CLI replicas2 $AF3 $DATA/bench-10s $RES $KEEP/cli-out --replicas 2"
+
 # The default: what the four 2026-12-02 leases left (the fourth ran schema, raw10, flamingo10, fp8-10,
 # replica2 and the bf16 floor; its fp8kv, cpumel10 and frontend were lost) and the compact features'
 # A/B, most needed first; the flamingo step writes the bf16 reference that fp8kv's quality and the
