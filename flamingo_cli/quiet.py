@@ -13,9 +13,13 @@ it ("Engine core initialization failed. See root cause above." says the parent);
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
+import re
+import select
 import sys
 import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -95,3 +99,126 @@ def log_tail(path: Path, lines: int = 30, max_bytes: int = 64 * 1024) -> str:
 def remove_quietly(path: Path) -> None:
     with contextlib.suppress(OSError):
         path.unlink()
+
+
+# --- native decoder chatter ----------------------------------------------------------------------------
+
+# What C decoders print straight to fd 2 on damaged or odd frames: libmpg123 (inside libsndfile) writes
+# "[src/libmpg123/layer3.c:INT123_do_layer3():1804] error: part2_3_length (3264) too large …" and "Note:
+# Illegal Audio-MPEG-Header … Trying to resync …" with fprintf(stderr), past Python. The file still
+# decodes (or fails with its own error row); the lines are notes for whoever debugs the decoder.
+DECODER_LINE = re.compile(
+    rb"^(?:\[[^\]\n]*(?:libmpg123|mpg123)[^\]\n]*\]"
+    rb"|Note: (?:Illegal Audio-MPEG-Header|Trying to resync|Skipped \d+ bytes|MPEG|Encountered)"
+    rb"|\[?mpg123\]?[: ])"
+)
+DECODER_LOGGER = "flamingo.decoder"
+
+
+class DecoderChatter:
+    """Route fd 2 through a pipe: decoder lines go to the ``flamingo.decoder`` logger, the rest through.
+
+    Everything the process (and the children it starts) writes to fd 2 goes into one pipe, in order; a
+    thread forwards it unchanged to the real stderr, except whole lines ``DECODER_LINE`` matches, which
+    go to ``logging.getLogger("flamingo.decoder")`` at INFO (silent unless the embedding program
+    configures logging) and are counted. Installed by the console script for the whole process; ``stop``
+    puts fd 2 back and forwards what is left. Without real fds (embedded interpreters) it does nothing.
+    """
+
+    def __init__(self) -> None:
+        self.lines = 0
+        self._saved: int | None = None
+        self._read: int | None = None
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+
+    def start(self) -> DecoderChatter:
+        try:
+            _flush()
+            saved = os.dup(2)
+            r, w = os.pipe()
+        except OSError:
+            return self
+        os.dup2(w, 2)
+        os.close(w)
+        os.set_blocking(r, False)
+        self._saved, self._read = saved, r
+        self._thread = threading.Thread(target=self._pump, name="flamingo-stderr", daemon=True)
+        self._thread.start()
+        return self
+
+    def _pump(self) -> None:
+        assert self._read is not None
+        pending = b""
+        while True:
+            stopping = self._stop.is_set()
+            ready, _, _ = select.select([self._read], [], [], 0.05)
+            data = b""
+            if ready:
+                try:
+                    data = os.read(self._read, 65536)
+                except BlockingIOError:
+                    data = b""
+                except OSError:
+                    break
+                if not data and not stopping:  # every writer closed its end
+                    stopping = True
+            pending = self._forward(pending + data, final=stopping and not data)
+            if stopping and not data:
+                break
+        if pending:
+            self._write(pending)
+
+    def _forward(self, buf: bytes, final: bool) -> bytes:
+        """Pass ``buf`` on line by line; returns a partial last line kept back only while it may be chatter."""
+        out = bytearray()
+        start = 0
+        while True:
+            end = buf.find(b"\n", start)
+            if end < 0:
+                break
+            line = buf[start : end + 1]
+            if DECODER_LINE.match(line):
+                self.lines += 1
+                logging.getLogger(DECODER_LOGGER).info(line.decode("utf-8", "replace").rstrip())
+            else:
+                out += line
+            start = end + 1
+        rest = buf[start:]
+        # A partial line (a progress bar's redraw, a prompt) goes on at once unless it starts like chatter.
+        if rest and (final or not _may_be_chatter(rest)):
+            out += rest
+            rest = b""
+        if out:
+            self._write(bytes(out))
+        return rest
+
+    def _write(self, data: bytes) -> None:
+        if self._saved is None:
+            return
+        with contextlib.suppress(OSError):
+            while data:
+                data = data[os.write(self._saved, data) :]
+
+    def stop(self) -> None:
+        """Put fd 2 back and forward what is still in the pipe (children may keep writing to it: not waited)."""
+        if self._saved is None:
+            return
+        _flush()
+        os.dup2(self._saved, 2)
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=2)
+        with contextlib.suppress(OSError):
+            os.close(self._saved)
+        self._saved = None
+
+    def __enter__(self) -> DecoderChatter:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def _may_be_chatter(partial: bytes) -> bool:
+    return partial.startswith((b"[", b"Note:", b"mpg123")) and len(partial) < 4096

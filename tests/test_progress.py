@@ -266,3 +266,35 @@ def test_log_tail_of_missing_file_is_empty(tmp_path):
     from flamingo_cli.quiet import log_tail
 
     assert log_tail(Path(tmp_path / "nope.log")) == ""
+
+
+def test_decoder_chatter_goes_to_the_logger_and_the_rest_through(tmp_path):
+    """libmpg123's fprintf(stderr) notes (seen on the H200 with soundfile-made MP3s) never reach the
+    terminal raw: they go to the flamingo.decoder logger; every other byte on fd 2 passes in order, a
+    child process's included, and fd 2 is back after stop()."""
+    code = r"""
+import logging, os, subprocess, sys
+from flamingo_cli.quiet import DecoderChatter
+seen = []
+class Keep(logging.Handler):
+    def emit(self, record):
+        seen.append(record.getMessage())
+log = logging.getLogger("flamingo.decoder"); log.addHandler(Keep()); log.setLevel(logging.INFO)
+with DecoderChatter() as chatter:
+    print("before", file=sys.stderr, flush=True)
+    os.write(2, b"[src/libmpg123/layer3.c:INT123_do_layer3():1804] error: part2_3_length (3264) too large "
+                b"for available bit count (3240)\n")
+    os.write(2, b"Note: Illegal Audio-MPEG-Header 0x00000000 at offset 33654.\nNote: Trying to resync...\n")
+    os.write(2, b"[bracketed but not a decoder] kept\n")
+    os.write(2, b"progress 50%\r")
+    child = ("import os; os.write(2, b'[src/libmpg123/parse.c:do_readahead():1099] error: bad\\n'); "
+             "os.write(2, b'child line\\n')")
+    subprocess.run([sys.executable, "-c", child])
+    print("after", file=sys.stderr, flush=True)
+print("restored", file=sys.stderr, flush=True)
+print(chatter.lines, len(seen), seen[0].split("]")[0], file=sys.stdout)
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == b"before\n[bracketed but not a decoder] kept\nprogress 50%\rchild line\nafter\nrestored\n"
+    assert proc.stdout.decode() == "4 4 [src/libmpg123/layer3.c:INT123_do_layer3():1804\n"
