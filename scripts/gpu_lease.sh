@@ -67,7 +67,7 @@ else
   QN=32; QTOK=64; WARM=64; MFTOK=512; TOK=128; REPEAT=2; KEEP=/tmp/lease-keep
 fi
 # a short lease (what is left of a session's budget) may shrink the 10-s workload: e.g. N10=664 REPEAT=1
-N10=${LEASE_N10:-$N10}; REPEAT=${LEASE_REPEAT:-$REPEAT}
+N10=${LEASE_N10:-$N10}; N30=${LEASE_N30:-$N30}; REPEAT=${LEASE_REPEAT:-$REPEAT}
 CKPTS=${CKPTS:-af3} # built in setup, in parallel (af3 always); at most two full-size ones
 START=$(date +%s)
 DEADLINE=$((START + BUDGET_S))
@@ -156,6 +156,7 @@ add af3-cpumel 200 "$S --variant cpumel"
 # engine each; the flamingo step writes the bf16 quality reference the fp8 and floor steps score against
 add af3-flamingo10 180 "$S10 --variant flamingo $Q"
 add af3-raw10 170 "$S10 --variant raw"
+add af3-raw10b 170 "$S10 --variant raw"  # the same, a second time in one lease (its own log)
 # the features sent whole (1.5 MB fp32 -> 768 KB bf16 per window) vs compact (flamingo's default since
 # 2026-12-02: the frames the trimmed encoder reads, 256 KB for a 10-s clip), same engine otherwise
 add af3-fullfeat10 170 "$S10 --variant fullfeat"
@@ -182,6 +183,10 @@ CLI="env TOK=$TOK PY=$PY bash scripts/bench_cli.sh"
 add cli-cold 300 "$CLI cold $AF3 $DATA/bench-10s $RES $KEEP/cli-out"
 add cli-warm 200 "$CLI warm $AF3 $DATA/bench-10s $RES $KEEP/cli-out"
 add cli-replicas2 300 "$CLI replicas2 $AF3 $DATA/bench-10s $RES $KEEP/cli-out --replicas 2"
+# ... a second warm CLI beside a second raw step (two pairs), and the 30-s clips' pair
+add cli-warm2 200 "$CLI warm2 $AF3 $DATA/bench-10s $RES $KEEP/cli-out"
+add af3-raw30 200 "$B suite --ckpt $AF3 --workloads 30s=$DATA/bench-30s --out-tokens $TOK --warmup $WARM --repeat $REPEAT --results $RES --out-dir $KEEP/bench-out --variant raw"
+add cli-30s 220 "$CLI 30s $AF3 $DATA/bench-30s $RES $KEEP/cli-out"
 
 # The default: what the four 2026-12-02 leases left (the fourth ran schema, raw10, flamingo10, fp8-10,
 # replica2 and the bf16 floor; its fp8kv, cpumel10 and frontend were lost) and the compact features'
@@ -198,15 +203,20 @@ PLAN=${PLAN:-af3-flamingo10 af3-fullfeat10 af3-raw10 af3-fp8kv af3-replica2 af3-
 # Clip counts: a warm-up of WARM clips, then REPEAT timed passes (schema: its two passes) on disjoint
 # clips, so no pass is served from vLLM's prefix cache. Only the folders the plan uses are written.
 PLANNED=$(for name in $PLAN; do echo "${CMD[$name]:-}"; done)
-[[ $PLANNED == *"$DATA/bench-30s"* ]] && NEED_LONG=1 || NEED_LONG=0 # the S steps' 30-s and 5-min clips
+[[ $PLANNED == *"$DATA/bench-30s"* ]] && NEED_30=1 || NEED_30=0 # the 30-s clips
+[[ $PLANNED == *"$DATA/bench-5min"* ]] && NEED_LONG=1 || NEED_LONG=0 # the S steps' 5-min clips
 [[ $PLANNED == *"$DATA/bench-mf"* ]] && NEED_MF=1 || NEED_MF=0
 [[ -f $KEEP/setup.ok ]] || step setup 150 bash -c "set -e
   $B clips --dir $DATA/bench-10s --seconds 10 --count $N10 &
   $B ckpt --kind af3 --size $SIZE --out $AF3 --lm-head-std 0.1 &
+  # what pip does at install time (the lease's install unpacks with --no-compile): a first CLI run that
+  # wrote the bytecode of torch, vLLM and transformers would time pyc writes, not the engine start
+  [[ $SMOKE == 1 ]] || $PY -m compileall -q -j 8 $SITE/torch $SITE/vllm $SITE/transformers >/dev/null 2>&1 &
   [[ \" $CKPTS \" != *' af-next '* ]] || $PY scripts/make_tiny_checkpoint.py --kind af-next --size $SIZE --dtype $PDT --out $NEXT &
   [[ \" $CKPTS \" != *' mf '* ]] || $B ckpt --kind mf --size $SIZE --out $MF &
   wait
-  [[ $NEED_LONG == 0 ]] || $B clips --dir $DATA/bench-30s --seconds 30 --count $N30
+  [[ $NEED_30 == 0 ]] || $B clips --dir $DATA/bench-30s --seconds 30 --count $N30 &
+  wait
   [[ $NEED_LONG == 0 ]] || $B clips --dir $DATA/bench-5min --seconds 300 --count $N5
   [[ $NEED_MF == 0 ]] || $B clips --dir $DATA/bench-mf --seconds 30 --count $NMF
   [[ $NEED_MF == 0 ]] || $B clips --dir $DATA/bench-mf10 --seconds 10 --count $NMF10
