@@ -81,6 +81,18 @@ SCHEMA = pa.schema(
         # The raw bytes of ``path`` when the file name is not valid UTF-8 (then ``path`` and a scanned
         # ``id`` hold paths.escape_path's ``\\xHH`` escape); null when ``path`` is the name as is.
         ("path_bytes", pa.binary()),
+        # --- gates (issue 25a, flamingo_cli/gates.py): cheap measures of the chunk's decoded audio, and
+        # whether it went without an engine request. Null on rows with nothing measured (error rows).
+        ("rms_dbfs", pa.float64()),
+        ("peak_dbfs", pa.float64()),
+        ("active_ratio", pa.float64()),
+        ("speech_ratio", pa.float64()),  # --vad only
+        ("speech_segments", pa.list_(pa.struct([("start_s", pa.float64()), ("end_s", pa.float64())]))),
+        ("audio_sha256", pa.string()),
+        ("gate", pa.string()),  # null | "silence" | "duplicate"
+        ("duplicate_of", pa.string()),
+        ("duplicate_of_chunk", pa.int32()),
+        # --- end gates
     ]
 )
 
