@@ -24,6 +24,7 @@ import dataclasses
 import hashlib
 import math
 import threading
+import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -118,7 +119,9 @@ class Vad:
                     "--vad needs the silero-vad package: install flamingo with the 'vad' extra "
                     "(uv sync --extra vad, or pip install silero-vad)"
                 ) from exc
-            model = self._local.model = load_silero_vad(onnx=False)
+            with warnings.catch_warnings():  # importlib.resources' and torch.jit.load's deprecation notes
+                warnings.simplefilter("ignore", DeprecationWarning)
+                model = self._local.model = load_silero_vad(onnx=False)
         return model
 
     def speech(self, samples: np.ndarray, origin_s: float = 0.0) -> tuple[float, list[dict[str, float]]]:

@@ -289,3 +289,37 @@ def test_the_cli_options_and_the_summary_counts(tmp_path: Path, fake: FakeEngine
     run = doc["run_details"][0]
     assert (run["chunks_silent"], run["chunks_duplicate"]) == (0, 2)  # current rows: the silent ones captioned
     assert (doc["chunks_silent"], doc["chunks_duplicate"]) == (0, 2)
+
+
+# --- voice activity (--vad) -------------------------------------------------------------------------
+
+
+def test_vad_fills_speech_columns_in_absolute_track_time(tmp_path: Path) -> None:
+    """Silero on a speech-like signal between silences: speech_ratio is filled on every chunk, 0 on the
+    silent one, and the segments are in the file's time (the item's offset and the chunk's start added)."""
+    pytest.importorskip("silero_vad")
+    from audiogen import speech_like
+
+    from flamingo_cli.models import AF3
+    from flamingo_cli.prepare import prepare
+    from flamingo_cli.prompts import PromptBuilder
+
+    # the file: 3 s silence, 4 s speech-like, 5 s silence; the item: 1 s .. 11 s of it, in 5 s chunks
+    x = np.concatenate([np.zeros(3 * SR, np.float32), speech_like(4.0), np.zeros(5 * SR, np.float32)])
+    sf.write(tmp_path / "talk.wav", x, SR, subtype="PCM_16")
+    item = AudioItem(id="talk", path=str(tmp_path / "talk.wav"), offset=1.0, duration=10.0)
+    ready = prepare(
+        item, max_chunk_s=30.0, chunk_s=5.0, overlap_s=0.0, prompts=PromptBuilder(AF3), prompt="Describe.",
+        gates=GateSettings(vad=True, keep_silence=True),
+    )  # fmt: skip
+    chunks = [r.chunk for r in ready.requests]
+    assert [(c.start_s, c.end_s) for c in chunks] == [(0.0, 5.0), (5.0, 10.0)]
+    first, second = (c.measures for c in chunks)
+    assert first.speech_ratio > 0 and first.speech_segments
+    start = first.speech_segments[0]["start_s"]
+    assert 2.7 <= start <= 3.3, first.speech_segments  # the speech starts 3 s into the file
+    for m, c in ((first, chunks[0]), (second, chunks[1])):
+        assert all(1.0 + c.start_s <= s["start_s"] < s["end_s"] <= 1.0 + c.end_s + 0.05 for s in m.speech_segments)
+    chunk = Chunk(AudioItem(id="z", path="/z"), 0, 1, 0.0, 2.0, np.zeros(2 * SR, np.float32), 2.0)
+    m = GateSettings(vad=True).apply(chunk)
+    assert (m.speech_ratio, m.speech_segments, m.gate) == (0.0, [], "silence")
