@@ -284,6 +284,8 @@ def test_the_cli_options_and_the_summary_counts(tmp_path: Path, fake: FakeEngine
     kept = run_cli(["caption", src, "--out", out, *args, "--keep-silence", "--no-dedupe-audio", "--quiet"])
     assert kept.status == 0, kept.stderr
     assert sorted(i for i, _ in fake.requests) == ["a.wav", "b.wav", "d.wav", "quiet.wav", "silence.wav"]
+    plan = run_cli(["caption", src, "--out", out, *args, "--dry-run", "--json"])  # counts from the rows so far
+    assert json.loads(plan.stdout)["gated_on_disk"] == {"silence": 2, "duplicate": 2}, plan.stderr
     inspect = run_cli(["inspect", out, "--json"])
     doc = json.loads(inspect.stdout)
     run = doc["run_details"][0]
