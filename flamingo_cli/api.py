@@ -121,6 +121,7 @@ def describe(path: str | Path, *, engine: Any = None, env: Environment | None = 
     engine = engine or env.engine or get_engine(spec.engine_config())
     job = spec.job(load_chat_template(spec.model))
     job.workers = 1
+    job.gates = None  # one track asked for by name: every section is described, silent or repeated
     sink = _Collect()
     t1 = time.perf_counter()
     item = AudioItem(id=track.name, path=str(track.resolve()), origin=str(track))
