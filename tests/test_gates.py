@@ -325,3 +325,20 @@ def test_vad_fills_speech_columns_in_absolute_track_time(tmp_path: Path) -> None
     chunk = Chunk(AudioItem(id="z", path="/z"), 0, 1, 0.0, 2.0, np.zeros(2 * SR, np.float32), 2.0)
     m = GateSettings(vad=True).apply(chunk)
     assert (m.speech_ratio, m.speech_segments, m.gate) == (0.0, [], "silence")
+
+
+def test_gate_options_are_checked_before_a_model_and_stay_out_of_the_run_key(tmp_path: Path) -> None:
+    from flamingo_cli.spec import CaptionSpec, SpecError
+
+    make_audio(tmp_path / "a.wav", 1.0)
+    base = CaptionSpec.build([tmp_path], tmp_path / "out", model="af3")
+    tuned = CaptionSpec.build(
+        [tmp_path], tmp_path / "out", model="af3", keep_silence=True, silence_peak_db=-70, dedupe_audio=False
+    )
+    assert tuned.run_key == base.run_key and tuned.silence_peak_db == -70.0
+    assert tuned.job().gates == GateSettings(keep_silence=True, silence_peak_db=-70.0, dedupe_audio=False)
+    with pytest.raises(SpecError, match="--executor ray"):
+        CaptionSpec.build([tmp_path], tmp_path / "out", model="af3", executor="ray", keep_silence=True)
+    assert CaptionSpec.build([tmp_path], tmp_path / "out", model="af3", executor="ray").job().gates is None
+    with pytest.raises(SpecError, match="keep_silence"):
+        CaptionSpec.build([tmp_path], tmp_path / "out", model="af3", keep_silence="yes")
