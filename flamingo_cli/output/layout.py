@@ -339,11 +339,12 @@ def latest_version(t: pa.Table) -> pa.Table:
     mm = pc.min_max(version).as_py()
     if mm["min"] == mm["max"]:  # the common case: nothing was ever captioned twice
         return t
-    t = t.append_column("_v", version)
-    top = t.group_by("id").aggregate([("_v", "max")])
-    joined = t.join(top, "id")
-    joined = joined.filter(pc.equal(joined["_v"], joined["_v_max"]))
-    return joined.select(t.column_names[:-1])
+    # Joined on (id, version, row number) only: list/struct columns cannot ride through a join. Row order kept.
+    keys = pa.table({"id": t["id"], "_v": version, "_row": pa.array(range(t.num_rows), pa.int64())})
+    top = keys.group_by("id").aggregate([("_v", "max")])
+    joined = keys.join(top, "id")
+    rows = joined.filter(pc.equal(joined["_v"], joined["_v_max"]))["_row"]
+    return t.take(pc.take(rows, pc.sort_indices(rows)))
 
 
 def current_rows(table: pa.Table) -> pa.Table:
