@@ -77,7 +77,7 @@ def caption(
 
 def plan(spec: CaptionSpec, on_file: Any = None) -> Any:
     """The dry run: files, hours, chunks, audio tokens and GPU time from headers; no model, no torch."""
-    from flamingo_cli.plan import make_plan, rows_on_disk
+    from flamingo_cli.plan import gated_on_disk, make_plan, rows_on_disk
     from flamingo_cli.sources import ScanStats
 
     spec.check_inputs()
@@ -93,6 +93,7 @@ def plan(spec: CaptionSpec, on_file: Any = None) -> Any:
         on_file=on_file,
     )
     result.rows_on_disk = rows_on_disk(spec.out, spec.run_key)
+    result.gated_on_disk = gated_on_disk(spec.out, spec.run_key)
     result.passed_over = scan.skipped()
     return result
 
@@ -120,6 +121,7 @@ def describe(path: str | Path, *, engine: Any = None, env: Environment | None = 
     engine = engine or env.engine or get_engine(spec.engine_config())
     job = spec.job(load_chat_template(spec.model))
     job.workers = 1
+    job.gates = None  # one track asked for by name: every section is described, silent or repeated
     sink = _Collect()
     t1 = time.perf_counter()
     item = AudioItem(id=track.name, path=str(track.resolve()), origin=str(track))

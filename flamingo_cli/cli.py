@@ -166,6 +166,31 @@ CpuKvOpt = Annotated[
     float, typer.Option("--cpu-kv-cache-gb", help="GiB of KV cache for vLLM's CPU backend (whole GiB, ≥ 1).")
 ]
 
+# The gates (gates.py; docs/output.md "Gates")
+KeepSilenceOpt = Annotated[
+    bool,
+    typer.Option("--keep-silence", help="Caption silent chunks too (a later run with it captions earlier gated ones)."),
+]
+SilencePeakOpt = Annotated[
+    float, typer.Option("--silence-peak-db", help="A chunk whose peak is below this many dBFS is silent.")
+]
+SilenceActiveOpt = Annotated[
+    float,
+    typer.Option(
+        "--silence-active-ratio",
+        help="A chunk whose share of 20 ms frames at or above -50 dBFS RMS is at most this is silent.",
+    ),
+]
+DedupeOpt = Annotated[
+    bool,
+    typer.Option(
+        "--dedupe-audio/--no-dedupe-audio", help="Caption identical decoded audio once per run; the rest copy it."
+    ),
+]
+VadOpt = Annotated[
+    bool, typer.Option("--vad", help="Silero VAD per chunk: speech_ratio and speech_segments columns (CPU cost).")
+]
+
 
 def _report_console():
     """stdout for reports (dry-run, inspect, doctor): the terminal's width, or 160 columns in pipes and
@@ -243,6 +268,11 @@ def caption(
         typer.Option("--hash", help="Detect changed files by sha256 of their bytes instead of size + mtime."),
     ] = False,
     rows_per_part: Annotated[int, typer.Option("--rows-per-part", help="Rows per Parquet part file.")] = 1000,
+    keep_silence: KeepSilenceOpt = False,
+    silence_peak_db: SilencePeakOpt = -60.0,
+    silence_active_ratio: SilenceActiveOpt = 0.0,
+    dedupe_audio: DedupeOpt = True,
+    vad: VadOpt = False,
     gpu_memory_utilization: GpuMemOpt = 0.9,
     tensor_parallel_size: TpOpt = 1,
     gpus: GpusOpt = "all",

@@ -37,6 +37,7 @@ _STAT_COLUMNS = [
     "error",
     "created_at",
     "source_version",
+    "gate",  # gates: silence / duplicate rows (no engine request)
 ]
 _QUOTED = re.compile(r"'[^']*'|\"[^\"]*\"")
 _NUMBER = re.compile(r"(?<![A-Za-z])\d+(?:\.\d+)?")
@@ -173,6 +174,18 @@ def schema_fields(out: str | Path, key: str, fields: dict[str, str], top: int = 
     return out
 
 
+def _gate_counts(current: Any) -> dict[str, tuple[int, int]]:
+    """Per run: current rows gated as silence and as duplicates (written without an engine request)."""
+    import pyarrow.compute as pc
+
+    counts: dict[str, list[int]] = {}
+    gated = current.filter(pc.is_valid(current["gate"])) if current.num_rows else current
+    for run, gate in zip(gated["run"].to_pylist(), gated["gate"].to_pylist(), strict=True):
+        c = counts.setdefault(run, [0, 0])
+        c[gate != "silence"] += 1
+    return {k: (v[0], v[1]) for k, v in counts.items()}
+
+
 def _top(values: list[Any], n: int) -> list[list[Any]]:
     return [[v, c] for v, c in Counter(values).most_common(n)]
 
@@ -214,7 +227,9 @@ def inspect_output(out: str | Path, samples: int = 3, max_groups: int = 20, top:
     items = current.group_by(["run", "id"]).aggregate([("error", "count"), ("duration_s", "max")])
     items_with_errors = _count(pc.greater(items["error_count"], 0)) if items.num_rows else 0
     item_audio_s = _sum(items["duration_s_max"]) if items.num_rows else 0.0
-    captioned_s = _sum(pc.subtract(ok["end_s"], ok["start_s"])) if ok.num_rows else 0.0
+    spoken = ok.filter(pc.invert(pc.fill_null(pc.equal(ok["gate"], "silence"), False)))  # silent rows: no caption
+    captioned_s = _sum(pc.subtract(spoken["end_s"], spoken["start_s"])) if spoken.num_rows else 0.0
+    gated = _gate_counts(current)
 
     groups: Counter[str] = Counter()
     example: dict[str, str] = {}
@@ -254,6 +269,7 @@ def inspect_output(out: str | Path, samples: int = 3, max_groups: int = 20, top:
             info["passed_over_complete"] = bool(scan.get("complete"))
         info["rows"] = per_run_rows.get(key, 0)
         info["items"] = per_run_items.get(key, 0)
+        info["chunks_silent"], info["chunks_duplicate"] = gated.get(key, (0, 0))
         lo, hi = created.get(key, (None, None))
         info["first_row_at"] = lo.isoformat() if lo else None
         info["last_row_at"] = hi.isoformat() if hi else None
@@ -290,6 +306,8 @@ def inspect_output(out: str | Path, samples: int = 3, max_groups: int = 20, top:
         "items_ok": n_items - items_with_errors,
         "items_with_errors": items_with_errors,
         "chunks_ok": ok.num_rows,
+        "chunks_silent": sum(n for n, _ in gated.values()),
+        "chunks_duplicate": sum(n for _, n in gated.values()),
         "chunk_errors": _count(pc.greater(errors["num_chunks"], 0)) if errors.num_rows else 0,
         "item_errors": _count(pc.equal(errors["num_chunks"], 0)) if errors.num_rows else 0,
         "errors_by_reason": by_reason,
@@ -341,7 +359,7 @@ def render(doc: dict[str, Any], console: Any) -> None:
         console.print(e)
 
     r = Table("run", "model", "task", title="runs", title_justify="left")
-    for name in ("rows", "items", "parts"):
+    for name in ("rows", "items", "parts", "silent", "duplicate"):
         r.add_column(name, justify="right")
     r.add_column("written")
     for run in doc["run_details"]:
@@ -353,6 +371,8 @@ def render(doc: dict[str, Any], console: Any) -> None:
             f"{run.get('rows', 0):,}",
             f"{run.get('items', 0):,}",
             str(run.get("parts", 0)),
+            f"{run.get('chunks_silent', 0):,}",
+            f"{run.get('chunks_duplicate', 0):,}",
             span,
         )
     console.print(r)

@@ -368,6 +368,7 @@ class _Run:
                 task=spec.task,
                 rows_per_part=spec.rows_per_part,
                 retry_failed=spec.retry_failed,
+                keep_silence=spec.keep_silence,
                 shard=spec.shard,
                 columns=declared_columns(spec.inputs),
                 **spec.sink_columns(),
@@ -392,6 +393,8 @@ class _Run:
                 )
                 if len(index):
                     env.info(f"resuming: {len(index)} rows already written for this run")
+            if spec.executor == "ray":  # gates.py runs in the local executor only
+                env.warn("--executor ray: no silence or duplicate gate and no audio measures (local executor only)")
             # Sizing below the cap pays on a GPU (vLLM's memory profile and encoder cache follow it); a CPU
             # engine's KV space is fixed, so it keeps the cap and one engine serves every run of a process.
             on_gpu = any(d is not None for d in spec.devices)

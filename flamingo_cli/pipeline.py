@@ -11,6 +11,11 @@ and its file is unchanged (size and mtime, or sha256 with ``CaptionJob.content_h
 ``resume.source_changed``). A changed file is captioned again, whole, under the next
 ``source_version`` (``output/layout.py``'s docstring has the reading rule).
 
+Gates (``gates.py``, on when ``CaptionJob.gates`` is set): ``prepare`` measures every chunk; silent ones
+and duplicates of a chunk already captioned (this invocation or an earlier one) get their rows here
+without an engine request; a duplicate of a chunk still in flight is parked and written right after
+its original's result. A stop leaves parked duplicates unwritten: resume redoes them.
+
 Stopping: when ``stop_event`` is set the producer stops, requests still waiting in the feed are
 dropped (resume redoes them) and the engine finishes what it already runs. Results the engine
 reports as aborted (vLLM's own shutdown on SIGINT/SIGTERM) are not written, so resume redoes them.
@@ -28,10 +33,11 @@ from typing import Any
 
 from flamingo_cli.audio import probe_duration
 from flamingo_cli.engine import END
+from flamingo_cli.gates import PARKED, Deduper, GateKeeper
 from flamingo_cli.planner import CaptionJob, ItemDecision, Planner, ResultSink, Stats
 from flamingo_cli.prepare import PreparedItem, prepare
 from flamingo_cli.records import AudioItem, Result
-from flamingo_cli.resume import ResumeIndex, with_source
+from flamingo_cli.resume import ResumeIndex, read_row, with_source
 from flamingo_cli.schema import output_check
 
 __all__ = ["CaptionJob", "Planner", "Producer", "ResultSink", "Stats", "run_pipeline"]
@@ -85,8 +91,10 @@ class Producer(threading.Thread):
         sink: ResultSink,
         stats: Stats,
         index: ResumeIndex | None,
+        keeper: GateKeeper | None = None,
     ) -> None:
         super().__init__(name="flamingo-producer", daemon=True)
+        self.keeper = keeper
         self.job, self.items, self.feed, self.sink, self.stats = job, items, feed, sink, stats
         self.stop_event = threading.Event()
         self.error: BaseException | None = None
@@ -130,6 +138,7 @@ class Producer(threading.Thread):
             prompts=job.prompts,
             prompt=self.planner.prompt(item),
             skip=self.planner.done_chunks(item, decision),
+            gates=job.gates,
         )
         return _Prepared(decision, ready)
 
@@ -213,8 +222,11 @@ class Producer(threading.Thread):
                 with self.stats.lock:
                     self.stats.chunks_failed += 1
                 continue
+            if self._gated(request):
+                continue
             with self.stats.lock:
                 self.stats.chunks_queued += 1
+                self.stats.requests_sent += 1
                 self.stats.audio_s_queued += chunk.end_s - chunk.start_s
             # Chunks are views of the decoded array; with several, each request gets its own copy, so a
             # chunk in flight holds its own seconds, not the whole (possibly 3-hour) track.
@@ -222,6 +234,36 @@ class Producer(threading.Thread):
                 chunk.samples = chunk.samples.copy()
             if not self._put(request):
                 return
+
+    def _gated(self, request: Any) -> bool:
+        """Silence or a duplicate: its row is written now (or, parked, after its original's)."""
+        routed = self.keeper.route(request) if self.keeper is not None else None
+        if routed is None:
+            return False
+        request.chunk.samples = None  # its row needs no audio (a parked one must not hold the track)
+        with self.stats.lock:
+            self.stats.chunks_queued += 1
+        if routed is not PARKED:
+            self.sink.write(routed)
+            self.stats.add_result(routed)
+        return True
+
+
+def gatekeeper(job: CaptionJob, sink: Any, index: ResumeIndex | None) -> GateKeeper | None:
+    """The run's gates: duplicates known from the resume index, their answers read from the output
+    (``resume.read_row``, after a flush) only when one is needed."""
+    if job.gates is None:
+        return None
+    out, key = getattr(sink, "out_dir", None), getattr(sink, "run_key", None)
+
+    def fetch(item_id: str, chunk_index: int) -> dict | None:
+        if out is None or key is None:
+            return None
+        sink.flush()
+        return read_row(out, key, item_id, chunk_index)
+
+    on_disk = index.audio_original if index is not None else None
+    return GateKeeper(job.gates, Deduper(on_disk, fetch))
 
 
 def run_pipeline(
@@ -238,7 +280,8 @@ def run_pipeline(
     """Run one caption job to the end (or until ``stop_event``); returns the counters."""
     stats = stats or Stats()
     feed: queue.Queue = _Feed(max(1, job.queue_size), job.max_feed_audio_s)
-    producer = Producer(job, items, feed, sink, stats, index)
+    keeper = gatekeeper(job, sink, index)
+    producer = Producer(job, items, feed, sink, stats, index, keeper)
     if stop_event is not None:
         producer.stop_event = stop_event
     ended = False
@@ -273,6 +316,11 @@ def run_pipeline(
             stats.add_result(result)
             if on_result:
                 on_result(result)
+            for duplicate in keeper.resolved(result) if keeper is not None else ():
+                sink.write(duplicate)
+                stats.add_result(duplicate)
+                if on_result:
+                    on_result(duplicate)
     finally:
         producer.stop_event.set()
         producer.join(timeout=10)

@@ -59,6 +59,9 @@ class Plan:
     audio_tokens: int = 0
     longest_s: float = 0.0
     rows_on_disk: int = 0  # rows this run already wrote in OUT (resume skips finished items)
+    # gates: silence and duplicates are found while decoding, so ``chunks`` counts every chunk as a request;
+    # what the run's rows so far were gated as ({"silence": n, "duplicate": m}), from OUT
+    gated_on_disk: dict[str, int] = field(default_factory=dict)
     gpu_windows_per_s: float = 0.0
     gpu_rate_source: str = GPU_RATE_SOURCE
     problems: dict[str, list[str]] = field(default_factory=dict)  # reason -> first example paths
@@ -184,6 +187,25 @@ def rows_on_disk(out: str | Path, run_key: str) -> int:
         return 0
 
 
+def gated_on_disk(out: str | Path, run_key: str) -> dict[str, int]:
+    """Rows of run ``run_key`` in OUT the gates wrote without an engine request, by gate (its gate column
+    only; superseded rows count too)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from flamingo_cli.errors import OutputError
+    from flamingo_cli.output.layout import read_columns
+
+    try:
+        table = read_columns(out, run_key, pa.schema([("gate", pa.string())]))
+    except (OSError, pa.ArrowException, OutputError):
+        return {}
+    if table is None or table.num_rows == 0:
+        return {}
+    counts = pc.value_counts(table["gate"].drop_null()).to_pylist()
+    return {str(c["values"]): int(c["counts"]) for c in counts}
+
+
 def hours(seconds: float) -> str:
     return f"{seconds / 3600:,.2f} h"
 
@@ -220,6 +242,8 @@ def render(plan: Plan, out: Path | None = None) -> Any:
     t.add_row("GPU time (estimate)", gpu, f"at {plan.gpu_windows_per_s:g} windows/s: {plan.gpu_rate_source}")
     if plan.rows_on_disk:
         t.add_row("already in output", f"{plan.rows_on_disk:,} rows", f"{out}: a real run resumes")
+    gated = ", ".join(f"{n:,} {g}" for g, n in sorted(plan.gated_on_disk.items())) or "none yet"
+    t.add_row("gates", "after decoding", f"silence and duplicates need no GPU; rows so far: {gated}")
     if plan.passed_over:
         from flamingo_cli.sources import describe_skipped
 

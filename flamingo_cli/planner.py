@@ -52,6 +52,11 @@ class Stats:
     chunks_failed: int = 0
     chunks_dropped: int = 0  # queued or aborted when a stop came; redone on resume
     items_changed: int = 0  # captioned again because their file changed
+    # gates: chunks written without an engine request (silence, duplicates; counted in chunks_done or,
+    # a duplicate of a failed original, chunks_failed), and the requests the engine was sent
+    chunks_silent: int = 0
+    chunks_duplicate: int = 0
+    requests_sent: int = 0
     audio_s_queued: float = 0.0
     audio_s_done: float = 0.0
     windows_done: int = 0
@@ -78,8 +83,18 @@ class Stats:
                 self.items_failed += 1
                 return
             span = chunk.end_s - chunk.start_s
+            if result.gate is not None:  # no engine request: counted apart, not as GPU work
+                self.chunks_queued += int(queued)
+                self.chunks_silent += result.gate == "silence"
+                self.chunks_duplicate += result.gate == "duplicate"
+                if result.error:
+                    self.chunks_failed += 1
+                else:
+                    self.chunks_done += 1
+                return
             if queued:
                 self.chunks_queued += 1
+                self.requests_sent += chunk.error is None
                 if not result.error:
                     self.audio_s_queued += span
             if result.error:
@@ -113,6 +128,7 @@ class CaptionJob:
     # it. Counts alone (workers * 2 items, queue_size requests) let 3-hour files pile up to GBs.
     max_pending_audio_s: float = 3600.0
     max_feed_audio_s: float = 3600.0
+    gates: Any = None  # gates.GateSettings: measures, silence and duplicates (None: no gates, no measures)
 
 
 @dataclass(slots=True)
@@ -155,6 +171,8 @@ class Planner:
         decision = ItemDecision(source, version, fresh=False)
         if self.job.retry_failed and index.is_failed(item.id):
             return decision
+        if self._keep_silence and index.silent_chunks(item.id):  # gated chunks, captioned now
+            return decision
         decision.wanted = not index.is_done(item.id)
         return decision
 
@@ -165,7 +183,13 @@ class Planner:
         done = self.index.done_chunks(item.id)
         if self.job.retry_failed:
             done -= self.index.failed_chunks(item.id)
+        if self._keep_silence:
+            done -= self.index.silent_chunks(item.id)
         return done
+
+    @property
+    def _keep_silence(self) -> bool:
+        return self.job.gates is not None and self.job.gates.keep_silence
 
     def prompt(self, item: AudioItem) -> str:
         """The manifest row's own prompt where it has one (and row prompts are on), else the job's."""

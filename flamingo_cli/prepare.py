@@ -3,13 +3,16 @@
 The one stage function every executor calls (``pipeline.py`` in its decode pool, ``ray_data.py`` in a
 Ray task): an item in, and out either the reason it cannot be captioned (its one error row: a decode
 error, chunk settings it cannot be cut by) or the requests of its chunks still to caption, chunks too
-short for a sound token among them with their own error. Never raises for a bad file.
+short for a sound token among them with their own error. With ``gates`` (a ``gates.GateSettings``) each
+chunk is measured on the way (``Chunk.measures``: level, audio hash, speech) and silent ones are marked
+(``measures.gate``): the executor writes their rows without an engine request. Never raises for a bad file.
 """
 
 from __future__ import annotations
 
 from collections.abc import Collection
 from dataclasses import dataclass, field
+from typing import Any
 
 from flamingo_cli.audio import AudioDecodeError, decode
 from flamingo_cli.chunking import chunk_audio
@@ -36,6 +39,7 @@ def prepare(
     prompts: PromptBuilder,
     prompt: str,
     skip: Collection[int] = (),
+    gates: Any = None,
 ) -> PreparedItem:
     """Decode ``item``, chunk it (``chunking.chunk_audio``'s settings) and render ``prompt`` for each chunk
     whose index is not in ``skip`` (the chunks already written)."""
@@ -49,4 +53,13 @@ def prepare(
         chunks = chunk_audio(decoded, max_chunk_s, chunk_s, overlap_s)
     except ValueError as exc:
         return PreparedItem(error=f"{item.path}: {exc}")
-    return PreparedItem(requests=[prompts.request(c, prompt) for c in chunks if c.index not in skip])
+    requests = [prompts.request(c, prompt) for c in chunks if c.index not in skip]
+    if gates is not None:
+        for request in requests:
+            chunk = request.chunk
+            if chunk.error is None and chunk.samples is not None:
+                try:
+                    gates.apply(chunk)
+                except Exception as exc:  # the VAD failed on this chunk: its row says so
+                    chunk.error = f"{item.path}: audio measures failed: {type(exc).__name__}: {exc}"
+    return PreparedItem(requests=requests)

@@ -219,7 +219,7 @@ class Progress:
         grid.add_row("files", f"{_of(p['files_done'], p['files_total'])} done{more}")
         dropped = f", {p['chunks_dropped']} dropped" if p["chunks_dropped"] else ""
         chunks = _of(p["chunks_done"], p["chunks_total"])
-        grid.add_row("chunks", f"{chunks} done  ({p['chunks_failed']} failed{dropped})")
+        grid.add_row("chunks", f"{chunks} done  ({p['chunks_failed']} failed{dropped}{_gated(p)})")
         grid.add_row("audio", f"{_hours(p['audio_s_done'])}/{_hours(p['audio_s_total'])} h")
         grid.add_row("speed", f"{p['x_realtime']:.1f}× real time · {p['windows_per_s']:.2f} windows/s")
         grid.add_row("time", f"elapsed {hms(p['elapsed_s'])} · ETA {hms(p['eta_s'])}")
@@ -236,6 +236,7 @@ class Progress:
             f"[flamingo {datetime.now().strftime('%H:%M:%S')}] files={_of(p['files_done'], p['files_total'])} "
             f"skipped={p['files_skipped']} failed_files={p['files_failed']} "
             f"chunks={_of(p['chunks_done'], p['chunks_total'])} chunk_errors={p['chunks_failed']} "
+            f"{_gated_fields(p)}"
             f"audio_h={_hours(p['audio_s_done'])}/{_hours(p['audio_s_total'])} "
             f"x_rt={p['x_realtime']:.1f} win_s={p['windows_per_s']:.2f} "
             f"elapsed={hms(p['elapsed_s'])} eta={hms(p['eta_s'])} model={self.model}"
@@ -299,6 +300,9 @@ class Progress:
         table.add_row("files failed", f"[red]{failed}[/]" if failed else "0")
         table.add_row("files already done", str(doc["files_skipped"]))
         table.add_row("chunks ok / failed", f"{doc['chunks_ok']} / {doc['chunks_failed']}")
+        if doc.get("chunks_silent") or doc.get("chunks_duplicate"):  # gates: no engine request for these
+            table.add_row("chunks silent / duplicate", f"{doc['chunks_silent']} / {doc['chunks_duplicate']}")
+            table.add_row("engine requests", str(doc["requests_sent"]))
         table.add_row("audio", f"{doc['audio_hours']:.3f} h")
         table.add_row("wall time", hms(doc["wall_s"]))
         if doc["engine_start_s"] is not None:
@@ -322,3 +326,16 @@ class Progress:
         if doc["out"]:
             table.add_row("output", doc["out"])
         return table
+
+
+def _gated(p: dict[str, Any]) -> str:
+    """The gates' chunks for the live panel: ", 3 silent, 2 duplicate" (nothing when none)."""
+    parts = [f"{p[k]} {w}" for k, w in (("chunks_silent", "silent"), ("chunks_duplicate", "duplicate")) if p.get(k)]
+    return "".join(", " + x for x in parts)
+
+
+def _gated_fields(p: dict[str, Any]) -> str:
+    """The same for the plain log line: "silent=3 duplicate=2 requests=40 " (nothing when none)."""
+    if not (p.get("chunks_silent") or p.get("chunks_duplicate")):
+        return ""
+    return f"silent={p['chunks_silent']} duplicate={p['chunks_duplicate']} requests={p['requests_sent']} "

@@ -106,6 +106,8 @@ class Chunk:
     samples: np.ndarray | None
     duration_s: float  # duration of the whole item
     error: str | None = None  # set when the chunk cannot be captioned (e.g. too short)
+    # gates.Measures (level, audio hash, speech; its gate when the chunk is not sent), set by prepare.
+    measures: Any = None
 
     @property
     def key(self) -> tuple[str, int]:
@@ -136,6 +138,11 @@ class Result:
     prompt_token_ids: list[int] | None = None  # what the engine saw (for parity checks; not written)
     token_ids: list[int] | None = None  # what it generated
     reasoning: str | None = None  # think models: the text inside <think> … </think>
+    # gates (flamingo_cli/gates.py): "silence" | "duplicate" when no engine request was made; a duplicate
+    # names the chunk whose answer it carries.
+    gate: str | None = None
+    duplicate_of: str | None = None
+    duplicate_of_chunk: int | None = None
 
 
 def error_result(item: AudioItem, reason: str) -> Result:

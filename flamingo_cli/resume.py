@@ -9,6 +9,7 @@ answers the planner's question with both: the version an item's next rows get.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import os
@@ -20,7 +21,7 @@ import pyarrow.compute as pc
 
 from flamingo_cli import remote
 from flamingo_cli.errors import OutputError
-from flamingo_cli.output.layout import SCHEMA, latest_version, read_columns, run_location
+from flamingo_cli.output.layout import SCHEMA, current_rows, latest_version, read_columns, run_dataset, run_location
 from flamingo_cli.records import AudioItem, Fingerprint
 
 INDEX_COLUMNS = [
@@ -32,6 +33,9 @@ INDEX_COLUMNS = [
     "source_mtime_ns",
     "source_sha256",
     "source_version",
+    # gates: the audio hash of captioned chunks (duplicates across invocations), silence-gated chunks
+    "audio_sha256",
+    "gate",
 ]
 INDEX_SCHEMA = pa.schema([SCHEMA.field(c) for c in INDEX_COLUMNS])
 
@@ -200,6 +204,32 @@ class ResumeIndex:
         self._failed: dict[str, set[int]] = {}
         for item_id, index in self._failed_keys:
             self._failed.setdefault(item_id, set()).add(index)
+        self._gates(t)
+
+    def _gates(self, t: pa.Table) -> None:
+        """What the gates need: audio hash -> (id, chunk) of captioned chunks (the first row per hash; no
+        captions: ``read_row`` fetches one when a duplicate needs it), and the silence-gated keys."""
+        gated = pc.fill_null(pc.equal(t["gate"], "silence"), False)
+        silent = t.filter(gated)
+        silent_keys = set(zip(silent["id"].to_pylist(), silent["chunk_index"].to_pylist(), strict=True))
+        if silent_keys:  # a gated row superseded by a caption (--keep-silence) is not silent any more
+            later = t.filter(pc.and_(pc.invert(gated), pc.is_in(t["id"], value_set=pc.unique(silent["id"]))))
+            silent_keys -= set(zip(later["id"].to_pylist(), later["chunk_index"].to_pylist(), strict=True))
+        self._silent: dict[str, set[int]] = {}
+        for item_id, index in silent_keys:
+            self._silent.setdefault(item_id, set()).add(index)
+        captioned = t.filter(
+            pc.and_(pc.and_(pc.is_valid(t["audio_sha256"]), pc.is_null(t["gate"])), pc.is_null(t["error"]))
+        )
+        self._audio: dict[bytes, tuple[str, int]] = {}
+        for sha, item_id, index in zip(
+            captioned["audio_sha256"].to_pylist(),
+            captioned["id"].to_pylist(),
+            captioned["chunk_index"].to_pylist(),
+            strict=True,
+        ):
+            with contextlib.suppress(ValueError):
+                self._audio.setdefault(bytes.fromhex(sha)[:16], (item_id, int(index)))
 
     def is_done(self, item_id: str) -> bool:
         """All of the item's chunks are present (num_chunks rows), or it has a num_chunks=0 row."""
@@ -238,6 +268,21 @@ class ResumeIndex:
         """(id, chunk_index) pairs whose only rows are errors."""
         return set(self._failed_keys)
 
+    def audio_original(self, audio_sha256: str) -> tuple[str, int] | None:
+        """The (id, chunk_index) of a captioned chunk with these decoded samples (the gates' duplicates)."""
+        try:
+            return self._audio.get(bytes.fromhex(audio_sha256)[:16])
+        except ValueError:
+            return None
+
+    def silent_chunks(self, item_id: str) -> set[int]:
+        """The item's chunk indexes whose row is a silence-gated outcome (``--keep-silence`` redoes them)."""
+        return set(self._silent.get(item_id, ()))
+
+    def silent_keys(self) -> set[tuple[str, int]]:
+        """Every silence-gated (id, chunk_index)."""
+        return {(i, c) for i, cs in self._silent.items() for c in cs}
+
     def source_version(self, item_id: str, source: Fingerprint | None, content_hash: bool = False) -> tuple[int, bool]:
         """The source_version the item's next rows get, and whether its source changed since.
 
@@ -270,6 +315,20 @@ class ResumeIndex:
 
     def __contains__(self, item_id: object) -> bool:
         return item_id in self._done or item_id in self._partial
+
+
+def read_row(out: str | Path, run_key: str, item_id: str, chunk_index: int) -> dict | None:
+    """The current row of (id, chunk_index) in run ``run_key`` as a dict (None when there is none): a
+    duplicate's original, read only when one needs it."""
+    dataset = run_dataset(out, run_key)
+    if dataset is None:
+        return None
+    expr = (pc.field("id") == item_id) & (pc.field("chunk_index") == int(chunk_index))
+    try:
+        rows = current_rows(dataset.to_table(filter=expr)).to_pylist()
+    except (OSError, pa.ArrowException) as exc:
+        raise OutputError(f"{run_location(out, run_key)}: cannot read the row of {item_id!r}: {exc}") from exc
+    return rows[0] if rows else None
 
 
 def with_source(item: AudioItem, content_hash: bool = False) -> AudioItem:

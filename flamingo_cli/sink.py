@@ -22,7 +22,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from flamingo_cli import __version__, resume
+from flamingo_cli import __version__, gates, resume
 from flamingo_cli.errors import OutputError
 from flamingo_cli.output.columns import COLUMN_TYPES, RunColumns
 from flamingo_cli.output.layout import METADATA_KEY, RESERVED_NAMES, RUN_KEY_RE, SCHEMA, first_part_schema
@@ -107,6 +107,7 @@ class Sink:
         lease_seconds: float | None = None,
         extra_fields: Sequence[pa.Field] = (),
         extra_values: Callable[[Result], Mapping[str, Any]] | None = None,
+        keep_silence: bool = False,
     ) -> None:
         if not RUN_KEY_RE.match(run_key):
             raise ValueError(f"run_key {run_key!r} is not a safe directory name")
@@ -132,6 +133,7 @@ class Sink:
         self.rows_per_part = rows_per_part
         self.flush_seconds = flush_seconds
         self.retry_failed = retry_failed
+        self.keep_silence = keep_silence  # silence-gated rows on disk may be written again (captioned)
         self._clock = clock
         meta = dict(run_info)
         meta["run_key"] = run_key
@@ -151,6 +153,7 @@ class Sink:
         self._index = ResumeIndex()
         self._retry_keys: set[tuple[str, int]] = set()
         self._retry_ids: set[str] = set()
+        self._redo_keys: set[tuple[str, int]] = set()  # gates: silence-gated keys, with keep_silence
         # id -> [fingerprint, source_version, rows still to come], from begin_item().
         self._sources: dict[str, list[Any]] = {}
         self._seeded = False
@@ -212,6 +215,8 @@ class Sink:
         if self.retry_failed:
             self._retry_keys = index.failed_keys()
             self._retry_ids = {i for i, _ in self._retry_keys if index.zero_chunk_only(i)}
+        if self.keep_silence:
+            self._redo_keys = index.silent_keys()
         self._seeded = True
 
     def begin_item(self, item_id: str, source: Fingerprint | None, version: int, rows: int) -> None:
@@ -234,6 +239,9 @@ class Sink:
             return False
         on_disk = self._index.version(key[0])
         if version > (on_disk or 0):  # the source changed: a new version of the item supersedes
+            return False
+        if key in self._redo_keys:  # a silence-gated row, captioned now (--keep-silence)
+            self._redo_keys.discard(key)
             return False
         return not (self.retry_failed and (key in self._retry_keys or key[0] in self._retry_ids))
 
@@ -272,7 +280,14 @@ class Sink:
             "source_sha256": None if source is None else source.sha256,
             "source_version": version,
             "path_bytes": path_bytes(str(item.path)),
+            **self._gate_values(result),
         }
+
+    @staticmethod
+    def _gate_values(result: Result) -> dict[str, Any]:
+        values = gates.row_values(result)
+        values["duplicate_of"] = _escaped(values["duplicate_of"])
+        return values
 
     def write(self, result: Result) -> None:
         """Buffer one row; drop it if its (id, chunk_index) is already written. May flush a part.

@@ -57,6 +57,13 @@ class CaptionSpec:
     shard: tuple[int, int] | None = None
     retry_failed: bool = False
     content_hash: bool = False
+    # gates (gates.py): silence and duplicate audio get rows without an engine request; --vad measures speech.
+    # Not in the run key: a gated row is an outcome like an error row, and --keep-silence redoes it.
+    keep_silence: bool = False
+    silence_peak_db: float = -60.0
+    silence_active_ratio: float = 0.0
+    dedupe_audio: bool = True
+    vad: bool = False
     # output
     rows_per_part: int = 1000
     # where it runs
@@ -94,7 +101,7 @@ class CaptionSpec:
         for name in ("log_file", "summary_json"):
             if name in opts:
                 opts[name] = str(opts[name])
-        for name in ("chunk_seconds", "overlap", "log_interval"):
+        for name in ("chunk_seconds", "overlap", "log_interval", "silence_peak_db", "silence_active_ratio"):
             # the CLI hands floats: 20 and 20.0 must be one run key
             if isinstance(opts.get(name), int) and not isinstance(opts[name], bool):
                 opts[name] = float(opts[name])
@@ -178,6 +185,42 @@ class CaptionSpec:
         if self.replicas is not None:
             _check_range("--replicas", self.replicas, lo=1, integer=True)
         _check_range("--log-interval", self.log_interval, lo=0, lo_open=True)
+        self._check_gates()
+
+    def _check_gates(self) -> None:
+        from flamingo_cli.gates import FLOOR_DBFS, VadNotInstalledError, check_vad
+
+        _check_range("--silence-peak-db", self.silence_peak_db, lo=FLOOR_DBFS, hi=0)
+        _check_range("--silence-active-ratio", self.silence_active_ratio, lo=0, hi=1)
+        if self.silence_active_ratio >= 1:
+            raise SpecError("--silence-active-ratio 1.0: expected a number below 1 (1 would call every chunk silent)")
+        for name in ("keep_silence", "dedupe_audio", "vad"):
+            if not isinstance(getattr(self, name), bool):
+                raise SpecError(f"{name} {getattr(self, name)!r}: expected true or false")
+        if self.executor == "ray" and (self.vad or self.keep_silence):
+            raise SpecError(
+                "--vad and --keep-silence are for the local executor: --executor ray applies no gates "
+                "(no silence or duplicate gate, no audio measures)"
+            )
+        if self.vad:
+            try:
+                check_vad()
+            except VadNotInstalledError as exc:
+                raise SpecError(str(exc)) from exc
+
+    def gates(self) -> Any:
+        """The run's ``gates.GateSettings``; None with ``--executor ray`` (which applies none)."""
+        if self.executor != "local":
+            return None
+        from flamingo_cli.gates import GateSettings
+
+        return GateSettings(
+            keep_silence=self.keep_silence,
+            silence_peak_db=float(self.silence_peak_db),
+            silence_active_ratio=float(self.silence_active_ratio),
+            dedupe_audio=self.dedupe_audio,
+            vad=self.vad,
+        )
 
     def _check_engine_options(self) -> None:
         """Each engine option's rule (``EngineOptions.check``); what needs a GPU the engine will not have
@@ -324,6 +367,7 @@ class CaptionSpec:
             workers=self.default_workers(),
             retry_failed=self.retry_failed,
             content_hash=self.content_hash,
+            gates=self.gates(),
         )
 
 

@@ -106,10 +106,21 @@ def summary_line(doc: dict[str, Any]) -> str:
     return (
         f"done: status={doc['status']} files_ok={doc['files_ok']} files_failed={doc['files_failed']} "
         f"files_skipped={doc['files_skipped']} chunks_ok={doc['chunks_ok']} chunks_failed={doc['chunks_failed']} "
+        f"{_gated_fields(doc)}"
         f"audio_h={doc['audio_hours']:.3f} wall={hms(doc['wall_s'])} processing_s={doc['processing_s']:.1f} "
         f"x_rt={doc['x_realtime']:.1f} {timing} rows={doc['rows_written']} out={doc['out']}"
         f"{passed_over_field(doc.get('files_passed_over_by_ext') or {})}"
     ) + (f" reason={json.dumps(doc['reason'], ensure_ascii=False)}" if doc.get("reason") else "")
+
+
+def _gated_fields(doc: dict[str, Any]) -> str:
+    """The gates' counts on the done line, when it has any: chunks written without an engine request."""
+    if not (doc.get("chunks_silent") or doc.get("chunks_duplicate")):
+        return ""
+    return (
+        f"chunks_silent={doc['chunks_silent']} chunks_duplicate={doc['chunks_duplicate']} "
+        f"requests_sent={doc['requests_sent']} "
+    )
 
 
 def status_name(status: int) -> str:
@@ -201,6 +212,10 @@ class Summary:
             "chunks_failed": p["chunks_failed"],
             "chunks_dropped": p["chunks_dropped"],
             "files_changed": p["files_changed"],
+            # gates: chunks written without an engine request, and the requests the engine was sent
+            "chunks_silent": p["chunks_silent"],
+            "chunks_duplicate": p["chunks_duplicate"],
+            "requests_sent": p["requests_sent"],
             "audio_hours": round(p["audio_s_done"] / 3600, 6),
             "x_realtime": round(p["x_realtime"], 3) if counting else 0.0,
             "windows": p["windows_done"],

@@ -79,7 +79,7 @@ class Watched:
                 return
             if chunk.error is not None:
                 self.chunk_errors_early += 1
-            else:  # the engine's answer (a caption or its error)
+            elif getattr(result, "gate", None) is None:  # the engine's answer (a caption or its error)
                 self.last_result_at = now
             got = self._got.get(item_id, 0) + 1
             if result.error is not None:
@@ -160,6 +160,9 @@ class Tally:
             "chunks_failed": g("chunks_failed", 0),
             "chunks_dropped": g("chunks_dropped", 0),
             "files_changed": g("items_changed", 0),
+            "chunks_silent": g("chunks_silent", 0),  # gates: written without an engine request
+            "chunks_duplicate": g("chunks_duplicate", 0),
+            "requests_sent": g("requests_sent", 0),
             "chunks_total": g("chunks_queued", 0) + early if exhausted else None,
             "audio_s_done": audio_done,
             "audio_s_total": audio_total,

@@ -107,6 +107,16 @@ def test_schema_column_order_and_types(tmp_path: Path) -> None:
         "source_version",
         "warnings",
         "path_bytes",
+        # gates (issue 25a)
+        "rms_dbfs",
+        "peak_dbfs",
+        "active_ratio",
+        "speech_ratio",
+        "speech_segments",
+        "audio_sha256",
+        "gate",
+        "duplicate_of",
+        "duplicate_of_chunk",
     ]
     assert SCHEMA.field("path_bytes").type == pa.binary()
     assert SCHEMA.field("created_at").type == pa.timestamp("us", tz="UTC")

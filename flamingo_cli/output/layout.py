@@ -81,6 +81,18 @@ SCHEMA = pa.schema(
         # The raw bytes of ``path`` when the file name is not valid UTF-8 (then ``path`` and a scanned
         # ``id`` hold paths.escape_path's ``\\xHH`` escape); null when ``path`` is the name as is.
         ("path_bytes", pa.binary()),
+        # --- gates (issue 25a, flamingo_cli/gates.py): cheap measures of the chunk's decoded audio, and
+        # whether it went without an engine request. Null on rows with nothing measured (error rows).
+        ("rms_dbfs", pa.float64()),
+        ("peak_dbfs", pa.float64()),
+        ("active_ratio", pa.float64()),
+        ("speech_ratio", pa.float64()),  # --vad only
+        ("speech_segments", pa.list_(pa.struct([("start_s", pa.float64()), ("end_s", pa.float64())]))),
+        ("audio_sha256", pa.string()),
+        ("gate", pa.string()),  # null | "silence" | "duplicate"
+        ("duplicate_of", pa.string()),
+        ("duplicate_of_chunk", pa.int32()),
+        # --- end gates
     ]
 )
 
@@ -327,11 +339,12 @@ def latest_version(t: pa.Table) -> pa.Table:
     mm = pc.min_max(version).as_py()
     if mm["min"] == mm["max"]:  # the common case: nothing was ever captioned twice
         return t
-    t = t.append_column("_v", version)
-    top = t.group_by("id").aggregate([("_v", "max")])
-    joined = t.join(top, "id")
-    joined = joined.filter(pc.equal(joined["_v"], joined["_v_max"]))
-    return joined.select(t.column_names[:-1])
+    # Joined on (id, version, row number) only: list/struct columns cannot ride through a join. Row order kept.
+    keys = pa.table({"id": t["id"], "_v": version, "_row": pa.array(range(t.num_rows), pa.int64())})
+    top = keys.group_by("id").aggregate([("_v", "max")])
+    joined = keys.join(top, "id")
+    rows = joined.filter(pc.equal(joined["_v"], joined["_v_max"]))["_row"]
+    return t.take(pc.take(rows, pc.sort_indices(rows)))
 
 
 def current_rows(table: pa.Table) -> pa.Table:
