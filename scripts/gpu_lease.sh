@@ -187,6 +187,12 @@ add cli-replicas2 300 "$CLI replicas2 $AF3 $DATA/bench-10s $RES $KEEP/cli-out --
 add cli-warm2 200 "$CLI warm2 $AF3 $DATA/bench-10s $RES $KEEP/cli-out"
 add af3-raw30 200 "$B suite --ckpt $AF3 --workloads 30s=$DATA/bench-30s --out-tokens $TOK --warmup $WARM --repeat $REPEAT --results $RES --out-dir $KEEP/bench-out --variant raw"
 add cli-30s 220 "$CLI 30s $AF3 $DATA/bench-30s $RES $KEEP/cli-out"
+# issue 25: the cost of the sampled tokens' log-probabilities (cli-warm asks for them: the default)
+add cli-nologprobs 200 "$CLI nologprobs $AF3 $DATA/bench-10s $RES $KEEP/cli-out --no-logprobs"
+# issue 25: a corpus of 30 % silence and 10 % duplicates (scripts/make_gate_corpus.py), gates on (the
+# default) vs every chunk sent (--keep-silence --no-dedupe-audio); GPU time = the summary's generation_s
+add cli-gates 200 "$CLI gates $AF3 $DATA/gate-corpus $RES $KEEP/cli-out"
+add cli-nogates 200 "$CLI nogates $AF3 $DATA/gate-corpus $RES $KEEP/cli-out --keep-silence --no-dedupe-audio"
 
 # The default: what the four 2026-12-02 leases left (the fourth ran schema, raw10, flamingo10, fp8-10,
 # replica2 and the bf16 floor; its fp8kv, cpumel10 and frontend were lost) and the compact features'
@@ -206,6 +212,7 @@ PLANNED=$(for name in $PLAN; do echo "${CMD[$name]:-}"; done)
 [[ $PLANNED == *"$DATA/bench-30s"* ]] && NEED_30=1 || NEED_30=0 # the 30-s clips
 [[ $PLANNED == *"$DATA/bench-5min"* ]] && NEED_LONG=1 || NEED_LONG=0 # the S steps' 5-min clips
 [[ $PLANNED == *"$DATA/bench-mf"* ]] && NEED_MF=1 || NEED_MF=0
+[[ $PLANNED == *"$DATA/gate-corpus"* ]] && NEED_GATES=1 || NEED_GATES=0
 [[ -f $KEEP/setup.ok ]] || step setup 150 bash -c "set -e
   $B clips --dir $DATA/bench-10s --seconds 10 --count $N10 &
   $B ckpt --kind af3 --size $SIZE --out $AF3 --lm-head-std 0.1 &
@@ -216,6 +223,7 @@ PLANNED=$(for name in $PLAN; do echo "${CMD[$name]:-}"; done)
   [[ \" $CKPTS \" != *' mf '* ]] || $B ckpt --kind mf --size $SIZE --out $MF &
   wait
   [[ $NEED_30 == 0 ]] || $B clips --dir $DATA/bench-30s --seconds 30 --count $N30 &
+  [[ $NEED_GATES == 0 ]] || $PY scripts/make_gate_corpus.py --out $DATA/gate-corpus --count ${LEASE_NGATES:-600} &
   wait
   [[ $NEED_LONG == 0 ]] || $B clips --dir $DATA/bench-5min --seconds 300 --count $N5
   [[ $NEED_MF == 0 ]] || $B clips --dir $DATA/bench-mf --seconds 30 --count $NMF
