@@ -7,6 +7,7 @@ The Python API mirrors the CLI (``flamingo caption`` / ``flamingo describe-music
     doc = flamingo_cli.describe("song.flac")
     table = flamingo_cli.read_output("/data/captions")  # the current rows, `run` as a column
     flamingo_cli.export("/data/captions", "current.parquet")  # the same, as one file any reader takes
+    flamingo_cli.build_report("/data/captions")  # flamingo browse: the offline HTML report
 
 Imported lazily, so ``import flamingo_cli`` (and ``flamingo --help``) loads neither torch nor vLLM.
 """
@@ -21,6 +22,7 @@ __all__ = [
     "CaptionSpec",
     "SpecError",
     "__version__",
+    "build_report",
     "caption",
     "describe",
     "export",
@@ -35,6 +37,7 @@ _LAZY = {
     "SpecError": "flamingo_cli.spec",
     "export": "flamingo_cli.output.export",
     "read_output": "flamingo_cli.output.layout",
+    "build_report": "flamingo_cli.browse.report",
 }
 
 

@@ -482,6 +482,44 @@ def export_cmd(
     _env.info(f"{rows} current rows of {out} → {to} ({fmt})")
 
 
+@app.command("browse")
+def browse_cmd(
+    out: Annotated[str, typer.Argument(help="The --out folder (or s3:// URL) of caption runs.")],
+    to: Annotated[
+        Path | None, typer.Option("--to", help="The report folder (default: OUT/_browse; ./browse-<name> for s3://).")
+    ] = None,
+    open_it: Annotated[bool, typer.Option("--open", help="Open the report in the default browser.")] = False,
+    serve: Annotated[
+        bool, typer.Option("--serve", help="Serve the report and its audio on 127.0.0.1 (for an SSH tunnel).")
+    ] = False,
+    port: Annotated[int, typer.Option("--port", help="The port of --serve (0: any free one).")] = 8765,
+) -> None:
+    """Write an offline HTML report: runs, plots, and every current row with a player for its chunk."""
+    from flamingo_cli.browse import build_report
+
+    report = build_report(out, to=to)
+    _env.info(
+        f"{report.rows:,} current rows in {report.pages:,} pages, {report.filters} filters, "
+        f"{report.bytes / 1e6:,.1f} MB → {report.folder}"
+    )
+    _plain_out([report.url])
+    if open_it:
+        import webbrowser
+
+        webbrowser.open(report.url)
+    if serve:
+        from flamingo_cli.browse import serve as serve_report
+
+        def ready(url: str) -> None:
+            p = url.rstrip("/").rsplit(":", 1)[1]
+            _env.info(
+                f"serving {report.folder} at {url} "
+                f"(Ctrl-C stops; from another machine: ssh -L {p}:127.0.0.1:{p} <host>)"
+            )
+
+        serve_report(report.folder, port=port, on_ready=ready)
+
+
 @app.command()
 def doctor(
     model: Annotated[

@@ -412,3 +412,6 @@ def render(doc: dict[str, Any], console: Any) -> None:
                 where += f" ({row['start_s']:.0f}–{row['end_s']:.0f} s)"
             s.add_row(str(row["id"]), where, Text(str(row["caption"])))
         console.print(s)
+    console.print(
+        Text(f"browse every row, with players and plots: flamingo browse {doc['out']}", style="dim"), soft_wrap=True
+    )

@@ -9,6 +9,10 @@ uv sync --frozen --extra cpu --extra ray
 if ! command -v tmux >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
   (apt-get update -qq && apt-get install -y -qq tmux >/dev/null) || echo "tmux could not be installed: the TTY test will skip"
 fi
+# flamingo browse's tests open the report in headless Chromium (Debian's package); without it they skip.
+if ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+  (apt-get update -qq && apt-get install -y -qq chromium >/dev/null) || echo "chromium could not be installed: the browse browser tests will skip"
+fi
 uv run --no-sync ruff check flamingo_cli scripts tests
 uv run --no-sync ruff format --check flamingo_cli scripts tests
 uv run --no-sync pytest -q -p no:cacheprovider --durations=40 "$@"
