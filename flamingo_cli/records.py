@@ -94,6 +94,11 @@ class DecodedAudio:
         return len(self.samples) / SAMPLE_RATE
 
 
+# The chunk_index of an item's track row (issue 26): one caption of the whole item, made from its chunks'
+# captions by a text-only request; (id, -1) never collides with a chunk's key.
+TRACK_INDEX = -1
+
+
 @dataclass(slots=True)
 class Chunk:
     """A span of an item's audio, within the model's cap. start_s/end_s are relative to the item."""
