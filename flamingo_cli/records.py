@@ -119,12 +119,18 @@ class Chunk:
 
 @dataclass(slots=True)
 class Request:
-    """What the engine runs: a rendered prompt (one <sound> placeholder) and its audio."""
+    """What the engine runs: a rendered prompt (one <sound> placeholder) and its audio; or, with
+    ``chunk.samples`` None, a text-only prompt (an item's track row)."""
 
     chunk: Chunk
     prompt: str  # the user text, e.g. "Describe the music in detail."
     text: str  # the full chat-templated prompt handed to the engine
     request_id: str = ""
+
+    @property
+    def audio_s(self) -> float:
+        """Seconds of audio the request carries: 0 for a text-only one (``chunk.samples`` is None)."""
+        return 0.0 if self.chunk.samples is None else self.chunk.end_s - self.chunk.start_s
 
 
 @dataclass(slots=True)
