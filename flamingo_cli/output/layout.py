@@ -334,11 +334,12 @@ def latest_version(t: pa.Table) -> pa.Table:
     mm = pc.min_max(version).as_py()
     if mm["min"] == mm["max"]:  # the common case: nothing was ever captioned twice
         return t
-    t = t.append_column("_v", version)
-    top = t.group_by("id").aggregate([("_v", "max")])
-    joined = t.join(top, "id")
-    joined = joined.filter(pc.equal(joined["_v"], joined["_v_max"]))
-    return joined.select(t.column_names[:-1])
+    # Joined on the keys alone: Arrow's join takes no list or struct columns (``segments``).
+    work = pa.table({"id": t["id"], "_v": version, "_row": pa.array(range(t.num_rows), pa.int64())})
+    top = work.group_by("id").aggregate([("_v", "max")])
+    joined = work.join(top, "id")
+    keep = joined.filter(pc.equal(joined["_v"], joined["_v_max"]))["_row"]
+    return t.take(keep.take(pc.sort_indices(keep)))  # in the table's order
 
 
 def current_rows(table: pa.Table) -> pa.Table:
