@@ -118,7 +118,7 @@ def test_demo_shows_chunks_and_a_resumed_second_run(
     engine = use_engine(FakeEngine())
     monkeypatch.setattr(flamingo_cli.prompts, "load_chat_template", lambda model: None)
     check_demo(tmp_path)
-    assert len(engine.requests) == 6  # the second run captioned nothing
+    assert len(engine.requests) == 7  # 6 audio + 1 track request; the second run captioned nothing
 
 
 @pytest.mark.engine
