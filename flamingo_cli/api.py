@@ -103,7 +103,7 @@ def describe(path: str | Path, *, engine: Any = None, env: Environment | None = 
     from flamingo_cli.launch import get_engine, refuse_to_rerun_in_a_spawned_child
     from flamingo_cli.pipeline import run_pipeline
     from flamingo_cli.prompts import load_chat_template
-    from flamingo_cli.records import AudioItem
+    from flamingo_cli.records import TRACK_INDEX, AudioItem
 
     refuse_to_rerun_in_a_spawned_child("flamingo_cli.describe()")
     track = Path(path)
@@ -127,27 +127,32 @@ def describe(path: str | Path, *, engine: Any = None, env: Environment | None = 
     item = AudioItem(id=track.name, path=str(track.resolve()), origin=str(track))
     run_pipeline(job, iter([item]), engine, sink)
     results = sorted(sink.results, key=lambda r: r.chunk.index)
+    whole = [r for r in results if r.chunk.index == TRACK_INDEX]  # a long track's one description (tracks.py)
+    results = [r for r in results if r.chunk.index != TRACK_INDEX]
     duration = next((r.chunk.duration_s for r in results if r.chunk.duration_s == r.chunk.duration_s), None)
+
+    def section(r: Any) -> dict[str, Any]:
+        return {
+            "chunk_index": r.chunk.index,
+            "start_s": r.chunk.start_s if r.chunk.num_chunks else None,
+            "end_s": r.chunk.end_s if r.chunk.num_chunks else None,
+            "description": r.caption,
+            "reasoning": r.reasoning,
+            "finish_reason": r.finish_reason,
+            "output_tokens": r.output_tokens,
+            "error": r.error,
+            **({} if spec.json_schema is None else {"json": _parsed(spec.json_schema, r)}),
+        }
+
     return {
         "path": str(track),
         "model": spec.model,
         "task": spec.task,
         "prompt": spec.prompt,
         "duration_s": duration,
-        "sections": [
-            {
-                "chunk_index": r.chunk.index,
-                "start_s": r.chunk.start_s if r.chunk.num_chunks else None,
-                "end_s": r.chunk.end_s if r.chunk.num_chunks else None,
-                "description": r.caption,
-                "reasoning": r.reasoning,
-                "finish_reason": r.finish_reason,
-                "output_tokens": r.output_tokens,
-                "error": r.error,
-                **({} if spec.json_schema is None else {"json": _parsed(spec.json_schema, r)}),
-            }
-            for r in results
-        ],
+        # The whole track's description, from its sections' (None for a track of one section).
+        "track": section(whole[0]) if whole else None,
+        "sections": [section(r) for r in results],
         "timing": {"engine_start_s": round(t1 - t0, 2), "generate_s": round(time.perf_counter() - t1, 2)},
         "flamingo_version": __version__,
     }

@@ -121,6 +121,15 @@ SchemaOpt = Annotated[
     ),
 ]
 VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Show vLLM's own logs.")]
+TrackPromptOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--track-prompt",
+        help="Instruction of the track row a file cut into several chunks gets: one caption of the whole, "
+        "made from the chunks' captions (overrides the task's).",
+    ),
+]
+NoTrackOpt = Annotated[bool, typer.Option("--no-track-summary", help="No track row for files cut into several chunks.")]
 QuantOpt = Annotated[
     str | None,
     typer.Option(
@@ -292,6 +301,8 @@ def caption(
     cpu_kv_cache_gb: CpuKvOpt = 2.0,
     ignore_eos: Annotated[bool, typer.Option("--ignore-eos", hidden=True)] = False,
     schema: SchemaOpt = None,
+    track_prompt: TrackPromptOpt = None,
+    no_track_summary: NoTrackOpt = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
     verbose: VerboseOpt = False,
     dry_run: DryRunOpt = False,
@@ -328,6 +339,8 @@ def describe_music(
     tensor_parallel_size: TpOpt = 1,
     dtype: DtypeOpt = "auto",
     schema: SchemaOpt = None,
+    track_prompt: TrackPromptOpt = None,
+    no_track_summary: NoTrackOpt = False,
     verbose: VerboseOpt = False,
 ) -> None:
     """Describe one music track with Music Flamingo (long tracks: one section per chunk)."""
@@ -340,7 +353,7 @@ def describe_music(
         _env.stdout.flush()
     else:
         _print_description(doc)
-    errors = [s["error"] for s in doc["sections"] if s["error"]]
+    errors = [s["error"] for s in [*doc["sections"], doc["track"] or {}] if s.get("error")]
     if errors and not as_json:
         for e in errors:
             _env.error(e)
@@ -357,6 +370,13 @@ def _print_description(doc: dict[str, Any]) -> None:
     sections = doc["sections"]
     if not _env.stdout_isatty:
         _env.stdout.write(head + (f"  ·  {len(sections)} parts" if len(sections) > 1 else "") + "\n")
+    whole = doc.get("track")
+    if whole is not None:  # a long track: its one description first, then the sections
+        body = whole["description"] if whole["description"] is not None else f"error: {whole['error']}"
+        if _env.stdout_isatty:
+            _env.out.print(Panel(Text(body), title=f"{head}  ·  whole track", title_align="left", expand=True))
+        else:
+            _env.stdout.write("\n[whole track]\n" + body + "\n")
     for s in sections:
         part = ""
         if len(sections) > 1 and s["start_s"] is not None:

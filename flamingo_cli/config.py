@@ -36,6 +36,14 @@ class Preset:
     source: str = ""
     schema: dict[str, Any] | None = None  # a JSON Schema (structured captions), parsed but not yet checked
     schema_source: str = ""  # where it came from, for error messages: the .json file or the preset's table
+    # The instruction of an item's track row (issue 26): one caption of the whole from its chunks' captions.
+    track_prompt: str = ""
+
+
+DEFAULT_TRACK_PROMPT = (
+    "Write one detailed caption of the whole recording from these descriptions of its parts: what it is, "
+    "what happens and how it changes over time."
+)
 
 
 def preset_dirs() -> list[Path]:
@@ -66,6 +74,7 @@ def _parse(path: Path) -> Preset:
         source=str(path),
         schema=schema,
         schema_source=schema_source,
+        track_prompt=str(task.get("track_prompt") or DEFAULT_TRACK_PROMPT),
     )
 
 

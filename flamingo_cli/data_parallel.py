@@ -376,7 +376,7 @@ class DataParallelEngine:
         finished: set[int] = set()
 
         def seconds(request: Request) -> float:
-            return request.chunk.end_s - request.chunk.start_s
+            return request.audio_s
 
         clean = False
         try:

@@ -217,11 +217,10 @@ class VllmEngine:
         self._counter += 1
         rid = f"r{self._counter}"
         samples = request.chunk.samples
-        self._engine.add_request(
-            rid,
-            {"prompt": request.text, "multi_modal_data": {"audio": (samples, SAMPLE_RATE)}},
-            self.sampling_params(sampling, request),
-        )
+        prompt: dict[str, Any] = {"prompt": request.text}
+        if samples is not None:  # None: a text-only request (an item's track row)
+            prompt["multi_modal_data"] = {"audio": (samples, SAMPLE_RATE)}
+        self._engine.add_request(rid, prompt, self.sampling_params(sampling, request))
         return rid
 
     def run(self, feed: queue.Queue, sampling: Sampling, on_step: Callable[[], None] | None = None) -> Iterator[Result]:
@@ -277,7 +276,7 @@ class VllmEngine:
                     held.clear()
                 pending[rid] = request
                 texts[rid], tokens[rid] = [], []
-                audio_s += request.chunk.end_s - request.chunk.start_s
+                audio_s += request.audio_s
             if not pending:
                 if done:
                     yield from held  # a corpus smaller than the limit: its rejections are rows
@@ -299,7 +298,7 @@ class VllmEngine:
                     continue
                 del pending[out.request_id]
                 self._started.discard(out.request_id)
-                audio_s -= request.chunk.end_s - request.chunk.start_s
+                audio_s -= request.audio_s
                 token_ids = tokens.pop(out.request_id)
                 result = Result(
                     chunk=request.chunk,

@@ -222,7 +222,9 @@ def inspect_output(out: str | Path, samples: int = 3, max_groups: int = 20, top:
         current = current_rows(table) if rows_total else table
 
     err_mask = pc.is_valid(current["error"])
-    ok = current.filter(pc.invert(err_mask))
+    # Track rows (issue 26, chunk_index -1) cover audio their chunks already count: not chunks.
+    is_track = pc.fill_null(pc.equal(current["chunk_index"], -1), False)
+    ok = current.filter(pc.and_(pc.invert(err_mask), pc.invert(is_track)))
     errors = current.filter(err_mask)
     items = current.group_by(["run", "id"]).aggregate([("error", "count"), ("duration_s", "max")])
     items_with_errors = _count(pc.greater(items["error_count"], 0)) if items.num_rows else 0
@@ -308,6 +310,7 @@ def inspect_output(out: str | Path, samples: int = 3, max_groups: int = 20, top:
         "chunks_ok": ok.num_rows,
         "chunks_silent": sum(n for n, _ in gated.values()),
         "chunks_duplicate": sum(n for _, n in gated.values()),
+        "track_rows": _count(is_track) if current.num_rows else 0,
         "chunk_errors": _count(pc.greater(errors["num_chunks"], 0)) if errors.num_rows else 0,
         "item_errors": _count(pc.equal(errors["num_chunks"], 0)) if errors.num_rows else 0,
         "errors_by_reason": by_reason,

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import os
 import signal
 import threading
@@ -434,8 +435,13 @@ class _Run:
                     )  # fmt: skip
                 else:
                     from flamingo_cli.pipeline import run_pipeline
+                    from flamingo_cli.tracks import read_chunk_rows
 
-                    run_pipeline(job, items, engine, watched, stats, index, on_tick=tick, stop_event=self.stop)
+                    read_done = functools.partial(read_chunk_rows, spec.out, spec.run_key)
+                    run_pipeline(
+                        job, items, engine, watched, stats, index,
+                        on_tick=tick, stop_event=self.stop, read_done=read_done,
+                    )  # fmt: skip
             except EngineError as exc:
                 if self.received:  # vLLM's engine process got the signal too (Ctrl-C, systemd stop) and quit
                     raise Stopped(self.received[0]) from exc
@@ -452,7 +458,8 @@ class _Run:
         if self.received:
             self.monitor.finish(int(Stopped(self.received[0]).status), reason="stopped; finished rows are saved")
             raise Stopped(self.received[0])
-        status = ExitStatus.ITEMS_FAILED if s["items_failed"] or s["chunks_failed"] else ExitStatus.OK
+        failed = s["items_failed"] or s["chunks_failed"] or s["tracks_failed"]
+        status = ExitStatus.ITEMS_FAILED if failed else ExitStatus.OK
         return self._report(sink, stats, status)
 
     def _report(self, sink: Any, stats: Any, status: ExitStatus, reason: str | None = None) -> dict[str, Any]:

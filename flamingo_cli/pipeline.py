@@ -39,6 +39,7 @@ from flamingo_cli.prepare import PreparedItem, prepare
 from flamingo_cli.records import AudioItem, Result
 from flamingo_cli.resume import ResumeIndex, read_row, with_source
 from flamingo_cli.schema import output_check
+from flamingo_cli.tracks import Part, Tracks, budget_chars
 
 __all__ = ["CaptionJob", "Planner", "Producer", "ResultSink", "Stats", "run_pipeline"]
 
@@ -54,7 +55,7 @@ _PROBE_BYTES = 1 << 20
 
 
 def _span(request: Any) -> float:
-    return 0.0 if request is END else request.chunk.end_s - request.chunk.start_s
+    return 0.0 if request is END else request.audio_s
 
 
 class _Feed(queue.Queue):
@@ -73,6 +74,14 @@ class _Feed(queue.Queue):
         item = super()._get()
         self.audio_s -= _span(item)
         return item
+
+    def put_extra(self, item: Any) -> None:
+        """Put ``item`` now, past the bounds: a small text-only request (a track row) the result loop
+        sends, which must never wait on the engine it runs."""
+        with self.mutex:
+            self._put(item)
+            self.unfinished_tasks += 1
+            self.not_empty.notify()
 
     def _qsize(self) -> int:
         n = super()._qsize()
@@ -100,6 +109,7 @@ class Producer(threading.Thread):
         self.error: BaseException | None = None
         self.planner = Planner(job, index, stats)
         self._begin = getattr(sink, "begin_item", None)
+        self.tracks: Tracks | None = None  # set by run_pipeline when items get track rows (tracks.py)
 
     @staticmethod
     def _audio_estimate(item: AudioItem, decision: ItemDecision | None) -> float:
@@ -127,7 +137,7 @@ class Producer(threading.Thread):
         if decision is None:
             item = with_source(item, content_hash=True)
             decision = self.planner.decide(item, item.source)
-            if not decision.wanted:
+            if not decision.wanted or decision.track_only:
                 return _Prepared(decision)
         job = self.job
         ready = prepare(
@@ -149,6 +159,8 @@ class Producer(threading.Thread):
             self.error = exc
         finally:
             self.stats.sources_exhausted = True
+            if self.tracks is not None:  # the last items' track requests go out before END
+                self.tracks.wait(self.stop_event)
             self._put(END)
 
     def _run(self) -> None:
@@ -177,6 +189,9 @@ class Producer(threading.Thread):
                     assert decision is not None
                     self._fail(item, item.error, decision)
                     continue
+                if decision is not None and decision.track_only:
+                    self._track_only(item, decision)
+                    continue
                 # With --hash the pool hashes, decides and prepares (hashing reads the whole file).
                 est = self._audio_estimate(item, decision)
                 pending.append((item, pool.submit(self._prepare, item, decision), est))
@@ -200,11 +215,24 @@ class Producer(threading.Thread):
         self._emit_prepared(item, fut.result())
         return est
 
+    def _track_only(self, item: AudioItem, decision: ItemDecision) -> None:
+        """Every chunk is on disk but not the track row: ask for that alone, from the rows (no decode)."""
+        with self.stats.lock:
+            self.stats.items_queued += 1
+        index = self.planner.index
+        assert self.tracks is not None and index is not None
+        if self._begin is not None:
+            self._begin(item.id, decision.source, decision.version, 1)
+        self.tracks.expect(item, len(index.done_chunks(item.id)), float("nan"), pending=(), done_on_disk=True)
+
     def _emit_prepared(self, item: AudioItem, prepared: _Prepared) -> None:
         decision = prepared.decision
         if not decision.wanted:
             with self.stats.lock:
                 self.stats.items_skipped += 1
+            return
+        if decision.track_only:
+            self._track_only(item, decision)
             return
         with self.stats.lock:
             self.stats.items_queued += 1
@@ -213,8 +241,21 @@ class Producer(threading.Thread):
         if ready.error is not None:
             self._fail(item, ready.error, decision)
             return
-        if self._begin is not None:
-            self._begin(item.id, decision.source, decision.version, len(ready.requests))
+        requests = ready.requests
+        num_chunks = requests[0].chunk.num_chunks if requests else 0
+        track = self.tracks is not None and self.tracks.wants(num_chunks)
+        if self._begin is not None:  # the track row is one of the item's rows (its source version too)
+            self._begin(item.id, decision.source, decision.version, len(requests) + track)
+        if track:
+            assert self.tracks is not None
+            self.tracks.expect(
+                item,
+                num_chunks,
+                requests[0].chunk.duration_s,
+                pending={r.chunk.index for r in requests if not r.chunk.error},
+                failed=[r.chunk for r in requests if r.chunk.error],
+                done_on_disk=len(requests) < num_chunks,
+            )
         for request in ready.requests:
             chunk = request.chunk
             if chunk.error:
@@ -246,6 +287,8 @@ class Producer(threading.Thread):
         if routed is not PARKED:
             self.sink.write(routed)
             self.stats.add_result(routed)
+            if self.tracks is not None:  # a gated chunk is one of its item's parts too
+                self.tracks.result(routed)
         return True
 
 
@@ -276,12 +319,24 @@ def run_pipeline(
     on_result: Callable[[Result], None] | None = None,
     on_tick: Callable[[], None] | None = None,
     stop_event: threading.Event | None = None,
+    read_done: Callable[[str], list[Part]] | None = None,
 ) -> Stats:
-    """Run one caption job to the end (or until ``stop_event``); returns the counters."""
+    """Run one caption job to the end (or until ``stop_event``); returns the counters. ``read_done``
+    reads an item's chunk rows back from the output (``tracks.read_chunk_rows``) for its track row."""
     stats = stats or Stats()
-    feed: queue.Queue = _Feed(max(1, job.queue_size), job.max_feed_audio_s)
+    feed = _Feed(max(1, job.queue_size), job.max_feed_audio_s)
     keeper = gatekeeper(job, sink, index)
     producer = Producer(job, items, feed, sink, stats, index, keeper)
+    tracks = None
+    if job.track_prompt is not None:
+
+        def write_row(result: Result) -> None:
+            sink.write(result)
+            stats.add_result(result)
+
+        budget = budget_chars(engine, job.sampling.max_tokens)
+        tracks = Tracks(job.track_prompt, job.prompts, feed.put_extra, write_row, read_done, budget)
+        producer.tracks = tracks
     if stop_event is not None:
         producer.stop_event = stop_event
     ended = False
@@ -309,16 +364,22 @@ def run_pipeline(
                 # vLLM aborted it (its own SIGINT/SIGTERM shutdown): not a caption; resume redoes it.
                 with stats.lock:
                     stats.chunks_dropped += 1
+                if tracks is not None:
+                    tracks.abandon(result)
                 continue
             if check is not None:
                 result = check(result)
             sink.write(result)
             stats.add_result(result)
+            if tracks is not None:
+                tracks.result(result)
             if on_result:
                 on_result(result)
             for duplicate in keeper.resolved(result) if keeper is not None else ():
                 sink.write(duplicate)
                 stats.add_result(duplicate)
+                if tracks is not None:
+                    tracks.result(duplicate)
                 if on_result:
                     on_result(duplicate)
     finally:

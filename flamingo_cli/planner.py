@@ -18,6 +18,7 @@ from typing import Any, Protocol
 from flamingo_cli.models import WINDOW_S
 from flamingo_cli.prompts import PromptBuilder
 from flamingo_cli.records import (
+    TRACK_INDEX,
     AudioItem,
     Fingerprint,
     Result,
@@ -62,6 +63,8 @@ class Stats:
     windows_done: int = 0
     prompt_tokens: int = 0
     output_tokens: int = 0
+    tracks_done: int = 0  # track rows (issue 26) written with a caption
+    tracks_failed: int = 0
     sources_exhausted: bool = False
     started: float = field(default_factory=time.monotonic)
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
@@ -79,6 +82,14 @@ class Stats:
         (the Ray path learns of chunks only as they come back)."""
         chunk = result.chunk
         with self.lock:
+            if chunk.index == TRACK_INDEX:  # an item's track row: no audio of its own
+                if result.error:
+                    self.tracks_failed += 1
+                else:
+                    self.tracks_done += 1
+                    self.prompt_tokens += result.prompt_tokens or 0
+                    self.output_tokens += result.output_tokens or 0
+                return
             if chunk.num_chunks == 0:  # the item failed before chunking (its one error row)
                 self.items_failed += 1
                 return
@@ -129,6 +140,8 @@ class CaptionJob:
     max_pending_audio_s: float = 3600.0
     max_feed_audio_s: float = 3600.0
     gates: Any = None  # gates.GateSettings: measures, silence and duplicates (None: no gates, no measures)
+    # The instruction of the track row an item cut into several chunks gets (tracks.py); None: none.
+    track_prompt: str | None = None
 
 
 @dataclass(slots=True)
@@ -139,6 +152,7 @@ class ItemDecision:
     version: int
     fresh: bool  # a new version (or a new item): write every chunk
     wanted: bool = True
+    track_only: bool = False  # every chunk is written but not its track row: only that is left (no decode)
 
 
 class Planner:
@@ -174,6 +188,8 @@ class Planner:
         if self._keep_silence and index.silent_chunks(item.id):  # gated chunks, captioned now
             return decision
         decision.wanted = not index.is_done(item.id)
+        if not decision.wanted and self.job.track_prompt is not None and index.track_missing(item.id):
+            decision.wanted = decision.track_only = True
         return decision
 
     def done_chunks(self, item: AudioItem, decision: ItemDecision) -> set[int]:

@@ -103,3 +103,8 @@ class PromptBuilder:
 
     def request(self, chunk: Chunk, prompt: str) -> Request:
         return Request(chunk=chunk, prompt=prompt, text=self.text(prompt))
+
+    def text_only(self, content: str) -> str:
+        """The full prompt string of one user turn with no audio (an item's track row): the same chat
+        template, the message content a plain string, so no ``<sound>`` placeholder."""
+        return self._template.render(messages=[{"role": "user", "content": content}], add_generation_prompt=True)

@@ -94,6 +94,11 @@ class DecodedAudio:
         return len(self.samples) / SAMPLE_RATE
 
 
+# The chunk_index of an item's track row (issue 26): one caption of the whole item, made from its chunks'
+# captions by a text-only request; (id, -1) never collides with a chunk's key.
+TRACK_INDEX = -1
+
+
 @dataclass(slots=True)
 class Chunk:
     """A span of an item's audio, within the model's cap. start_s/end_s are relative to the item."""
@@ -116,12 +121,18 @@ class Chunk:
 
 @dataclass(slots=True)
 class Request:
-    """What the engine runs: a rendered prompt (one <sound> placeholder) and its audio."""
+    """What the engine runs: a rendered prompt (one <sound> placeholder) and its audio; or, with
+    ``chunk.samples`` None, a text-only prompt (an item's track row)."""
 
     chunk: Chunk
     prompt: str  # the user text, e.g. "Describe the music in detail."
     text: str  # the full chat-templated prompt handed to the engine
     request_id: str = ""
+
+    @property
+    def audio_s(self) -> float:
+        """Seconds of audio the request carries: 0 for a text-only one (``chunk.samples`` is None)."""
+        return 0.0 if self.chunk.samples is None else self.chunk.end_s - self.chunk.start_s
 
 
 @dataclass(slots=True)

@@ -22,7 +22,7 @@ import pyarrow.compute as pc
 from flamingo_cli import remote
 from flamingo_cli.errors import OutputError
 from flamingo_cli.output.layout import SCHEMA, current_rows, latest_version, read_columns, run_dataset, run_location
-from flamingo_cli.records import AudioItem, Fingerprint
+from flamingo_cli.records import TRACK_INDEX, AudioItem, Fingerprint
 
 INDEX_COLUMNS = [
     "id",
@@ -170,6 +170,10 @@ class ResumeIndex:
                 strict=True,
             )
         }
+        # Items with a track row (chunk_index -1, issue 26): apart from the chunks' bookkeeping below.
+        tracks = t.filter(pc.equal(t["chunk_index"], TRACK_INDEX))
+        self._tracks: set[str] = set(pc.unique(tracks["id"]).to_pylist())
+        t = t.filter(pc.not_equal(t["chunk_index"], TRACK_INDEX))
         real = t.filter(pc.greater(t["num_chunks"], 0))
         in_range = real.filter(
             pc.and_(pc.greater_equal(real["chunk_index"], 0), pc.less(real["chunk_index"], real["num_chunks"]))
@@ -195,7 +199,8 @@ class ResumeIndex:
         zero = zero.filter(pc.invert(pc.is_in(zero["id"], value_set=real_ids)))
         for item_id in pc.unique(zero["id"]).to_pylist():
             self._done[item_id] = 0
-        # Keys with an error row and no successful row (a retry may have fixed some).
+        # Keys with an error row and no successful row (a retry may have fixed some); track rows too.
+        t = pa.concat_tables([t, tracks])
         errors = t.filter(pc.is_valid(t["error"]))
         error_keys = set(zip(errors["id"].to_pylist(), errors["chunk_index"].to_pylist(), strict=True))
         ok = t.filter(pc.and_(pc.is_null(t["error"]), pc.is_in(t["id"], value_set=pc.unique(errors["id"]))))
@@ -243,10 +248,17 @@ class ResumeIndex:
 
     def has_key(self, item_id: str, chunk_index: int) -> bool:
         """The (id, chunk_index) must not be written again; every chunk of a num_chunks=0 item."""
+        if chunk_index == TRACK_INDEX:
+            return item_id in self._tracks
         n = self._done.get(item_id)
         if n is not None:
             return n == 0 or 0 <= chunk_index < n
         return chunk_index in self._partial.get(item_id, ())
+
+    def track_missing(self, item_id: str) -> bool:
+        """Every chunk of an item cut into several is written, but not its track row (a crash between
+        them, or a run before track rows existed): only the track row is left to make."""
+        return self._done.get(item_id, 0) > 1 and item_id not in self._tracks
 
     def zero_chunk_only(self, item_id: str) -> bool:
         """The item's only rows are num_chunks = 0 error rows."""

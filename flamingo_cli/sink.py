@@ -22,13 +22,13 @@ from typing import Any
 
 import pyarrow as pa
 
-from flamingo_cli import __version__, gates, resume
+from flamingo_cli import __version__, gates, resume, timestamps
 from flamingo_cli.errors import OutputError
 from flamingo_cli.output.columns import COLUMN_TYPES, RunColumns
 from flamingo_cli.output.layout import METADATA_KEY, RESERVED_NAMES, RUN_KEY_RE, SCHEMA, first_part_schema
 from flamingo_cli.output.writers import open_writer
 from flamingo_cli.paths import escape_path, path_bytes
-from flamingo_cli.records import Fingerprint, Result
+from flamingo_cli.records import TRACK_INDEX, Fingerprint, Result
 from flamingo_cli.resume import ResumeIndex
 
 
@@ -46,6 +46,18 @@ def _null_if_nan(x: float | None) -> float | None:
 
 def _opt_int(x: int | None) -> int | None:
     return None if x is None else int(x)
+
+
+def _segments_columns(result: Result) -> dict[str, Any]:
+    """``level`` and ``segments`` (issue 26): the caption's timestamps in the source file's time (the
+    item's offset plus the chunk's start; a track row's times are already the item's)."""
+    chunk = result.chunk
+    level = "track" if chunk.index == TRACK_INDEX else "chunk"
+    if result.error is not None or chunk.error is not None or result.caption is None:
+        return {"level": level, "segments": None}
+    base = float(chunk.item.offset or 0.0) + (0.0 if math.isnan(chunk.start_s) else chunk.start_s)
+    end = None if math.isnan(chunk.end_s) else float(chunk.item.offset or 0.0) + chunk.end_s
+    return {"level": level, "segments": timestamps.segments(result.caption, base, end)}
 
 
 class Sink:
@@ -281,6 +293,7 @@ class Sink:
             "source_version": version,
             "path_bytes": path_bytes(str(item.path)),
             **self._gate_values(result),
+            **_segments_columns(result),
         }
 
     @staticmethod

@@ -64,6 +64,9 @@ class CaptionSpec:
     silence_active_ratio: float = 0.0
     dedupe_audio: bool = True
     vad: bool = False
+    # An item cut into several chunks gets a track row (issue 26) with this instruction; None: no track
+    # rows (--no-track-summary, and the Ray executor). Not in the identity: it changes no chunk row.
+    track_prompt: str | None = None
     # output
     rows_per_part: int = 1000
     # where it runs
@@ -113,9 +116,11 @@ class CaptionSpec:
         model_opt = opts.pop("model", None)
         prompt_opt = opts.pop("prompt", None)
         schema_opt = opts.pop("schema", None)
+        track_prompt_opt = opts.pop("track_prompt", None)
+        track_summary = not opts.pop("no_track_summary", False)
         engine_options = EngineOptions(**{k: opts.pop(k) for k in ENGINE_OPTIONS if k in opts})
         known = {f.name for f in fields(cls)} - {"inputs", "out", "model", "family", "task", "prompt", "sampling"}
-        known -= {"preset", "devices", "extensions", "json_schema", "engine_options"}
+        known -= {"preset", "devices", "extensions", "json_schema", "engine_options", "track_prompt"}
         known |= set(ENGINE_OPTIONS)
         unknown = sorted(set(opts) - known)
         if unknown:
@@ -150,6 +155,7 @@ class CaptionSpec:
             engine_options=engine_options,
             **opts,
         )
+        object.__setattr__(spec, "track_prompt", _track_prompt(spec, preset, track_prompt_opt, track_summary))
         spec._validate()
         if spec.executor == "local":
             object.__setattr__(spec, "devices", spec._devices())
@@ -278,6 +284,8 @@ class CaptionSpec:
             info["shard"] = f"{self.shard[0]}/{self.shard[1]}"
         if self.executor != "local":
             info["executor"] = self.executor
+        if self.track_prompt is not None:
+            info["track_prompt"] = self.track_prompt
         return info
 
     def check_schema(self) -> list[str]:
@@ -368,13 +376,31 @@ class CaptionSpec:
             retry_failed=self.retry_failed,
             content_hash=self.content_hash,
             gates=self.gates(),
+            track_prompt=self.track_prompt,
         )
 
 
 # -- option parsing and checks ---------------------------------------------------------------------
 
 _SAMPLING_OPTIONS = ("temperature", "top_p", "top_k", "repetition_penalty", "max_tokens", "seed", "ignore_eos")
-_PUBLIC = {"task", "model", "prompt", "ext", "shard", "ray_replicas", "hash", "schema", *_SAMPLING_OPTIONS}
+_PUBLIC = {"task", "model", "prompt", "ext", "shard", "ray_replicas", "hash", "schema", "no_track_summary"}
+_PUBLIC |= {"track_prompt"}
+_PUBLIC |= set(_SAMPLING_OPTIONS)
+
+
+def _track_prompt(spec: CaptionSpec, preset: Preset, given: str | None, on: bool) -> str | None:
+    """The track rows' instruction: --track-prompt, else the preset's; None with --no-track-summary.
+    The Ray executor writes no track rows (they are the local executor's): an explicit --track-prompt
+    there is refused, and without one the run goes on without them."""
+    if given is not None and not str(given).strip():
+        raise SpecError("--track-prompt is empty")
+    if not on:
+        return None
+    if spec.executor == "ray":
+        if given is not None:
+            raise SpecError("--track-prompt: track rows are made by the local executor only (not --executor ray)")
+        return None
+    return str(given) if given is not None else preset.track_prompt
 
 
 def _check_range(name: str, value: Any, lo: float | None = None, hi: float | None = None, **rule: Any) -> None:

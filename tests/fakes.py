@@ -1,4 +1,5 @@
-"""A fake engine behind the real CLI: captions every request at once (``fake:<id>#<chunk>``), with
+"""A fake engine behind the real CLI: captions every request at once (``fake:<id>#<chunk>``; a text-only
+request, an item's track row, ``fake-track:<id>``), with
 hooks to inject faults; tests hand it to flamingo through ``Environment(engine=...)`` (the ``fake``
 fixture in conftest.py)."""
 
@@ -22,6 +23,10 @@ class FakeEngine:
         self.delay = 0.0
         self.results = 0
         self.requests: list[tuple[str, int]] = []
+        # Text-only requests (an item's track row, issue 26): their chunk key and the prompt text sent.
+        self.text_requests: list[tuple[tuple[str, int], str]] = []
+        # request -> caption, instead of ``fake:<id>#<chunk>`` (e.g. captions with timestamps).
+        self.caption: Any = None
 
     def effective_sampling(self, sampling: Any) -> dict[str, Any]:
         return sampling.identity()
@@ -38,6 +43,10 @@ class FakeEngine:
                 return
             chunk = request.chunk
             self.requests.append(chunk.key)
+            text_only = chunk.samples is None
+            if text_only:
+                assert "<sound>" not in request.text, "a text-only request carries no audio placeholder"
+                self.text_requests.append((chunk.key, request.text))
             if self.delay:
                 time.sleep(self.delay)
             if on_step:
@@ -46,10 +55,11 @@ class FakeEngine:
             if chunk.item.id in self.fail_ids:
                 yield Result(chunk=chunk, prompt=request.prompt, error="rejected by the engine: injected")
             else:
+                default = f"fake-track:{chunk.item.id}" if text_only else f"fake:{chunk.item.id}#{chunk.index}"
                 yield Result(
                     chunk=chunk,
                     prompt=request.prompt,
-                    caption=f"fake:{chunk.item.id}#{chunk.index}",
+                    caption=self.caption(request) if self.caption is not None else default,
                     finish_reason="stop",
                     prompt_tokens=10,
                     output_tokens=3,

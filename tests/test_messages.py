@@ -97,12 +97,14 @@ def check_demo(workdir: Path) -> None:
     assert second["status"] == "ok" and not second["rows_written"]
     assert second["reason"] == "nothing to do"  # planned before the engine: nothing left, no model loaded
     assert lines[-2] == (
-        f"second run: nothing to do (4 files, 6 rows already in {workdir / 'out'}; 0 new rows): resume works"
+        f"second run: nothing to do (4 files, 7 rows already in {workdir / 'out'}; 0 new rows): resume works"
     )
     rows = read_rows(workdir / "out")
-    assert len(rows) == 6 and all(row["error"] is None for row in rows)
+    assert len(rows) == 7 and all(row["error"] is None for row in rows)
     assert "voice-memo.m4a" in {row["id"] for row in rows}
-    assert sum(row["id"] == "noise-16k.wav" for row in rows) == 3
+    # The chunked file: three chunk rows and its track row (one caption of the whole, tracks.py).
+    noise = sorted((row["chunk_index"], row["level"]) for row in rows if row["id"] == "noise-16k.wav")
+    assert noise == [(-1, "track"), (0, "chunk"), (1, "chunk"), (2, "chunk")]
 
 
 def test_demo_shows_chunks_and_a_resumed_second_run(
@@ -116,7 +118,7 @@ def test_demo_shows_chunks_and_a_resumed_second_run(
     engine = use_engine(FakeEngine())
     monkeypatch.setattr(flamingo_cli.prompts, "load_chat_template", lambda model: None)
     check_demo(tmp_path)
-    assert len(engine.requests) == 6  # the second run captioned nothing
+    assert len(engine.requests) == 7  # 6 audio + 1 track request; the second run captioned nothing
 
 
 @pytest.mark.engine

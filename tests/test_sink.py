@@ -117,8 +117,13 @@ def test_schema_column_order_and_types(tmp_path: Path) -> None:
         "gate",
         "duplicate_of",
         "duplicate_of_chunk",
+        # segments and tracks (issue 26)
+        "level",
+        "segments",
     ]
     assert SCHEMA.field("path_bytes").type == pa.binary()
+    segment = pa.struct([("start_s", pa.float64()), ("end_s", pa.float64()), ("text", pa.string())])
+    assert SCHEMA.field("segments").type == pa.list_(segment)
     assert SCHEMA.field("created_at").type == pa.timestamp("us", tz="UTC")
     assert SCHEMA.field("reasoning").type == pa.string() and SCHEMA.field("reasoning").nullable
     assert SCHEMA.field("chunk_index").type == pa.int32()
@@ -145,6 +150,7 @@ def test_schema_column_order_and_types(tmp_path: Path) -> None:
     assert row["error"] is None
     assert row["created_at"].tzinfo is not None
     assert row["genre"] == "jazz"
+    assert (row["level"], row["segments"]) == ("chunk", [])
 
 
 def test_part_name_format(tmp_path: Path) -> None:

@@ -93,6 +93,13 @@ SCHEMA = pa.schema(
         ("duplicate_of", pa.string()),
         ("duplicate_of_chunk", pa.int32()),
         # --- end gates
+        # --- segments and tracks (issue 26) ---
+        # "chunk" (a chunk's row, an item's one error row) or "track" (the whole item, from its chunks'
+        # captions; chunk_index -1).
+        ("level", pa.string()),
+        # The caption's timestamps as typed spans in the source file's time (timestamps.py); [] for a
+        # caption without timestamps, null on error rows.
+        ("segments", pa.list_(pa.struct([("start_s", pa.float64()), ("end_s", pa.float64()), ("text", pa.string())]))),
     ]
 )
 
