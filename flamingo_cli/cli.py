@@ -162,6 +162,39 @@ MelOpt = Annotated[
         help="Where the log-mel features are computed: auto (the GPU when the engine runs on one), cpu, cuda.",
     ),
 ]
+# confidence (issue 25b): docs/output.md, "Flags"
+LogprobsOpt = Annotated[
+    bool,
+    typer.Option(
+        "--logprobs/--no-logprobs",
+        help="Ask vLLM for the sampled tokens' log-probabilities: the avg_logprob column and the "
+        "low_confidence flag (default on; not in the run key).",
+    ),
+]
+FlagCrOpt = Annotated[
+    float,
+    typer.Option("--flag-compression-ratio", help="Flag 'repetition' above this compression ratio (Whisper: 2.4)."),
+]
+FlagLogprobOpt = Annotated[
+    float, typer.Option("--flag-min-logprob", help="Flag 'low_confidence' below this avg_logprob (Whisper: -1.0).")
+]
+FallbackOpt = Annotated[
+    bool,
+    typer.Option(
+        "--fallback",
+        help="Ask flagged chunks again up a temperature ladder and keep the best attempt (attempts column).",
+    ),
+]
+FallbackOnOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--fallback-on", help="With --fallback: the flags that send a chunk back (repetition,low_confidence,empty)."
+    ),
+]
+FallbackTempsOpt = Annotated[
+    str | None,
+    typer.Option("--fallback-temperatures", help="With --fallback: the ladder (0,0.2,0.4,0.6,0.8,1)."),
+]
 CpuKvOpt = Annotated[
     float, typer.Option("--cpu-kv-cache-gb", help="GiB of KV cache for vLLM's CPU backend (whole GiB, ≥ 1).")
 ]
@@ -262,6 +295,12 @@ def caption(
     cpu_kv_cache_gb: CpuKvOpt = 2.0,
     ignore_eos: Annotated[bool, typer.Option("--ignore-eos", hidden=True)] = False,
     schema: SchemaOpt = None,
+    logprobs: LogprobsOpt = True,
+    flag_compression_ratio: FlagCrOpt = 2.4,
+    flag_min_logprob: FlagLogprobOpt = -1.0,
+    fallback: FallbackOpt = False,
+    fallback_on: FallbackOnOpt = None,
+    fallback_temperatures: FallbackTempsOpt = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
     verbose: VerboseOpt = False,
     dry_run: DryRunOpt = False,

@@ -57,6 +57,12 @@ class Stats:
     windows_done: int = 0
     prompt_tokens: int = 0
     output_tokens: int = 0
+    # confidence (issue 25b): rows written with flags, by reason; --fallback's re-asks (fallback.py)
+    flags: dict[str, int] = field(default_factory=dict)
+    rows_flagged: int = 0
+    fallback_chunks: int = 0  # chunks asked again at least once
+    fallback_attempts: int = 0  # re-asks made (requests beyond each chunk's first)
+    fallback_recovered: int = 0  # re-asked chunks whose kept attempt has none of the re-ask flags
     sources_exhausted: bool = False
     started: float = field(default_factory=time.monotonic)
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
@@ -67,7 +73,7 @@ class Stats:
 
     def snapshot(self) -> dict[str, Any]:
         with self.lock:
-            return {k: v for k, v in self.__dict__.items() if k != "lock"}
+            return {k: dict(v) if isinstance(v, dict) else v for k, v in self.__dict__.items() if k != "lock"}
 
     def add_result(self, result: Result, queued: bool = False) -> None:
         """Count one written Result. ``queued``: the executor did not count the chunk when it was sent
@@ -90,6 +96,10 @@ class Stats:
             self.windows_done += windows(chunk.start_s, chunk.end_s)
             self.prompt_tokens += result.prompt_tokens or 0
             self.output_tokens += result.output_tokens or 0
+            if result.flags:
+                self.rows_flagged += 1
+                for flag in result.flags:
+                    self.flags[flag] = self.flags.get(flag, 0) + 1
 
 
 @dataclass
@@ -113,6 +123,10 @@ class CaptionJob:
     # it. Counts alone (workers * 2 items, queue_size requests) let 3-hour files pile up to GBs.
     max_pending_audio_s: float = 3600.0
     max_feed_audio_s: float = 3600.0
+    # confidence (issue 25b): the flag thresholds (quality.QualityRules; None: the defaults) and
+    # --fallback's policy (fallback.FallbackPolicy; None: off)
+    quality: Any = None
+    fallback: Any = None
 
 
 @dataclass(slots=True)

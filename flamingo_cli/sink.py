@@ -22,7 +22,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from flamingo_cli import __version__, resume
+from flamingo_cli import __version__, quality, resume
 from flamingo_cli.errors import OutputError
 from flamingo_cli.output.columns import COLUMN_TYPES, RunColumns
 from flamingo_cli.output.layout import METADATA_KEY, RESERVED_NAMES, RUN_KEY_RE, SCHEMA, first_part_schema
@@ -46,6 +46,21 @@ def _null_if_nan(x: float | None) -> float | None:
 
 def _opt_int(x: int | None) -> int | None:
     return None if x is None else int(x)
+
+
+def _confidence(result: Result) -> dict[str, Any]:
+    """The confidence columns (issue 25b) of one row: flags as the result carries them (``fallback.Ladder``
+    judged it), else by the default rules; null on error rows."""
+    chunk = result.chunk
+    asked = chunk.error is None and chunk.num_chunks > 0  # the row went to the engine
+    failed = result.error is not None or not asked
+    flags = None if failed else (result.flags if result.flags is not None else quality.flags_for(result))
+    return {
+        "avg_logprob": None if failed else _null_if_nan(result.avg_logprob),
+        "compression_ratio": quality.compression_ratio(result.caption),
+        "flags": None if flags is None else list(flags),
+        "attempts": int(result.attempts) if asked else None,
+    }
 
 
 class Sink:
@@ -272,6 +287,7 @@ class Sink:
             "source_sha256": None if source is None else source.sha256,
             "source_version": version,
             "path_bytes": path_bytes(str(item.path)),
+            **_confidence(result),
         }
 
     def write(self, result: Result) -> None:

@@ -8,8 +8,10 @@ import queue
 import time
 from typing import Any
 
-from flamingo_cli.engine import END
+from flamingo_cli.engine import END, request_seed
 from flamingo_cli.records import Result
+
+LOOP = "la " * 12  # what a looping item says below its temperature (flagged repetition)
 
 
 class FakeEngine:
@@ -22,6 +24,14 @@ class FakeEngine:
         self.delay = 0.0
         self.results = 0
         self.requests: list[tuple[str, int]] = []
+        # Confidence (issue 25b): every caption's avg_logprob (when the run asks for log-probabilities);
+        # items in ``loop`` loop (LOOP, cut at max tokens) below their temperature there (inf: always),
+        # their avg_logprob ``loop_logprob(temperature)``. A re-ask (attempt > 0) captions
+        # ``fake:<id>#<chunk> t=<temperature> seed=<its seed>``.
+        self.logprob = -0.25
+        self.loop: dict[str, float] = {}
+        self.loop_logprob: Any = lambda t: -0.5 - abs(t - 0.4)
+        self.asked: list[tuple[str, int, int, float, int | None]] = []  # id, chunk, attempt, temperature, seed
 
     def effective_sampling(self, sampling: Any) -> dict[str, Any]:
         return sampling.identity()
@@ -46,17 +56,32 @@ class FakeEngine:
             if chunk.item.id in self.fail_ids:
                 yield Result(chunk=chunk, prompt=request.prompt, error="rejected by the engine: injected")
             else:
-                yield Result(
-                    chunk=chunk,
-                    prompt=request.prompt,
-                    caption=f"fake:{chunk.item.id}#{chunk.index}",
-                    finish_reason="stop",
-                    prompt_tokens=10,
-                    output_tokens=3,
-                )
+                yield self._answer(request, request.sampling or sampling)
             hook = self.after.get(self.results)
             if hook is not None:
                 hook()
+
+    def _answer(self, request: Any, sampling: Any) -> Result:
+        chunk = request.chunk
+        t = float(sampling.temperature or 0.0)
+        seed = request_seed(sampling.seed or 0, request) if t > 0 else None
+        self.asked.append((chunk.item.id, chunk.index, request.attempt, t, seed))
+        looping = t < self.loop.get(chunk.item.id, -1.0)
+        caption = f"fake:{chunk.item.id}#{chunk.index}"
+        if looping:
+            caption = LOOP
+        elif request.attempt:
+            caption += f" t={t:g} seed={seed}"
+        logprob = self.loop_logprob(t) if chunk.item.id in self.loop else self.logprob
+        return Result(
+            chunk=chunk,
+            prompt=request.prompt,
+            caption=caption,
+            finish_reason="length" if looping else "stop",
+            prompt_tokens=10,
+            output_tokens=12 if looping else 3,
+            avg_logprob=logprob if getattr(sampling, "logprobs", False) else None,
+        )
 
     def abort_all(self) -> None:
         pass

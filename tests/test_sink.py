@@ -107,6 +107,11 @@ def test_schema_column_order_and_types(tmp_path: Path) -> None:
         "source_version",
         "warnings",
         "path_bytes",
+        # confidence (issue 25b)
+        "avg_logprob",
+        "compression_ratio",
+        "flags",
+        "attempts",
     ]
     assert SCHEMA.field("path_bytes").type == pa.binary()
     assert SCHEMA.field("created_at").type == pa.timestamp("us", tz="UTC")

@@ -81,6 +81,17 @@ SCHEMA = pa.schema(
         # The raw bytes of ``path`` when the file name is not valid UTF-8 (then ``path`` and a scanned
         # ``id`` hold paths.escape_path's ``\\xHH`` escape); null when ``path`` is the name as is.
         ("path_bytes", pa.binary()),
+        # --- confidence (issue 25b): how much to trust the caption (flamingo_cli/quality.py) ---
+        # The mean log-probability of the generated tokens (a think model's answer tokens); null on
+        # error rows and with --no-logprobs.
+        ("avg_logprob", pa.float64()),
+        # Whisper's measure of the caption: UTF-8 bytes / zlib-compressed bytes; null without a caption.
+        ("compression_ratio", pa.float64()),
+        # Reasons to look twice: repetition, empty, truncated, low_confidence, silence_hallucination;
+        # [] when nothing is wrong, null on error rows.
+        ("flags", pa.list_(pa.string())),
+        # Engine requests the row took: 1, more with --fallback; null where no request was made.
+        ("attempts", pa.int32()),
     ]
 )
 
@@ -327,11 +338,12 @@ def latest_version(t: pa.Table) -> pa.Table:
     mm = pc.min_max(version).as_py()
     if mm["min"] == mm["max"]:  # the common case: nothing was ever captioned twice
         return t
-    t = t.append_column("_v", version)
-    top = t.group_by("id").aggregate([("_v", "max")])
-    joined = t.join(top, "id")
-    joined = joined.filter(pc.equal(joined["_v"], joined["_v_max"]))
-    return joined.select(t.column_names[:-1])
+    # The join runs on the keys only (Arrow joins take no list columns, like flags), then rows by index.
+    work = pa.table({"id": t["id"], "_v": version, "_row": pa.array(range(t.num_rows), pa.int64())})
+    top = work.group_by("id").aggregate([("_v", "max")])
+    joined = work.join(top, "id")
+    keep = joined.filter(pc.equal(joined["_v"], joined["_v_max"]))["_row"]
+    return t.take(keep.take(pc.sort_indices(keep)))
 
 
 def current_rows(table: pa.Table) -> pa.Table:
