@@ -469,6 +469,9 @@ def export_cmd(
         str, typer.Option("--format", "-f", help="parquet, jsonl or hf (datasets.load_from_disk).")
     ] = "parquet",
     run: Annotated[str | None, typer.Option("--run", help="Only this run key (default: every run).")] = None,
+    drop_flagged: Annotated[
+        bool, typer.Option("--drop-flagged", help="Leave out rows with flags (repetition, empty, …; docs/output.md).")
+    ] = False,
 ) -> None:
     """Write the current rows (one per chunk, superseded ones left out) and a real `run` column, for any reader."""
     from flamingo_cli.errors import OutputError
@@ -485,7 +488,7 @@ def export_cmd(
         what = f"no run {run}" if run is not None else "no run=<key> folders"
         raise Fail(ExitStatus.USAGE, f"{out}: {what}: not a flamingo output (or nothing written yet)")
     try:
-        rows = export(out, to, fmt, run=run)
+        rows = export(out, to, fmt, run=run, drop_flagged=drop_flagged)
     except OutputError as exc:
         raise Fail(ExitStatus.OUTPUT, str(exc)) from exc
     _env.info(f"{rows} current rows of {out} → {to} ({fmt})")
