@@ -78,10 +78,11 @@ class _Open:
 
 class RetryFeed:
     """The engine's view of the executor's feed: re-asks first, then the feed; the feed's END is held
-    while a ladder waits for an attempt (``Ladder.waiting``), and given once none does or on a stop.
+    while any request it gave out has not come back judged (its answer may send the chunk up the
+    ladder), and given once all have, or on a stop.
 
-    Re-asks are added by the thread that runs the engine (between its results), so no lock is needed
-    for them; the feed itself is the executor's thread-safe queue."""
+    Requests are taken and re-asks added by the one thread that runs the engine (the engine takes
+    between its results), so no lock is needed here; the feed itself is the executor's queue."""
 
     def __init__(self, feed: queue.Queue, ladder: Ladder) -> None:
         self.inner, self.ladder = feed, ladder
@@ -97,6 +98,12 @@ class RetryFeed:
         return dropped
 
     def get(self, block: bool = True, timeout: float | None = None) -> Any:
+        request = self._take(block, timeout)
+        if request is not END:
+            self.ladder.out += 1
+        return request
+
+    def _take(self, block: bool, timeout: float | None) -> Any:
         if self._retries:
             return self._retries.popleft()
         if not self._ended:
@@ -104,9 +111,7 @@ class RetryFeed:
             if item is not END:
                 return item
             self._ended = True
-            if self._retries:
-                return self._retries.popleft()
-        if self.ladder.stopped or not self.ladder.waiting():
+        if self.ladder.stopped or not self.ladder.out:
             return END
         if block:  # END held: a re-ask may come with the next result
             time.sleep(0.01 if timeout is None else min(timeout, 0.01))
@@ -136,6 +141,7 @@ class Ladder:
         self.policy: FallbackPolicy | None = getattr(job, "fallback", None)
         self.job, self.stats = job, stats
         self.stopped = False
+        self.out = 0  # requests the engine took from ``feed`` whose Result has not been judged
         self._open: dict[tuple[str, int], _Open] = {}
         self.feed: Any = feed
         self.rungs: tuple[float, ...] = ()
@@ -145,12 +151,9 @@ class Ladder:
             self.feed = RetryFeed(feed, self)
             self.rungs = self.policy.rungs(first_temperature(job.sampling, engine))
 
-    def waiting(self) -> int:
-        """Chunks waiting for a re-ask's answer."""
-        return len(self._open)
-
     def judge(self, result: Result) -> Result | None:
         """The Result to write, flagged; None when its chunk was sent up the ladder instead."""
+        self.out -= 1
         state = self._open.pop(result.chunk.key, None)
         attempts = 1 if state is None else state.attempts + 1
         flags = flags_for(result, measures_of(result.chunk), self.rules)
@@ -180,6 +183,7 @@ class Ladder:
 
     def dropped(self, result: Result) -> None:
         """An attempt the engine aborted (a stop): its chunk leaves the ladder, unwritten."""
+        self.out -= 1
         self._open.pop(result.chunk.key, None)
 
     def stop(self) -> int:

@@ -182,6 +182,11 @@ CLI="env TOK=$TOK PY=$PY bash scripts/bench_cli.sh"
 add cli-cold 300 "$CLI cold $AF3 $DATA/bench-10s $RES $KEEP/cli-out"
 add cli-warm 200 "$CLI warm $AF3 $DATA/bench-10s $RES $KEEP/cli-out"
 add cli-replicas2 300 "$CLI replicas2 $AF3 $DATA/bench-10s $RES $KEEP/cli-out --replicas 2"
+# issue 25b: what avg_logprob costs (vLLM's logprobs=0 on every request, on by default): the warm CLI
+# with --no-logprobs, between two warm passes with them (PLAN="cli-cold cli-warm cli-nologprobs
+# cli-warm2"); compare windows_per_generation_s (target: on costs <= 3 %)
+add cli-nologprobs 200 "$CLI nologprobs $AF3 $DATA/bench-10s $RES $KEEP/cli-out --no-logprobs"
+add cli-warm2 200 "$CLI warm2 $AF3 $DATA/bench-10s $RES $KEEP/cli-out"
 
 # The default: what the four 2026-12-02 leases left (the fourth ran schema, raw10, flamingo10, fp8-10,
 # replica2 and the bf16 floor; its fp8kv, cpumel10 and frontend were lost) and the compact features'

@@ -32,34 +32,48 @@ class FakeEngine:
         self.loop: dict[str, float] = {}
         self.loop_logprob: Any = lambda t: -0.5 - abs(t - 0.4)
         self.asked: list[tuple[str, int, int, float, int | None]] = []  # id, chunk, attempt, temperature, seed
+        self.batch = 1  # requests taken from the feed before answering them
 
     def effective_sampling(self, sampling: Any) -> dict[str, Any]:
         return sampling.identity()
 
     def run(self, feed: queue.Queue, sampling: Any, on_step: Any = None):
         while True:
-            try:
-                request = feed.get(timeout=0.02)
-            except queue.Empty:
-                if on_step:
-                    on_step()
-                continue
-            if request is END:
+            # Take up to ``batch`` requests (as vLLM holds many at once), then answer them in order.
+            batch, ended = [], False
+            while len(batch) < self.batch:
+                try:
+                    request = feed.get(timeout=0.02)
+                except queue.Empty:
+                    if on_step:
+                        on_step()
+                    if batch:
+                        break
+                    continue
+                if request is END:
+                    ended = True
+                    break
+                batch.append(request)
+            for request in batch:
+                yield from self._one(request, sampling, on_step)
+            if ended:
                 return
-            chunk = request.chunk
-            self.requests.append(chunk.key)
-            if self.delay:
-                time.sleep(self.delay)
-            if on_step:
-                on_step()
-            self.results += 1
-            if chunk.item.id in self.fail_ids:
-                yield Result(chunk=chunk, prompt=request.prompt, error="rejected by the engine: injected")
-            else:
-                yield self._answer(request, request.sampling or sampling)
-            hook = self.after.get(self.results)
-            if hook is not None:
-                hook()
+
+    def _one(self, request: Any, sampling: Any, on_step: Any):
+        chunk = request.chunk
+        self.requests.append(chunk.key)
+        if self.delay:
+            time.sleep(self.delay)
+        if on_step:
+            on_step()
+        self.results += 1
+        if chunk.item.id in self.fail_ids:
+            yield Result(chunk=chunk, prompt=request.prompt, error="rejected by the engine: injected")
+        else:
+            yield self._answer(request, request.sampling or sampling)
+        hook = self.after.get(self.results)
+        if hook is not None:
+            hook()
 
     def _answer(self, request: Any, sampling: Any) -> Result:
         chunk = request.chunk

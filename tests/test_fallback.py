@@ -16,6 +16,7 @@ from fakes import LOOP, FakeEngine
 
 from flamingo_cli.engine import END
 from flamingo_cli.fallback import FallbackPolicy, Ladder, RetryFeed, parse_temperatures
+from flamingo_cli.records import AudioItem, Chunk, Request
 from flamingo_cli.spec import CaptionSpec, SpecError
 
 ARGS = ["--model", "af3", "--max-tokens", "12", "--quiet"]
@@ -58,6 +59,7 @@ def test_every_row_is_judged_without_fallback(tmp_path: Path, fake: FakeEngine) 
 
 def test_fallback_climbs_the_ladder_and_keeps_the_best(tmp_path: Path, fake: FakeEngine) -> None:
     fake.loop = {"a.wav": 0.5, "b.wav": float("inf")}  # a stops looping at 0.6; b never does
+    fake.batch = 4  # every first ask (and the feed's end) taken before any answer: re-asks come later
     inputs = corpus(tmp_path / "in")
     status, doc, rows = caption(inputs, tmp_path / "out", "--temperature", "0", "--fallback")
     assert status == 0
@@ -165,7 +167,7 @@ def test_fallback_options_are_checked_before_any_model(tmp_path: Path) -> None:
     assert parse_temperatures("0.4, 0,0.2") == (0.0, 0.2, 0.4)
 
 
-def test_the_retry_feed_serves_re_asks_first_and_holds_the_end_for_open_ladders() -> None:
+def test_the_retry_feed_serves_re_asks_first_and_holds_the_end_until_every_answer_is_judged() -> None:
     class Job:
         quality = None
         fallback = FallbackPolicy()
@@ -177,19 +179,61 @@ def test_the_retry_feed_serves_re_asks_first_and_holds_the_end_for_open_ladders(
     assert isinstance(feed, RetryFeed)
     inner.put("r1")
     inner.put(END)
-    assert feed.get() == "r1"
-    ladder._open[("x", 0)] = object()  # a chunk waiting for its re-ask's answer
+    assert feed.get() == "r1" and ladder.out == 1
     with pytest.raises(queue.Empty):
-        feed.get(timeout=0.01)  # END is held
-    feed.retry("again")
-    assert feed.get() == "again"
-    ladder._open.clear()
+        feed.get(timeout=0.01)  # END is held: r1's answer may send its chunk back
+    feed.retry("again")  # it did
+    ladder.out -= 1  # (what judge() does with r1's answer)
+    assert feed.get() == "again" and ladder.out == 1
+    ladder.out -= 1
     assert feed.get() is END
-    # a stop lets END through and drops the re-asks waiting
+    # a stop lets END through at once and drops the re-asks waiting
     inner2: queue.Queue = queue.Queue()
     ladder2 = Ladder(Job(), feed=inner2)
+    inner2.put("r1")
     inner2.put(END)
-    ladder2._open[("x", 0)] = object()
+    assert ladder2.feed.get() == "r1"
     with pytest.raises(queue.Empty):
         ladder2.feed.get(block=False)
-    assert ladder2.stop() == 0 and ladder2.feed.get() is END
+    ladder2.feed.retry(Request(chunk=_chunk(), prompt="p", text="t"))
+    assert ladder2.stop() == 1 and ladder2.feed.get() is END
+
+
+def _chunk() -> Chunk:
+    return Chunk(AudioItem(id="x", path="x.wav"), 0, 1, 0.0, 1.0, None, 1.0)
+
+
+@pytest.mark.engine
+def test_real_engine_fills_avg_logprob_flags_loops_and_falls_back(tmp_path: Path, tiny_af3: Path) -> None:
+    """The tiny random-weight AF3 through vLLM on CPU: log-probabilities come back (not in the run key),
+    every caption that loops is flagged, and --fallback asks those chunks again."""
+    from conftest import ENGINE_ARGS
+
+    from flamingo_cli.quality import words
+
+    inputs = tmp_path / "in"
+    for i in range(3):
+        make_audio(inputs / f"clip{i}.wav", 2.0, seed=i)
+    base = ["caption", inputs, "--model", tiny_af3, *ENGINE_ARGS]
+    res = run_cli([*base, "--out", tmp_path / "plain"])
+    assert res.status == 0, res.stderr
+    plain = read_rows(tmp_path / "plain")
+    for r in plain:
+        print(repr(r["caption"]), r["avg_logprob"], r["flags"], r["finish_reason"])
+    assert len(plain) == 3
+    for r in plain:
+        assert isinstance(r["avg_logprob"], float) and r["avg_logprob"] < 0 and r["attempts"] == 1
+        ws = words(r["caption"])
+        if any(ws[i : i + 5] == [ws[i]] * 5 for i in range(len(ws))):  # one word five times in a row
+            assert "repetition" in r["flags"], r
+    res = run_cli([*base, "--out", tmp_path / "fallback", "--fallback"])
+    assert res.status == 0, res.stderr
+    rows = {r["id"]: r for r in read_rows(tmp_path / "fallback")}
+    assert len(rows) == 3
+    for r in plain:
+        again = rows[r["id"]]
+        print(repr(again["caption"]), again["avg_logprob"], again["flags"], again["attempts"])
+        if set(r["flags"]) & {"repetition", "low_confidence", "empty"}:
+            assert again["attempts"] > 1
+        else:
+            assert again["attempts"] == 1 and again["caption"] == r["caption"]
