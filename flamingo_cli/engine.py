@@ -75,7 +75,9 @@ class Engine(Protocol):
 
     def run(self, feed: queue.Queue, sampling: Sampling, on_step: Callable[[], None] | None = None) -> Iterator[Result]:
         """Take Requests from ``feed`` until END; yield one Result per Request, in finish order.
-        ``on_step`` is called between engine steps and while waiting for the feed."""
+        ``on_step`` is called between engine steps and while waiting for the feed. Block on the feed
+        only while running nothing (``fallback.RetryFeed`` holds END back from non-blocking takes).
+        A Request's own ``sampling`` (a --fallback re-ask) overrides ``sampling``."""
         ...
 
     def effective_sampling(self, sampling: Sampling) -> dict[str, Any]:

@@ -30,7 +30,6 @@ from __future__ import annotations
 import contextlib
 import math
 import queue
-import time
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -78,8 +77,10 @@ class _Open:
 
 class RetryFeed:
     """The engine's view of the executor's feed: re-asks first, then the feed; the feed's END is held
-    while any request it gave out has not come back judged (its answer may send the chunk up the
-    ladder), and given once all have, or on a stop.
+    while a request it gave out has not come back judged (its answer may send the chunk up the
+    ladder), and given once all have, on a stop, or to a blocking ``get``: engines (``engine.Engine``)
+    block on the feed only while they run nothing, so what they still hold (vLLM's rejections kept
+    back until it accepts a request) comes without more input.
 
     Requests are taken and re-asks added by the one thread that runs the engine (the engine takes
     between its results), so no lock is needed here; the feed itself is the executor's queue."""
@@ -111,11 +112,9 @@ class RetryFeed:
             if item is not END:
                 return item
             self._ended = True
-        if self.ladder.stopped or not self.ladder.out:
+        if self.ladder.stopped or not self.ladder.out or block:
             return END
-        if block:  # END held: a re-ask may come with the next result
-            time.sleep(0.01 if timeout is None else min(timeout, 0.01))
-        raise queue.Empty
+        raise queue.Empty  # END held: a re-ask may come with a running request's answer
 
     def get_nowait(self) -> Any:
         return self.get(False)

@@ -43,7 +43,7 @@ class FakeEngine:
             batch, ended = [], False
             while len(batch) < self.batch:
                 try:
-                    request = feed.get(timeout=0.02)
+                    request = feed.get(block=not batch, timeout=0.02)  # block only holding nothing
                 except queue.Empty:
                     if on_step:
                         on_step()

@@ -181,7 +181,7 @@ def test_the_retry_feed_serves_re_asks_first_and_holds_the_end_until_every_answe
     inner.put(END)
     assert feed.get() == "r1" and ladder.out == 1
     with pytest.raises(queue.Empty):
-        feed.get(timeout=0.01)  # END is held: r1's answer may send its chunk back
+        feed.get(block=False)  # END is held: r1's answer may send its chunk back
     feed.retry("again")  # it did
     ladder.out -= 1  # (what judge() does with r1's answer)
     assert feed.get() == "again" and ladder.out == 1
@@ -206,7 +206,8 @@ def _chunk() -> Chunk:
 @pytest.mark.engine
 def test_real_engine_fills_avg_logprob_flags_loops_and_falls_back(tmp_path: Path, tiny_af3: Path) -> None:
     """The tiny random-weight AF3 through vLLM on CPU: log-probabilities come back (not in the run key),
-    every caption that loops is flagged, and --fallback asks those chunks again."""
+    every caption that loops is flagged, and --fallback asks those chunks again (CPU: ~30 s on the
+    session's shared engine, whose start the first engine test pays)."""
     from conftest import ENGINE_ARGS
 
     from flamingo_cli.quality import words
@@ -218,8 +219,6 @@ def test_real_engine_fills_avg_logprob_flags_loops_and_falls_back(tmp_path: Path
     res = run_cli([*base, "--out", tmp_path / "plain"])
     assert res.status == 0, res.stderr
     plain = read_rows(tmp_path / "plain")
-    for r in plain:
-        print(repr(r["caption"]), r["avg_logprob"], r["flags"], r["finish_reason"])
     assert len(plain) == 3
     for r in plain:
         assert isinstance(r["avg_logprob"], float) and r["avg_logprob"] < 0 and r["attempts"] == 1
@@ -232,8 +231,9 @@ def test_real_engine_fills_avg_logprob_flags_loops_and_falls_back(tmp_path: Path
     assert len(rows) == 3
     for r in plain:
         again = rows[r["id"]]
-        print(repr(again["caption"]), again["avg_logprob"], again["flags"], again["attempts"])
         if set(r["flags"]) & {"repetition", "low_confidence", "empty"}:
             assert again["attempts"] > 1
         else:
             assert again["attempts"] == 1 and again["caption"] == r["caption"]
+    # this checkpoint loops on these clips (" noise help noise help …"): the test is not vacuous
+    assert any("repetition" in r["flags"] for r in plain) and any(r["attempts"] > 1 for r in rows.values())
