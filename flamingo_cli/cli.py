@@ -171,6 +171,39 @@ MelOpt = Annotated[
         help="Where the log-mel features are computed: auto (the GPU when the engine runs on one), cpu, cuda.",
     ),
 ]
+# confidence (issue 25b): docs/output.md, "Flags"
+LogprobsOpt = Annotated[
+    bool,
+    typer.Option(
+        "--logprobs/--no-logprobs",
+        help="Ask vLLM for the sampled tokens' log-probabilities: the avg_logprob column and the "
+        "low_confidence flag (default on; not in the run key).",
+    ),
+]
+FlagCrOpt = Annotated[
+    float,
+    typer.Option("--flag-compression-ratio", help="Flag 'repetition' above this compression ratio (Whisper: 2.4)."),
+]
+FlagLogprobOpt = Annotated[
+    float, typer.Option("--flag-min-logprob", help="Flag 'low_confidence' below this avg_logprob (Whisper: -1.0).")
+]
+FallbackOpt = Annotated[
+    bool,
+    typer.Option(
+        "--fallback",
+        help="Ask flagged chunks again up a temperature ladder and keep the best attempt (attempts column).",
+    ),
+]
+FallbackOnOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--fallback-on", help="With --fallback: the flags that send a chunk back (repetition,low_confidence,empty)."
+    ),
+]
+FallbackTempsOpt = Annotated[
+    str | None,
+    typer.Option("--fallback-temperatures", help="With --fallback: the ladder (0,0.2,0.4,0.6,0.8,1)."),
+]
 CpuKvOpt = Annotated[
     float, typer.Option("--cpu-kv-cache-gb", help="GiB of KV cache for vLLM's CPU backend (whole GiB, ≥ 1).")
 ]
@@ -303,6 +336,12 @@ def caption(
     schema: SchemaOpt = None,
     track_prompt: TrackPromptOpt = None,
     no_track_summary: NoTrackOpt = False,
+    logprobs: LogprobsOpt = True,
+    flag_compression_ratio: FlagCrOpt = 2.4,
+    flag_min_logprob: FlagLogprobOpt = -1.0,
+    fallback: FallbackOpt = False,
+    fallback_on: FallbackOnOpt = None,
+    fallback_temperatures: FallbackTempsOpt = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
     verbose: VerboseOpt = False,
     dry_run: DryRunOpt = False,
@@ -480,6 +519,9 @@ def export_cmd(
         str, typer.Option("--format", "-f", help="parquet, jsonl or hf (datasets.load_from_disk).")
     ] = "parquet",
     run: Annotated[str | None, typer.Option("--run", help="Only this run key (default: every run).")] = None,
+    drop_flagged: Annotated[
+        bool, typer.Option("--drop-flagged", help="Leave out rows with flags (repetition, empty, …; docs/output.md).")
+    ] = False,
 ) -> None:
     """Write the current rows (one per chunk, superseded ones left out) and a real `run` column, for any reader."""
     from flamingo_cli.errors import OutputError
@@ -496,7 +538,7 @@ def export_cmd(
         what = f"no run {run}" if run is not None else "no run=<key> folders"
         raise Fail(ExitStatus.USAGE, f"{out}: {what}: not a flamingo output (or nothing written yet)")
     try:
-        rows = export(out, to, fmt, run=run)
+        rows = export(out, to, fmt, run=run, drop_flagged=drop_flagged)
     except OutputError as exc:
         raise Fail(ExitStatus.OUTPUT, str(exc)) from exc
     _env.info(f"{rows} current rows of {out} → {to} ({fmt})")

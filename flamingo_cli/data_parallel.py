@@ -44,6 +44,7 @@ _RESULT_FIELDS = (
     "error",
     "prompt_token_ids",
     "token_ids",
+    "avg_logprob",  # confidence (issue 25b)
 )
 
 

@@ -22,7 +22,8 @@ from typing import Any, Protocol
 
 from flamingo_cli.engine_options import EngineOptions
 from flamingo_cli.errors import EngineError
-from flamingo_cli.models import TOKENS_PER_WINDOW, WINDOW_S, ModelFamily
+from flamingo_cli.models import THINK_CLOSE, TOKENS_PER_WINDOW, WINDOW_S, ModelFamily
+from flamingo_cli.quality import mean_logprob
 from flamingo_cli.quiet import engine_log_path, log_tail, quiet_env, redirect_fds, remove_quietly
 from flamingo_cli.reasoning import with_reasoning
 from flamingo_cli.records import SAMPLE_RATE, Request, Result, Sampling
@@ -74,7 +75,9 @@ class Engine(Protocol):
 
     def run(self, feed: queue.Queue, sampling: Sampling, on_step: Callable[[], None] | None = None) -> Iterator[Result]:
         """Take Requests from ``feed`` until END; yield one Result per Request, in finish order.
-        ``on_step`` is called between engine steps and while waiting for the feed."""
+        ``on_step`` is called between engine steps and while waiting for the feed. Block on the feed
+        only while running nothing (``fallback.RetryFeed`` holds END back from non-blocking takes).
+        A Request's own ``sampling`` (a --fallback re-ask) overrides ``sampling``."""
         ...
 
     def effective_sampling(self, sampling: Sampling) -> dict[str, Any]:
@@ -113,6 +116,11 @@ def sampling_kwargs(sampling: Sampling, defaults: dict[str, Any] | None = None) 
         # vllm.sampling_params.StructuredOutputsParams keywords: ray.data.llm builds it from this dict,
         # VllmEngine.sampling_params does the same.
         params["structured_outputs"] = {"json": sampling.json_schema}
+    if sampling.logprobs:
+        # The sampled token's log-probability at each step (0: no alternatives), for avg_logprob;
+        # flat: a few lists per request instead of one object per token (less GC work).
+        params["logprobs"] = 0
+        params["flat_logprobs"] = True
     return params
 
 
@@ -124,13 +132,31 @@ def effective_sampling(params: dict[str, Any], seed: int) -> dict[str, Any]:
     """What the run metadata records of ``sampling_kwargs``' result: the merged values, vLLM's neutral
     ones where nothing was set (computed without importing vLLM)."""
     values = {k: params.get(k, NEUTRAL_SAMPLING.get(k)) for k in (*SAMPLING_FIELDS, "max_tokens")}
-    return {**values, "seed": seed, "ignore_eos": bool(params.get("ignore_eos"))}
+    logprobs = params.get("logprobs") is not None
+    return {**values, "seed": seed, "ignore_eos": bool(params.get("ignore_eos")), "logprobs": logprobs}
 
 
 def request_seed(base: int, request: Request) -> int:
-    """A per-request seed from the run seed and the chunk key: sampling never depends on batching."""
-    digest = hashlib.sha256(f"{base}\0{request.chunk.item.id}\0{request.chunk.index}".encode()).digest()
+    """A per-request seed from the run seed and the chunk key: sampling never depends on batching. A
+    re-ask (``--fallback``) adds its attempt number, so each rung of the ladder draws its own sample."""
+    key = f"{base}\0{request.chunk.item.id}\0{request.chunk.index}"
+    if request.attempt:
+        key += f"\0{request.attempt}"
+    digest = hashlib.sha256(key.encode()).digest()
     return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
+
+
+def sampled_logprobs(completion: Any) -> list[float]:
+    """The sampled tokens' log-probabilities of one step's output (vLLM puts the sampled token first at
+    each position; with ``flat_logprobs`` the positions are slices of flat lists); [] without any."""
+    lp = getattr(completion, "logprobs", None)
+    if not lp:
+        return []
+    flat = getattr(lp, "start_indices", None)
+    if flat is not None:
+        values = lp.logprobs
+        return [values[i] for i in flat]
+    return [pos[t].logprob for pos, t in zip(lp, completion.token_ids, strict=False) if t in pos]
 
 
 # Requests rejected in a row, for one reason, before the engine accepted any: the run fails (exit 3).
@@ -163,6 +189,7 @@ class VllmEngine:
         self._counter = 0
         self._started: set[str] = set()  # requests that produced a token: running, not waiting
         self._pending: dict[str, Request] = {}
+        self._close_ids: tuple[int, ...] | None = None  # a think model's </think> ids, once known
         self._drop = False  # drop_waiting() asked (from any thread); done between steps
         self.versions = engine_versions()
         watch_engine_death(self)  # a dead engine process is exit 3, not a hang
@@ -220,7 +247,7 @@ class VllmEngine:
         prompt: dict[str, Any] = {"prompt": request.text}
         if samples is not None:  # None: a text-only request (an item's track row)
             prompt["multi_modal_data"] = {"audio": (samples, SAMPLE_RATE)}
-        self._engine.add_request(rid, prompt, self.sampling_params(sampling, request))
+        self._engine.add_request(rid, prompt, self.sampling_params(request.sampling or sampling, request))
         return rid
 
     def run(self, feed: queue.Queue, sampling: Sampling, on_step: Callable[[], None] | None = None) -> Iterator[Result]:
@@ -229,6 +256,7 @@ class VllmEngine:
         self._started.clear()
         texts: dict[str, list[str]] = {}
         tokens: dict[str, list[int]] = {}
+        logprobs: dict[str, list[float]] = {}
         audio_s = 0.0
         done = False
         cfg = self.config
@@ -275,7 +303,7 @@ class VllmEngine:
                     yield from held
                     held.clear()
                 pending[rid] = request
-                texts[rid], tokens[rid] = [], []
+                texts[rid], tokens[rid], logprobs[rid] = [], [], []
                 audio_s += request.audio_s
             if not pending:
                 if done:
@@ -294,12 +322,14 @@ class VllmEngine:
                 self._started.add(out.request_id)
                 texts[out.request_id].append(completion.text)
                 tokens[out.request_id].extend(completion.token_ids)
+                logprobs[out.request_id].extend(sampled_logprobs(completion))
                 if not out.finished:
                     continue
                 del pending[out.request_id]
                 self._started.discard(out.request_id)
                 audio_s -= request.audio_s
                 token_ids = tokens.pop(out.request_id)
+                sampled = logprobs.pop(out.request_id)
                 result = Result(
                     chunk=request.chunk,
                     prompt=request.prompt,
@@ -309,12 +339,25 @@ class VllmEngine:
                     output_tokens=len(token_ids),
                     prompt_token_ids=list(out.prompt_token_ids or []),
                     token_ids=token_ids,
+                    avg_logprob=mean_logprob(sampled, token_ids, self._think_close()),
                 )
                 yield with_reasoning(result, self.config.family.think)
             if on_step:
                 on_step()  # after the results: a stop requested now still sees these as finished
             if self._drop:
-                yield from self._drop_waiting_now(texts, tokens)
+                yield from self._drop_waiting_now(texts, tokens, logprobs)
+
+    def _think_close(self) -> tuple[int, ...]:
+        """A think model's ``</think>`` token ids (avg_logprob counts the answer's tokens only); () else."""
+        close = getattr(self, "_close_ids", None)  # (tests build engines without __init__)
+        if close is None:
+            close = ()
+            if self.config.family.think:
+                with contextlib.suppress(Exception):
+                    tokenizer = self.llm.get_tokenizer()
+                    close = tuple(tokenizer.encode(THINK_CLOSE, add_special_tokens=False))
+            self._close_ids = close
+        return close
 
     def drop_waiting(self) -> None:
         """A stop: the requests vLLM has not started (no token yet) are aborted between steps and come
@@ -322,7 +365,7 @@ class VllmEngine:
         finish. Safe from any thread (a replica's message pump calls it)."""
         self._drop = True
 
-    def _drop_waiting_now(self, texts: dict[str, list[str]], tokens: dict[str, list[int]]) -> Iterator[Result]:
+    def _drop_waiting_now(self, *per_request: dict[str, list[Any]]) -> Iterator[Result]:
         self._drop = False
         waiting = [rid for rid in self._pending if rid not in self._started]
         if waiting:
@@ -330,7 +373,8 @@ class VllmEngine:
                 self._engine.abort_request(waiting)
         for rid in waiting:  # vLLM reports no output for a request aborted here: report it ourselves
             request = self._pending.pop(rid)
-            texts.pop(rid, None), tokens.pop(rid, None)
+            for lists in per_request:
+                lists.pop(rid, None)
             yield Result(chunk=request.chunk, prompt=request.prompt, finish_reason="abort")
 
     def abort_all(self) -> None:

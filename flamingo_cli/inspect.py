@@ -38,6 +38,8 @@ _STAT_COLUMNS = [
     "created_at",
     "source_version",
     "gate",  # gates: silence / duplicate rows (no engine request)
+    "flags",  # confidence (issue 25b)
+    "attempts",
 ]
 _QUOTED = re.compile(r"'[^']*'|\"[^\"]*\"")
 _NUMBER = re.compile(r"(?<![A-Za-z])\d+(?:\.\d+)?")
@@ -186,6 +188,32 @@ def _gate_counts(current: Any) -> dict[str, tuple[int, int]]:
     return {k: (v[0], v[1]) for k, v in counts.items()}
 
 
+def flag_rates(ok: Any) -> dict[str, Any]:
+    """Flags of successful current rows (issue 25b): rows judged (flags not null: older runs have none),
+    rows flagged, and per reason its count and its share of the judged rows; rows asked again."""
+    import pyarrow.compute as pc
+
+    from flamingo_cli.quality import FLAGS
+
+    flags = ok["flags"] if "flags" in ok.column_names else None
+    judged = ok.filter(pc.is_valid(flags)) if flags is not None and ok.num_rows else ok.slice(0, 0)
+    n = judged.num_rows
+    counts: Counter[str] = Counter()
+    flagged = 0
+    if n:
+        counts.update(pc.list_flatten(judged["flags"]).to_pylist())
+        flagged = _count(pc.greater(pc.list_value_length(judged["flags"]), 0))
+    names = [*FLAGS, *sorted(set(counts) - set(FLAGS))]
+    attempts = ok["attempts"] if "attempts" in ok.column_names and ok.num_rows else None
+    return {
+        "rows_judged": n,
+        "rows_flagged": flagged,
+        "flagged_rate": flagged / n if n else None,
+        "by_reason": {k: {"rows": counts[k], "rate": counts[k] / n if n else None} for k in names},
+        "rows_asked_again": _count(pc.fill_null(pc.greater(attempts, 1), False)) if attempts is not None else 0,
+    }
+
+
 def _top(values: list[Any], n: int) -> list[list[Any]]:
     return [[v, c] for v, c in Counter(values).most_common(n)]
 
@@ -277,6 +305,7 @@ def inspect_output(out: str | Path, samples: int = 3, max_groups: int = 20, top:
         info["last_row_at"] = hi.isoformat() if hi else None
         if info.get("schema") and parts:
             info["fields"] = schema_fields(out, key, info["schema"].get("fields") or {}, top)
+        info["flags"] = flag_rates(ok.filter(pc.equal(ok["run"], key)) if ok.num_rows else ok)
         run_docs.append(info)
 
     sample_rows: list[dict[str, Any]] = []
@@ -318,6 +347,7 @@ def inspect_output(out: str | Path, samples: int = 3, max_groups: int = 20, top:
         "audio_hours_items": item_audio_s / 3600,
         "prompt_tokens": total("prompt_tokens"),
         "output_tokens": total("output_tokens"),
+        "flags": flag_rates(ok),
         "run_details": run_docs,
         "samples": sample_rows,
     }
@@ -407,6 +437,8 @@ def render(doc: dict[str, Any], console: Any) -> None:
             f.add_row(name, rate, Text(top))
         console.print(f)
 
+    _render_flags(doc, console)
+
     if doc["samples"]:
         s = Table("id", "chunk", "caption", title="sample captions", title_justify="left", show_lines=True)
         for row in doc["samples"]:
@@ -418,3 +450,22 @@ def render(doc: dict[str, Any], console: Any) -> None:
     console.print(
         Text(f"browse every row, with players and plots: flamingo browse {doc['out']}", style="dim"), soft_wrap=True
     )
+
+
+def _render_flags(doc: dict[str, Any], console: Any) -> None:
+    """Flag rates per reason per run (issue 25b), for runs whose rows carry flags."""
+    from rich.table import Table
+
+    runs = [r for r in doc["run_details"] if (r.get("flags") or {}).get("rows_judged")]
+    if not runs:
+        return
+    t = Table("run", "reason", "rows", "rate", title="flags (successful rows)", title_justify="left")
+    for run in runs:
+        f = run["flags"]
+        t.add_row(run["run"], "any", f"{f['rows_flagged']:,} of {f['rows_judged']:,}", f"{f['flagged_rate']:.1%}")
+        for reason, c in f["by_reason"].items():
+            if c["rows"]:
+                t.add_row("", reason, f"{c['rows']:,}", f"{c['rate']:.1%}")
+        if f.get("rows_asked_again"):
+            t.add_row("", "asked again (--fallback)", f"{f['rows_asked_again']:,}", "")
+    console.print(t)

@@ -33,6 +33,7 @@ from typing import Any
 
 from flamingo_cli.audio import probe_duration
 from flamingo_cli.engine import END
+from flamingo_cli.fallback import Ladder
 from flamingo_cli.gates import PARKED, Deduper, GateKeeper
 from flamingo_cli.planner import CaptionJob, ItemDecision, Planner, ResultSink, Stats
 from flamingo_cli.prepare import PreparedItem, prepare
@@ -340,6 +341,8 @@ def run_pipeline(
     if stop_event is not None:
         producer.stop_event = stop_event
     ended = False
+    # Flags every result; with --fallback re-asks flagged chunks through ``ladder.feed`` (fallback.py).
+    ladder = Ladder(job, engine, stats, feed)
 
     def step() -> None:
         # Called by the engine between steps and while it waits: on a stop, drop what waits in the
@@ -347,7 +350,7 @@ def run_pipeline(
         nonlocal ended
         if not ended and producer.stop_event.is_set():
             ended = True
-            dropped = _end_feed(feed)
+            dropped = _end_feed(feed) + ladder.stop()
             with stats.lock:
                 stats.chunks_dropped += dropped
             drop_waiting = getattr(engine, "drop_waiting", None)
@@ -359,13 +362,17 @@ def run_pipeline(
     check = output_check(job.sampling)  # a schema run: invalid JSON becomes an error row that says why
     producer.start()
     try:
-        for result in engine.run(feed, job.sampling, on_step=step):
+        for result in engine.run(ladder.feed, job.sampling, on_step=step):
             if result.finish_reason == "abort" and result.error is None:
                 # vLLM aborted it (its own SIGINT/SIGTERM shutdown): not a caption; resume redoes it.
+                ladder.dropped(result)
                 with stats.lock:
                     stats.chunks_dropped += 1
                 if tracks is not None:
                     tracks.abandon(result)
+                continue
+            result = ladder.judge(result)
+            if result is None:  # asked again (--fallback): the chunk's row comes with its last attempt
                 continue
             if check is not None:
                 result = check(result)

@@ -65,6 +65,12 @@ class Stats:
     output_tokens: int = 0
     tracks_done: int = 0  # track rows (issue 26) written with a caption
     tracks_failed: int = 0
+    # confidence (issue 25b): rows written with flags, by reason; --fallback's re-asks (fallback.py)
+    flags: dict[str, int] = field(default_factory=dict)
+    rows_flagged: int = 0
+    fallback_chunks: int = 0  # chunks asked again at least once
+    fallback_attempts: int = 0  # re-asks made (requests beyond each chunk's first)
+    fallback_recovered: int = 0  # re-asked chunks whose kept attempt has none of the re-ask flags
     sources_exhausted: bool = False
     started: float = field(default_factory=time.monotonic)
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
@@ -75,7 +81,7 @@ class Stats:
 
     def snapshot(self) -> dict[str, Any]:
         with self.lock:
-            return {k: v for k, v in self.__dict__.items() if k != "lock"}
+            return {k: dict(v) if isinstance(v, dict) else v for k, v in self.__dict__.items() if k != "lock"}
 
     def add_result(self, result: Result, queued: bool = False) -> None:
         """Count one written Result. ``queued``: the executor did not count the chunk when it was sent
@@ -116,6 +122,10 @@ class Stats:
             self.windows_done += windows(chunk.start_s, chunk.end_s)
             self.prompt_tokens += result.prompt_tokens or 0
             self.output_tokens += result.output_tokens or 0
+            if result.flags:
+                self.rows_flagged += 1
+                for flag in result.flags:
+                    self.flags[flag] = self.flags.get(flag, 0) + 1
 
 
 @dataclass
@@ -142,6 +152,10 @@ class CaptionJob:
     gates: Any = None  # gates.GateSettings: measures, silence and duplicates (None: no gates, no measures)
     # The instruction of the track row an item cut into several chunks gets (tracks.py); None: none.
     track_prompt: str | None = None
+    # confidence (issue 25b): the flag thresholds (quality.QualityRules; None: the defaults) and
+    # --fallback's policy (fallback.FallbackPolicy; None: off)
+    quality: Any = None
+    fallback: Any = None
 
 
 @dataclass(slots=True)

@@ -218,6 +218,7 @@ class Progress:
             more += f"  ({found} found so far)"
         grid.add_row("files", f"{_of(p['files_done'], p['files_total'])} done{more}")
         dropped = f", {p['chunks_dropped']} dropped" if p["chunks_dropped"] else ""
+        dropped += f", {p['rows_flagged']} flagged" if p.get("rows_flagged") else ""  # issue 25b
         chunks = _of(p["chunks_done"], p["chunks_total"])
         grid.add_row("chunks", f"{chunks} done  ({p['chunks_failed']} failed{dropped}{_gated(p)})")
         grid.add_row("audio", f"{_hours(p['audio_s_done'])}/{_hours(p['audio_s_total'])} h")
@@ -237,6 +238,7 @@ class Progress:
             f"skipped={p['files_skipped']} failed_files={p['files_failed']} "
             f"chunks={_of(p['chunks_done'], p['chunks_total'])} chunk_errors={p['chunks_failed']} "
             f"{_gated_fields(p)}"
+            f"flagged={p.get('rows_flagged', 0)} "
             f"audio_h={_hours(p['audio_s_done'])}/{_hours(p['audio_s_total'])} "
             f"x_rt={p['x_realtime']:.1f} win_s={p['windows_per_s']:.2f} "
             f"elapsed={hms(p['elapsed_s'])} eta={hms(p['eta_s'])} model={self.model}"

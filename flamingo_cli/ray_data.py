@@ -48,6 +48,7 @@ from flamingo_cli.engine import (
     request_seed,
     sampling_kwargs,
 )
+from flamingo_cli.fallback import Ladder
 from flamingo_cli.models import FAMILIES
 from flamingo_cli.planner import CaptionJob, Planner, ResultSink, Stats
 from flamingo_cli.prepare import prepare
@@ -124,8 +125,11 @@ def generation_defaults(model: str) -> dict[str, Any]:
 
 def sampling_dict(model: str, sampling: Sampling) -> dict[str, Any]:
     """Keyword arguments of ``vllm.SamplingParams`` for every request (before its per-request seed):
-    the same merge as the local engines (``engine.sampling_kwargs``) over the checkpoint's defaults."""
-    return sampling_kwargs(sampling, generation_defaults(model))
+    the same merge as the local engines (``engine.sampling_kwargs``) over the checkpoint's defaults.
+    No log-probabilities: ray.data.llm would ship a dict per token through Arrow (avg_logprob is null)."""
+    params = sampling_kwargs(sampling, generation_defaults(model))
+    params.pop("logprobs", None), params.pop("flat_logprobs", None)
+    return params
 
 
 def stop_token_ids(model: str) -> frozenset[int]:
@@ -496,7 +500,7 @@ def run_ray_pipeline(
         dataset = _dataset(job, config, settings, rows, params, seed, use_gpu, chat_template)
         _consume(
             dataset, pending, sink, stats, on_result, on_tick, stop_event, output_check(job.sampling),
-            think=config.family.think,
+            think=config.family.think, judge=Ladder(job, stats=stats).judge,
         )  # fmt: skip
     finally:
         if settings.shutdown or (settings.shutdown is None and started):
@@ -570,6 +574,7 @@ def _consume(
     stop_event: threading.Event | None,
     check: Callable[[Result], Result] | None = None,
     think: bool = False,
+    judge: Callable[[Result], Result | None] | None = None,
 ) -> None:
     """Stream the dataset's rows into the sink as they finish (any order); think output split apart,
     then ``check`` validates outputs (a schema run)."""
@@ -596,6 +601,8 @@ def _consume(
             if begin is not None:
                 begin(entry.item.id, entry.source, entry.version, remaining[seq])
         result = with_reasoning(_result(row, entry), think)
+        if judge is not None:  # the flags (fallback.Ladder without a policy: never holds a result back)
+            result = judge(result) or result
         if check is not None:
             result = check(result)
         sink.write(result)

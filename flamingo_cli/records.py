@@ -128,6 +128,10 @@ class Request:
     prompt: str  # the user text, e.g. "Describe the music in detail."
     text: str  # the full chat-templated prompt handed to the engine
     request_id: str = ""
+    # confidence (issue 25b): a re-ask of a flagged chunk (--fallback) samples with its own settings
+    # (None: the run's) and is the chunk's ``attempt``-th re-ask (0: the first ask; it seeds the sampler).
+    sampling: Sampling | None = None
+    attempt: int = 0
 
     @property
     def audio_s(self) -> float:
@@ -154,6 +158,12 @@ class Result:
     gate: str | None = None
     duplicate_of: str | None = None
     duplicate_of_chunk: int | None = None
+    # confidence (issue 25b): the mean log-probability of the generated tokens (None: not asked for, or
+    # none), the quality flags (flamingo_cli/quality.py; None: not judged yet) and the engine requests
+    # this row took (more than 1 only with --fallback).
+    avg_logprob: float | None = None
+    flags: tuple[str, ...] | None = None
+    attempts: int = 1
 
 
 def error_result(item: AudioItem, reason: str) -> Result:
@@ -190,11 +200,15 @@ class Sampling:
     ignore_eos: bool = False
     # A JSON Schema's canonical text (flamingo_cli/schema.py): generation is constrained to it.
     json_schema: str | None = None
+    # Ask the engine for the sampled tokens' log-probabilities (the avg_logprob column). Not in the run
+    # key: it does not change what is generated.
+    logprobs: bool = True
 
     def identity(self) -> dict[str, Any]:
         """What the run key hashes. Without a schema it is what it was before schemas existed (so old
         runs keep their keys); with one, the schema's hash stands for its text."""
         doc = asdict(self)
+        doc.pop("logprobs")
         text = doc.pop("json_schema")
         if text is not None:
             doc["json_schema"] = text_hash(text)

@@ -22,7 +22,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from flamingo_cli import __version__, gates, resume, timestamps
+from flamingo_cli import __version__, gates, quality, resume, timestamps
 from flamingo_cli.errors import OutputError
 from flamingo_cli.output.columns import COLUMN_TYPES, RunColumns
 from flamingo_cli.output.layout import METADATA_KEY, RESERVED_NAMES, RUN_KEY_RE, SCHEMA, first_part_schema
@@ -58,6 +58,26 @@ def _segments_columns(result: Result) -> dict[str, Any]:
     base = float(chunk.item.offset or 0.0) + (0.0 if math.isnan(chunk.start_s) else chunk.start_s)
     end = None if math.isnan(chunk.end_s) else float(chunk.item.offset or 0.0) + chunk.end_s
     return {"level": level, "segments": timestamps.segments(result.caption, base, end)}
+
+
+def _confidence(result: Result) -> dict[str, Any]:
+    """The confidence columns (issue 25b) of one row: flags as the result carries them (``fallback.Ladder``
+    judged it), else by the default rules; null on error rows."""
+    chunk = result.chunk
+    asked = chunk.error is None and chunk.num_chunks > 0  # the row went to the engine
+    if result.gate == "silence":  # the silence gate's row: no caption to judge, no request made
+        asked = False
+    failed = result.error is not None or not asked
+    flags = None if failed else (result.flags if result.flags is not None else quality.flags_for(result))
+    attempts = int(result.attempts) if asked else None
+    if result.gate == "duplicate":  # it carries its original's caption and flags; it made no request
+        attempts = 0
+    return {
+        "avg_logprob": None if failed else _null_if_nan(result.avg_logprob),
+        "compression_ratio": quality.compression_ratio(result.caption),
+        "flags": None if flags is None else list(flags),
+        "attempts": attempts,
+    }
 
 
 class Sink:
@@ -294,6 +314,7 @@ class Sink:
             "path_bytes": path_bytes(str(item.path)),
             **self._gate_values(result),
             **_segments_columns(result),
+            **_confidence(result),
         }
 
     @staticmethod

@@ -86,6 +86,13 @@ class CaptionSpec:
     log_file: str | None = None
     log_interval: float = 30.0
     summary_json: str | None = None
+    # confidence (issue 25b): the flag thresholds (flamingo_cli/quality.py) and --fallback
+    # (flamingo_cli/fallback.py); in the run key only with --fallback on (then they change captions)
+    flag_compression_ratio: float = 2.4
+    flag_min_logprob: float = -1.0
+    fallback: bool = False
+    fallback_on: tuple[str, ...] = ("empty", "low_confidence", "repetition")
+    fallback_temperatures: tuple[float, ...] = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
 
     # -- building ----------------------------------------------------------------------------------
 
@@ -104,6 +111,7 @@ class CaptionSpec:
         for name in ("log_file", "summary_json"):
             if name in opts:
                 opts[name] = str(opts[name])
+        _confidence_options(opts)
         for name in ("chunk_seconds", "overlap", "log_interval", "silence_peak_db", "silence_active_ratio"):
             # the CLI hands floats: 20 and 20.0 must be one run key
             if isinstance(opts.get(name), int) and not isinstance(opts[name], bool):
@@ -191,6 +199,12 @@ class CaptionSpec:
         if self.replicas is not None:
             _check_range("--replicas", self.replicas, lo=1, integer=True)
         _check_range("--log-interval", self.log_interval, lo=0, lo_open=True)
+        _check_range("--flag-compression-ratio", self.flag_compression_ratio, lo=0, lo_open=True)
+        _check_range("--flag-min-logprob", self.flag_min_logprob, hi=0)
+        if self.fallback and self.executor != "local":
+            raise SpecError("--fallback runs on the local executor only (not with --executor ray)")
+        if self.fallback and not self.fallback_on:
+            raise SpecError("--fallback-on is empty: name the flags that send a chunk back, e.g. repetition,empty")
         self._check_gates()
 
     def _check_gates(self) -> None:
@@ -263,7 +277,28 @@ class CaptionSpec:
             "chunk_seconds": self.chunk_seconds,
             "overlap": self.overlap,
             **self.engine_options.identity(),
+            **({"fallback": self._fallback_identity()} if self.fallback else {}),
         }
+
+    def _fallback_identity(self) -> dict[str, Any]:
+        """--fallback's settings, all of which decide which captions are kept (the run key has them)."""
+        policy = self.fallback_policy()
+        assert policy is not None
+        return {**policy.identity(), **self.quality_rules().identity(), "logprobs": self.sampling.logprobs}
+
+    def quality_rules(self) -> Any:
+        """The flag thresholds (``quality.QualityRules``)."""
+        from flamingo_cli.quality import QualityRules
+
+        return QualityRules(compression_ratio=self.flag_compression_ratio, min_logprob=self.flag_min_logprob)
+
+    def fallback_policy(self) -> Any:
+        """--fallback's ``fallback.FallbackPolicy``, None when off."""
+        if not self.fallback:
+            return None
+        from flamingo_cli.fallback import FallbackPolicy
+
+        return FallbackPolicy(on=frozenset(self.fallback_on), temperatures=tuple(self.fallback_temperatures))
 
     @property
     def run_key(self) -> str:
@@ -286,6 +321,9 @@ class CaptionSpec:
             info["executor"] = self.executor
         if self.track_prompt is not None:
             info["track_prompt"] = self.track_prompt
+        info["quality"] = {**self.quality_rules().identity(), "logprobs": self.sampling.logprobs}
+        if self.fallback:
+            info["fallback"] = self._fallback_identity()
         return info
 
     def check_schema(self) -> list[str]:
@@ -377,15 +415,29 @@ class CaptionSpec:
             content_hash=self.content_hash,
             gates=self.gates(),
             track_prompt=self.track_prompt,
+            quality=self.quality_rules(),
+            fallback=self.fallback_policy(),
         )
 
 
 # -- option parsing and checks ---------------------------------------------------------------------
 
-_SAMPLING_OPTIONS = ("temperature", "top_p", "top_k", "repetition_penalty", "max_tokens", "seed", "ignore_eos")
-_PUBLIC = {"task", "model", "prompt", "ext", "shard", "ray_replicas", "hash", "schema", "no_track_summary"}
-_PUBLIC |= {"track_prompt"}
-_PUBLIC |= set(_SAMPLING_OPTIONS)
+_SAMPLING_OPTIONS = (
+    "temperature", "top_p", "top_k", "repetition_penalty", "max_tokens", "seed", "ignore_eos", "logprobs",
+)  # fmt: skip
+_PUBLIC = {
+    "task",
+    "model",
+    "prompt",
+    "ext",
+    "shard",
+    "ray_replicas",
+    "hash",
+    "schema",
+    "no_track_summary",
+    "track_prompt",
+    *_SAMPLING_OPTIONS,
+}
 
 
 def _track_prompt(spec: CaptionSpec, preset: Preset, given: str | None, on: bool) -> str | None:
@@ -422,8 +474,28 @@ def check_sampling(values: Mapping[str, Any], where: str = "") -> None:
     top_k = values.get("top_k")
     if top_k is not None:
         _check_range("--top-k", top_k, lo=-1, integer=True, where=where)
-    if "ignore_eos" in values and not isinstance(values["ignore_eos"], bool):
-        raise SpecError(f"ignore_eos {values['ignore_eos']!r}{where}: expected true or false")
+    for name in ("ignore_eos", "logprobs"):
+        if name in values and not isinstance(values[name], bool):
+            raise SpecError(f"{name} {values[name]!r}{where}: expected true or false")
+
+
+def _confidence_options(opts: dict[str, Any]) -> None:
+    """--fallback-on and --fallback-temperatures as given (comma lists or sequences) → tuples; the
+    thresholds as floats (one run key for 2 and 2.0)."""
+    from flamingo_cli.fallback import parse_temperatures
+    from flamingo_cli.quality import parse_flags
+
+    try:
+        if "fallback_on" in opts:
+            opts["fallback_on"] = tuple(sorted(parse_flags(opts["fallback_on"], "--fallback-on") or ()))
+        if "fallback_temperatures" in opts:
+            opts["fallback_temperatures"] = parse_temperatures(opts["fallback_temperatures"])
+    except ValueError as exc:
+        raise SpecError(str(exc)) from exc
+    for name in ("flag_compression_ratio", "flag_min_logprob"):
+        value = opts.get(name)
+        if isinstance(value, int) and not isinstance(value, bool):
+            opts[name] = float(value)
 
 
 def _sampling(preset: Preset, overrides: Mapping[str, Any], default_max_tokens: int = DEFAULT_MAX_TOKENS) -> Sampling:

@@ -227,6 +227,11 @@ class Summary:
             # Files folder scans passed over (extension not taken), by extension: {".xyz": 8, ".txt": 3}.
             "files_passed_over": sum(p["passed_over_by_ext"].values()),
             "files_passed_over_by_ext": p["passed_over_by_ext"],
+            # confidence (issue 25b; docs/cron.md, "Flags"): rows written with flags, per reason, and
+            # --fallback's counts (chunks asked again, re-asks, chunks recovered)
+            "rows_flagged": p["rows_flagged"],
+            "flags": p["flags"],
+            "fallback": p["fallback"],
         }
 
     def write(self, doc: dict[str, Any], warn: Any) -> None:

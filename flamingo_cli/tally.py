@@ -16,6 +16,8 @@ import threading
 import time
 from typing import Any
 
+from flamingo_cli.quality import FLAGS
+
 
 class Watched:
     """The sink the executor writes to: delegates everything, and counts finished items on the way.
@@ -175,4 +177,13 @@ class Tally:
             "eta_s": eta,
             "errors": failed_before + g("chunks_failed", 0),
             "passed_over_by_ext": self.scan.skipped() if self.scan is not None else {},
+            # confidence (issue 25b): rows written with flags, per reason (every reason, 0 included);
+            # --fallback's chunks asked again, re-asks made, chunks whose kept attempt is clean
+            "rows_flagged": g("rows_flagged", 0),
+            "flags": {name: (g("flags") or {}).get(name, 0) for name in FLAGS},
+            "fallback": {
+                "chunks": g("fallback_chunks", 0),
+                "attempts": g("fallback_attempts", 0),
+                "recovered": g("fallback_recovered", 0),
+            },
         }

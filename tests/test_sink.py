@@ -120,6 +120,11 @@ def test_schema_column_order_and_types(tmp_path: Path) -> None:
         # segments and tracks (issue 26)
         "level",
         "segments",
+        # confidence (issue 25b)
+        "avg_logprob",
+        "compression_ratio",
+        "flags",
+        "attempts",
     ]
     assert SCHEMA.field("path_bytes").type == pa.binary()
     segment = pa.struct([("start_s", pa.float64()), ("end_s", pa.float64()), ("text", pa.string())])
@@ -781,3 +786,28 @@ def test_layout_functions(tmp_path: Path) -> None:
     table = layout.read_output(tmp_path)
     assert table.num_rows == 6 and table.schema.names[-1] == "run"
     assert sorted(set(table["run"].to_pylist())) == sorted([KEY, other])
+
+
+def test_confidence_columns_of_every_kind_of_row(tmp_path: Path) -> None:
+    """issue 25b: flags as the result carries them, else by the default rules; null where a row failed."""
+    import dataclasses
+    import zlib
+
+    from flamingo_cli.records import error_result
+
+    judged = dataclasses.replace(make_result("a"), avg_logprob=-0.4, flags=("truncated",), attempts=3)
+    unjudged = dataclasses.replace(make_result("b", caption="key " * 8), avg_logprob=-2.0)
+    failed = dataclasses.replace(make_result("c", error="rejected by the engine: x"), avg_logprob=-0.1)
+    short = make_result("d")
+    short.chunk.error = "too short for a sound token"
+    with make_sink(tmp_path) as s:
+        for r in (judged, unjudged, failed, short, error_result(AudioItem(id="e", path="/e.wav"), "empty file")):
+            s.write(r)
+    rows = {r["id"]: r for r in read_run(tmp_path).to_pylist()}
+    assert rows["a"]["flags"] == ["truncated"] and rows["a"]["attempts"] == 3 and rows["a"]["avg_logprob"] == -0.4
+    assert rows["a"]["compression_ratio"] == pytest.approx(9 / len(zlib.compress(b"a caption")))
+    assert rows["b"]["flags"] == ["repetition", "low_confidence"] and rows["b"]["attempts"] == 1
+    assert rows["c"]["flags"] is None and rows["c"]["avg_logprob"] is None and rows["c"]["attempts"] == 1
+    assert rows["c"]["compression_ratio"] is None
+    for key in ("d", "e"):  # never reached the engine
+        assert rows[key]["flags"] is None and rows[key]["attempts"] is None

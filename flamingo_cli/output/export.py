@@ -19,8 +19,13 @@ from flamingo_cli.output.layout import read_output
 EXPORT_FORMATS = ("parquet", "jsonl", "hf")
 
 
-def export(out: str | Path, dest: str | Path, fmt: str = "parquet", run: str | None = None) -> int:
+def export(
+    out: str | Path, dest: str | Path, fmt: str = "parquet", run: str | None = None, drop_flagged: bool = False
+) -> int:
     """Write OUT's current rows (``read_output``) to ``dest``; returns the row count.
+
+    ``drop_flagged``: leave out the rows with flags (a non-empty ``flags`` list, issue 25b); error rows
+    and rows of runs without flags stay.
 
     parquet: one file; jsonl: one file, one object per row; hf: a ``datasets.load_from_disk`` folder.
     Local destinations appear whole or not at all (temp + rename); on object stores one PUT is atomic.
@@ -28,6 +33,8 @@ def export(out: str | Path, dest: str | Path, fmt: str = "parquet", run: str | N
     if fmt not in EXPORT_FORMATS:
         raise ValueError(f"format {fmt!r}: expected one of {', '.join(EXPORT_FORMATS)}")
     table = read_output(out, run=run)
+    if drop_flagged:
+        table = without_flagged(table)
     dest_s = str(dest)
     if fmt == "hf":
         return _export_hf(table, dest_s)
@@ -53,6 +60,16 @@ def export(out: str | Path, dest: str | Path, fmt: str = "parquet", run: str | N
 
     write_atomically(target, target.with_name(f".{target.name}.{os.getpid()}.tmp"), write)
     return table.num_rows
+
+
+def without_flagged(table: pa.Table) -> pa.Table:
+    """The rows whose ``flags`` list is null or empty."""
+    import pyarrow.compute as pc
+
+    if "flags" not in table.column_names or table.num_rows == 0:
+        return table
+    flagged = pc.fill_null(pc.greater(pc.list_value_length(table["flags"]), 0), False)
+    return table.filter(pc.invert(flagged))
 
 
 def _export_hf(table: pa.Table, dest: str) -> int:

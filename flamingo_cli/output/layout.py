@@ -100,6 +100,17 @@ SCHEMA = pa.schema(
         # The caption's timestamps as typed spans in the source file's time (timestamps.py); [] for a
         # caption without timestamps, null on error rows.
         ("segments", pa.list_(pa.struct([("start_s", pa.float64()), ("end_s", pa.float64()), ("text", pa.string())]))),
+        # --- confidence (issue 25b): how much to trust the caption (flamingo_cli/quality.py) ---
+        # The mean log-probability of the generated tokens (a think model's answer tokens); null on
+        # error rows and with --no-logprobs.
+        ("avg_logprob", pa.float64()),
+        # Whisper's measure of the caption: UTF-8 bytes / zlib-compressed bytes; null without a caption.
+        ("compression_ratio", pa.float64()),
+        # Reasons to look twice: repetition, empty, truncated, low_confidence, silence_hallucination;
+        # [] when nothing is wrong, null on error rows.
+        ("flags", pa.list_(pa.string())),
+        # Engine requests the row took: 1, more with --fallback; null where no request was made.
+        ("attempts", pa.int32()),
     ]
 )
 
