@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parent.parent
 needs_chromium = pytest.mark.skipif(
     chromium_binary() is None, reason="no chromium binary (apt-get install chromium; scripts/test.sh does as root)"
 )
-FLAGS = [pa.field("flags", pa.list_(pa.string())), pa.field("f_mood", pa.string())]
+FLAGS = [pa.field("f_mood", pa.string())]  # a typed field (flags are a core column)
 s3_server, s3_env, s3_bucket = s3.s3_server, s3.s3_env, s3.s3_bucket  # tests/s3_server.py's fixtures
 MOODS = ["calm", "tense", "happy"]
 AUDIO = "document.querySelector('#rows-body audio')"
@@ -33,6 +33,9 @@ AUDIO = "document.querySelector('#rows-body audio')"
 
 def _result(item: AudioItem, index: int, n: int, chunk_s: float, total: float, **kw) -> Result:
     chunk = Chunk(item, index, n, index * chunk_s, min((index + 1) * chunk_s, total), None, total)
+    i = int(item.id.split("-")[1].split(".")[0]) if item.id.startswith("song-") else 0
+    flags = ("repetitive",) if i % 3 == 1 else (("truncated", "low_confidence") if i % 3 == 2 else ())
+    kw.setdefault("flags", flags)
     return Result(chunk=chunk, prompt="Describe.", finish_reason="stop", prompt_tokens=700 + index, **kw)
 
 
@@ -46,8 +49,7 @@ def build_output(root: Path, items: int = 6, extra_rows: int = 0) -> Path:
 
     def extras(r: Result) -> dict:
         i = int(r.chunk.item.id.split("-")[1].split(".")[0]) if r.chunk.item.id.startswith("song-") else 0
-        flags = ["repetitive"] if i % 3 == 1 else (["truncated", "low_confidence"] if i % 3 == 2 else [])
-        return {"flags": flags if r.error is None else None, "f_mood": MOODS[i % 3] if r.error is None else None}
+        return {"f_mood": MOODS[i % 3] if r.error is None else None}
 
     opts = {"extra_fields": FLAGS, "extra_values": extras, "rows_per_part": 4}
     info = {
@@ -87,7 +89,14 @@ def build_output(root: Path, items: int = 6, extra_rows: int = 0) -> Path:
         path = audio / "song-1.wav"
         sink.write(
             _result(
-                AudioItem(id="song-1.wav", path=str(path)), 0, 1, 5.0, 5.0, caption="la la", reasoning="I hear words"
+                AudioItem(id="song-1.wav", path=str(path)),
+                0,
+                1,
+                5.0,
+                5.0,
+                caption="la la",
+                reasoning="I hear words",
+                flags=(),
             )
         )
     return out
