@@ -28,7 +28,7 @@ row = {"mode": "cli", "tag": tag, "rc": int(rc), "process_s": round(float(t1) - 
        **{k: doc.get(k) for k in ("engine_start_s", "time_to_first_row_s", "generation_s", "processing_s",
           "wall_s", "rows_written", "windows_per_s", "windows_per_generation_s", "rows_per_generation_s",
           "audio_s_per_generation_s", "audio_hours_per_gpu_hour", "gpus", "x_realtime", "output_tokens",
-          "rows_flagged", "flags")}}
+          "rows_flagged", "flags", "requests_sent", "chunks_silent", "chunks_duplicate", "chunks_done")}}
 with open(results, "a") as f:
     f.write(json.dumps(row) + "\n")
 print("RESULT", json.dumps(row))
