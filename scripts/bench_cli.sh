@@ -4,6 +4,8 @@
 # engine start's phases (weights, torch.compile, profile run, KV cache, CUDA graphs) can be read off it.
 # One JSON row appended to RESULTS: the summary's fields plus the whole process's seconds.
 #   usage: bench_cli.sh TAG CKPT CLIPS_DIR RESULTS OUT_DIR [more flamingo caption options]
+# (e.g. --task caption --task transcribe: two tasks in one pass, issue 26; the row's "tasks" gives
+# each task's run key and rows)
 set -u
 tag=$1 ckpt=$2 clips=$3 results=$4 outdir=$5
 shift 5
@@ -25,7 +27,8 @@ except OSError:
 row = {"mode": "cli", "tag": tag, "rc": int(rc), "process_s": round(float(t1) - float(t0), 2), "options": extra,
        **{k: doc.get(k) for k in ("engine_start_s", "time_to_first_row_s", "generation_s", "processing_s",
           "wall_s", "rows_written", "windows_per_s", "windows_per_generation_s", "rows_per_generation_s",
-          "audio_s_per_generation_s", "audio_hours_per_gpu_hour", "gpus", "x_realtime")}}
+          "audio_s_per_generation_s", "audio_hours_per_gpu_hour", "gpus", "x_realtime", "requests_sent",
+          "task", "tasks")}}
 with open(results, "a") as f:
     f.write(json.dumps(row) + "\n")
 print("RESULT", json.dumps(row))
