@@ -392,9 +392,9 @@ class _Run:
         if len(sinks) > 1:
             from flamingo_cli.pipeline import TaskRouter
 
-            self.sinks, sink = sinks, TaskRouter(sinks)
+            sink = TaskRouter(sinks)
         else:
-            self.sinks, sink = sinks, sinks[0]
+            sink = sinks[0]
         stats = Stats()
         # The one walk of the inputs: the survey reads its front, the executor the rest; the files folder
         # scans pass over are counted once, for the sink (inspect) and the display.
@@ -487,13 +487,14 @@ class _Run:
         return self._report(sink, stats, status)
 
     def _report(self, sink: Any, stats: Any, status: ExitStatus, reason: str | None = None) -> dict[str, Any]:
+        sinks = getattr(sink, "sinks", None) or [sink]  # a several-task run's TaskRouter: one per task
         tally = self.monitor.tally
         if tally.stats is None:
             tally.stats = stats
         if tally.watched is None:
             tally.watch(sink)
         if self.spec.more_tasks:  # several tasks: each one's run and rows
-            self.monitor.summary.tasks = _tasks(self.spec, self.sinks)
+            self.monitor.summary.tasks = _tasks(self.spec, sinks)
         summary = self.monitor.finish(int(status), reason=reason)
         return {
             "status": status,
@@ -505,7 +506,7 @@ class _Run:
             "run_dir": str(sink.run_dir),
             "info": dict(sink.run_info),
             "spec": self.spec,
-            "tasks": summary.get("tasks") or _tasks(self.spec, self.sinks),
+            "tasks": summary.get("tasks") or _tasks(self.spec, sinks),
         }
 
     def _engine(self, config: Any, needed: bool) -> Any:
@@ -600,9 +601,11 @@ def _close_all(sinks: Sequence[Any]) -> None:
 @contextlib.contextmanager
 def _closing_all(sinks: Sequence[Any]) -> Iterator[None]:
     """Close every task's sink (its last flush) on the way out; the first error is the one reported."""
-    with contextlib.ExitStack() as stack:
-        for sink in sinks:
-            stack.enter_context(_closing(sink))
+    # Nested ``_closing``s: a one-task run closes its one sink exactly as before.
+    if not sinks:
+        yield
+        return
+    with _closing(sinks[0]), _closing_all(sinks[1:]):
         yield
 
 

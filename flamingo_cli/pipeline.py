@@ -443,7 +443,9 @@ def run_pipeline(
     specs = [(job, own_sink, index, read_done)] + [(t.job, t.sink, t.index, t.read_done) for t in more_tasks]
     lanes: list[_Lane] = []
     for task, (task_job, task_sink, task_index, task_read) in enumerate(specs):
-        lane = _Lane(task, task_job, Planner(task_job, task_index, stats), gatekeeper(task_job, task_sink, task_index))
+        # the further tasks' planners count apart: a changed file is counted once (by task 0's)
+        planner = Planner(task_job, task_index, stats if task == 0 else Stats())
+        lane = _Lane(task, task_job, planner, gatekeeper(task_job, task_sink, task_index))
         lane.check = output_check(task_job.sampling)  # a schema task: invalid JSON becomes an error row
         if task_job.track_prompt is not None:
             lane.tracks = _tracks(lane, feed, sink, stats, engine, task_read, several=bool(more_tasks))
@@ -502,16 +504,18 @@ def run_pipeline(
 
 def _tracks(lane: _Lane, feed: _Feed, sink: Any, stats: Stats, engine: Any, read_done: Any, several: bool) -> Tracks:
     """A task's track rows (tracks.py): its requests and rows carry its task (and its sampling)."""
-    job = lane.job
+    # No reference to the lane (which holds the Tracks): a cycle would keep the sink, and its run lock,
+    # alive past the run until the garbage collector ran.
+    job, task = lane.job, lane.task
 
     def put(request: Request) -> None:
-        request.chunk.task = lane.task
+        request.chunk.task = task
         if several:
             request.sampling = job.sampling
         feed.put_extra(request)
 
     def write_row(result: Result) -> None:
-        result.chunk.task = lane.task
+        result.chunk.task = task
         sink.write(result)
         stats.add_result(result)
 

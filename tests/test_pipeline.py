@@ -198,3 +198,28 @@ def test_several_tasks_are_refused_where_they_cannot_share_one_pass(tmp_path: Pa
     assert [t.run_key for t in spec.tasks][1] == alone.run_key
     assert spec.run_key == CaptionSpec.build([corpus], tmp_path / "o").run_key
     assert spec.engine_config().mm_cache_gb > 0 and alone.engine_config().mm_cache_gb == 0
+
+
+@pytest.mark.engine
+def test_two_tasks_in_one_pass_through_the_real_engine(tiny_af3: Path, tmp_path: Path) -> None:
+    """The tiny AF3 checkpoint on vLLM's CPU engine (the one the CLI tests share): two tasks in one pass
+    write, per run key, the greedy rows the two one-task runs write."""
+    from conftest import ENGINE_ARGS, cli_engine, run_cli
+
+    make_audio(tmp_path / "in" / "a.wav", 2.0, seed=1)
+    make_audio(tmp_path / "in" / "b.wav", 3.0, seed=2)
+    engine = cli_engine(tiny_af3)
+    base = ["caption", tmp_path / "in", "--model", tiny_af3, *ENGINE_ARGS]
+    both = run_cli([*base, "-o", tmp_path / "both", "-t", "caption", "-t", "transcribe"], engine=engine)
+    assert both.status == 0, both.stderr
+    one: dict[str, list[dict]] = {}
+    for task in ("caption", "transcribe"):
+        assert run_cli([*base, "-o", tmp_path / task, "-t", task], engine=engine).status == 0
+        one.update(_by_run(tmp_path / task))
+    together = _by_run(tmp_path / "both")
+    assert set(together) == set(one) and len(one) == 2
+    for key, rows in one.items():
+        assert [(r["id"], r["task"], r["prompt"], r["caption"]) for r in together[key]] == [
+            (r["id"], r["task"], r["prompt"], r["caption"]) for r in rows
+        ]
+        assert len(rows) == 2 and all(r["error"] is None and r["caption"] for r in rows)
