@@ -435,7 +435,7 @@ class CaptionSpec:
 
 _SAMPLING_OPTIONS = ("temperature", "top_p", "top_k", "repetition_penalty", "max_tokens", "seed", "ignore_eos")
 _PUBLIC = {"task", "model", "prompt", "ext", "shard", "ray_replicas", "hash", "schema", "no_track_summary"}
-_PUBLIC |= {"track_prompt"}
+_PUBLIC |= {"track_prompt", "tasks"}
 _PUBLIC |= set(_SAMPLING_OPTIONS)
 
 

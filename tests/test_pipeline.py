@@ -198,6 +198,10 @@ def test_several_tasks_are_refused_where_they_cannot_share_one_pass(tmp_path: Pa
     assert [t.run_key for t in spec.tasks][1] == alone.run_key
     assert spec.run_key == CaptionSpec.build([corpus], tmp_path / "o").run_key
     assert spec.engine_config().mm_cache_gb > 0 and alone.engine_config().mm_cache_gb == 0
+    from conftest import run_cli
+
+    refused = run_cli(["caption", corpus, "-o", tmp_path / "o", "-t", "caption", "-t", "describe-music"])
+    assert refused.status == 2 and "different models" in refused.stderr and not (tmp_path / "o").exists()
 
 
 @pytest.mark.engine
