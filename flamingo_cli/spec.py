@@ -194,6 +194,8 @@ class CaptionSpec:
                     f"tasks {first.task} and {spec.task} run different models ({first.model}, {spec.model}): "
                     "several tasks share one engine; give --model, or run them one by one"
                 )
+        if len({s.run_key for s in specs}) < len(specs):  # two names of one preset (a name and its file)
+            raise SpecError(f"--task {' '.join(names)}: two of them are the same task")
         object.__setattr__(first, "more_tasks", tuple(specs[1:]))
         return first
 

@@ -191,6 +191,9 @@ def test_several_tasks_are_refused_where_they_cannot_share_one_pass(tmp_path: Pa
         CaptionSpec.build([corpus], tmp_path / "o", tasks=["caption", "describe-music"])
     with pytest.raises(SpecError, match="not --executor ray"):
         CaptionSpec.build([corpus], tmp_path / "o", tasks=["caption", "transcribe"], executor="ray")
+    with pytest.raises(SpecError, match="the same task"):
+        preset_file = Path(__file__).parents[1] / "configs" / "caption.toml"
+        CaptionSpec.build([corpus], tmp_path / "o", tasks=["caption", str(preset_file)])
     with pytest.raises(SpecError, match="--prompt with several tasks"):
         CaptionSpec.build([corpus], tmp_path / "o", tasks=["caption", "transcribe"], prompt="x")
     spec = CaptionSpec.build([corpus], tmp_path / "o", tasks=["caption", "transcribe"])
