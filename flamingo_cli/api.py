@@ -38,6 +38,8 @@ class CaptionReport:
     run_dir: str = ""  # OUT/run=<run_key>: this run's parts
     info: dict[str, Any] = field(default_factory=dict)  # the run metadata stored with every part
     spec: CaptionSpec | None = field(default=None, repr=False)
+    # One entry per task (``task``, ``run_key``, ``rows_written``, ``run_dir``): one in a one-task run.
+    tasks: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def failed(self) -> bool:
@@ -63,6 +65,8 @@ def caption(
 
     ``options``: ``flamingo caption``'s options with underscores (``model``, ``task``, ``prompt``,
     ``temperature``, ``max_tokens``, ``chunk_seconds``, ``shard``, ``executor``, ``gpus``, ``quiet``, …).
+    ``tasks=["caption", "audio-tags"]``: several tasks in one pass (each file decoded once, each chunk
+    asked every task); each task writes the rows, under the run key, its one-task run would.
     ``engine``: an already started engine (``engine.Engine``) to use instead of starting vLLM.
     ``stop_event``: set it from another thread to stop like SIGTERM does (finish running requests).
     """

@@ -286,7 +286,16 @@ def caption(
             "--out", "-o", help="Output folder (Parquet dataset): a local path or s3://bucket/prefix (object store)."
         ),
     ],
-    task: Annotated[str, typer.Option("--task", "-t", "--config", help="Task preset name or TOML path.")] = "caption",
+    task: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--task",
+            "-t",
+            "--config",
+            help="Task preset name or TOML path (default caption). Repeat for several tasks in one pass: "
+            "each file decoded once, each chunk asked every task, one run key per task.",
+        ),
+    ] = None,
     model: ModelOpt = None,
     prompt: PromptOpt = None,
     chunk_seconds: ChunkOpt = None,

@@ -45,6 +45,7 @@ class EngineConfig(EngineOptions):
     max_in_flight: int = 512
     max_in_flight_audio_s: float = 4 * 3600.0
     verbose: bool = False
+    mm_cache_gb: float = 0.0  # vLLM's multimodal processor cache (GiB): > 0 only when a run asks each chunk twice
     extra: dict[str, Any] = field(default_factory=dict)
     # One entry per engine replica: its CUDA_VISIBLE_DEVICES, or None (no pinning, e.g. CPU). Two or
     # more run data parallel in worker processes (flamingo_cli/data_parallel.py); () or one entry runs
@@ -422,8 +423,10 @@ def engine_kwargs(config: EngineConfig, use_gpu: bool) -> dict[str, Any]:
         tensor_parallel_size=config.tensor_parallel_size,
         enforce_eager=config.enforce_eager,
         seed=config.seed,
-        # Each audio is captioned once per run: a multimodal input cache only costs memory.
-        mm_processor_cache_gb=0,
+        # One task: each audio is asked once per run, so a multimodal input cache only costs memory.
+        # Several tasks (``--task a --task b``) ask each chunk once per task, back to back: the cache
+        # hands the later ones the processed audio (features) instead of redoing it.
+        mm_processor_cache_gb=config.mm_cache_gb,
         disable_log_stats=not config.verbose,
         structured_outputs_config=dict(STRUCTURED_OUTPUTS_CONFIG),
     )

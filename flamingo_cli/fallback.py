@@ -45,7 +45,7 @@ from flamingo_cli.quality import (
     flags_for,
     measures_of,
 )
-from flamingo_cli.records import Request, Result
+from flamingo_cli.records import TRACK_INDEX, Request, Result
 
 # Whisper's temperature ladder (openai/whisper transcribe.py: temperature=(0.0, 0.2, ..., 1.0)).
 WHISPER_TEMPERATURES = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
@@ -127,6 +127,11 @@ def _rank(result: Result, on: frozenset[str]) -> tuple[int, float, int]:
     return bad, -logprob, result.attempts
 
 
+def _key(chunk: Any) -> tuple[str, int, int]:
+    """A chunk's place on the ladder: (id, chunk, task) — a several-task run asks one chunk per task."""
+    return (chunk.item.id, chunk.index, getattr(chunk, "task", 0))
+
+
 class Ladder:
     """Flags each engine Result; with a ``FallbackPolicy``, re-asks flagged chunks (module docstring).
 
@@ -135,10 +140,20 @@ class Ladder:
     ``planner.Stats`` to count re-asks in; ``feed``: the executor's request feed (needed with a policy).
     """
 
-    def __init__(self, job: Any, engine: Any = None, stats: Any = None, feed: queue.Queue | None = None) -> None:
+    def __init__(
+        self,
+        job: Any,
+        engine: Any = None,
+        stats: Any = None,
+        feed: queue.Queue | None = None,
+        jobs: Sequence[Any] = (),
+    ) -> None:
         self.rules: QualityRules = getattr(job, "quality", None) or DEFAULT_RULES
         self.policy: FallbackPolicy | None = getattr(job, "fallback", None)
         self.job, self.stats = job, stats
+        # A several-task run (issue 26): each task's job by ``chunk.task`` (a re-ask keeps its task's
+        # sampling and prompt); the ladder's rungs start above task 0's temperature.
+        self.jobs = tuple(jobs) or (job,)
         self.stopped = False
         self.out = 0  # requests the engine took from ``feed`` whose Result has not been judged
         self._open: dict[tuple[str, int], _Open] = {}
@@ -153,7 +168,7 @@ class Ladder:
     def judge(self, result: Result) -> Result | None:
         """The Result to write, flagged; None when its chunk was sent up the ladder instead."""
         self.out -= 1
-        state = self._open.pop(result.chunk.key, None)
+        state = self._open.pop(_key(result.chunk), None)
         attempts = 1 if state is None else state.attempts + 1
         flags = flags_for(result, measures_of(result.chunk), self.rules)
         result = replace(result, flags=None if flags is None else tuple(flags), attempts=attempts)
@@ -163,15 +178,18 @@ class Ladder:
         if flags is None:  # an error ends the ladder: the best earlier attempt, if any
             return result if state is None else self._final(state.best, attempts, re_asked=True)
         best = result if state is None or _rank(result, policy.on) < _rank(state.best, policy.on) else state.best
-        if not set(flags) & policy.on or self.stopped or attempts > len(self.rungs):
+        track = result.chunk.index == TRACK_INDEX  # a track row's text prompt is not re-built: judged only
+        if not set(flags) & policy.on or self.stopped or attempts > len(self.rungs) or track:
             return self._final(best, attempts, re_asked=state is not None)
         self._ask_again(result, attempts, best)
         return None
 
     def _ask_again(self, result: Result, attempts: int, best: Result) -> None:
-        sampling = replace(self.job.sampling, temperature=self.rungs[attempts - 1])
-        request = replace(self.job.prompts.request(result.chunk, result.prompt), sampling=sampling, attempt=attempts)
-        self._open[result.chunk.key] = _Open(attempts, best)
+        task = getattr(result.chunk, "task", 0)
+        job = self.jobs[task] if task < len(self.jobs) else self.job
+        sampling = replace(job.sampling, temperature=self.rungs[attempts - 1])
+        request = replace(job.prompts.request(result.chunk, result.prompt), sampling=sampling, attempt=attempts)
+        self._open[_key(result.chunk)] = _Open(attempts, best)
         self.feed.retry(request)
         self._count(chunks=int(attempts == 1), attempts=1)
 
@@ -183,7 +201,7 @@ class Ladder:
     def dropped(self, result: Result) -> None:
         """An attempt the engine aborted (a stop): its chunk leaves the ladder, unwritten."""
         self.out -= 1
-        self._open.pop(result.chunk.key, None)
+        self._open.pop(_key(result.chunk), None)
 
     def stop(self) -> int:
         """A stop: no more re-asks; those waiting for the engine are dropped. Returns how many."""
@@ -192,7 +210,7 @@ class Ladder:
             return 0
         dropped = self.feed.drop_retries()
         for request in dropped:
-            self._open.pop(request.chunk.key, None)
+            self._open.pop(_key(request.chunk), None)
         return len(dropped)
 
     def _count(self, chunks: int = 0, attempts: int = 0, recovered: int = 0) -> None:

@@ -171,14 +171,18 @@ def survey(
     from flamingo_cli.resume import with_source
 
     job = spec.job()
-    planner = Planner(job, index, Stats())
+    # Several tasks (``spec.more_tasks``): ``index`` is one resume index per task, and an item is work
+    # when any task wants it.
+    indexes = list(index) if spec.more_tasks else [index]
+    planners = [Planner(t.job(), i, Stats()) for t, i in zip(spec.tasks, indexes, strict=True)]
+    planner = planners[0]
     result = Survey(longest_chunk_s=0.0, unique=planner.unique)
     cap = spec.max_chunk_s
     first_todo: float | None = None
     for raw in spec.items() if items is None else items:
         item = with_source(planner.unique(raw), spec.content_hash)
         result.seen += 1
-        if not planner.decide(item, item.source).wanted:
+        if not any(p.decide(item, item.source).wanted for p in planners):
             result.skipped += 1
             continue
         result.kept.append(item)
@@ -290,7 +294,7 @@ def run(
     monitor = Monitor(
         env,
         model=spec.model,
-        task=spec.task,
+        task=spec.task_names,
         quiet=spec.quiet,
         interval=spec.log_interval,
         log_file=Path(spec.log_file) if spec.log_file else None,
@@ -358,26 +362,39 @@ class _Run:
 
         spec, env, progress = self.spec, self.env, self.progress
         spec.check_inputs()
-        for warning in spec.check_schema():  # one vLLM cannot enforce: a usage error before the output opens
-            env.warn(warning)
+        for task in spec.tasks:
+            for warning in task.check_schema():  # one vLLM cannot enforce: a usage error before the output opens
+                env.warn(warning)
+        sinks: list[Any] = []
         try:
-            sink = Sink(
-                spec.out,  # a folder or an s3:// URL (never Path(): it would fold "s3://" into "s3:/")
-                spec.run_key,
-                spec.run_info(self.argv),
-                model=spec.model,
-                task=spec.task,
-                rows_per_part=spec.rows_per_part,
-                retry_failed=spec.retry_failed,
-                keep_silence=spec.keep_silence,
-                shard=spec.shard,
-                columns=declared_columns(spec.inputs),
-                **spec.sink_columns(),
-            )
+            for task in spec.tasks:  # one sink (one run key, its own lock) per task
+                sinks.append(
+                    Sink(
+                        task.out,  # a folder or an s3:// URL (never Path(): it would fold "s3://" into "s3:/")
+                        task.run_key,
+                        task.run_info(self.argv),
+                        model=task.model,
+                        task=task.task,
+                        rows_per_part=task.rows_per_part,
+                        retry_failed=task.retry_failed,
+                        keep_silence=task.keep_silence,
+                        shard=task.shard,
+                        columns=declared_columns(task.inputs),
+                        **task.sink_columns(),
+                    )
+                )
         except LockedError:
+            _close_all(sinks)
             raise
         except OutputError as exc:  # found before the model loads: a bad --out costs nothing
+            _close_all(sinks)
             raise UsageError(str(exc)) from exc
+        if len(sinks) > 1:
+            from flamingo_cli.pipeline import TaskRouter
+
+            sink = TaskRouter(sinks)
+        else:
+            sink = sinks[0]
         stats = Stats()
         # The one walk of the inputs: the survey reads its front, the executor the rest; the files folder
         # scans pass over are counted once, for the sink (inspect) and the display.
@@ -385,21 +402,22 @@ class _Run:
         sink.scan = self.monitor.tally.scan = scan
         walk = InputWalk(spec.items(scan))
         self.monitor.tally.walk = walk
-        with _closing(sink), self._signals(), contextlib.closing(walk):
-            index = sink.load_index()
+        with _closing_all(sinks), self._signals(), contextlib.closing(walk):
+            indexes = [s.load_index() for s in sinks]
+            index = indexes[0]
             if not spec.quiet:
-                env.info(
-                    f"flamingo {__version__}: {spec.family.name} {spec.model}, task {spec.task}, "
-                    f"run {spec.run_key} → {spec.out}"
-                )
-                if len(index):
-                    env.info(f"resuming: {len(index)} rows already written for this run")
+                runs = ", ".join(f"task {t.task}, run {t.run_key}" for t in spec.tasks)
+                env.info(f"flamingo {__version__}: {spec.family.name} {spec.model}, {runs} → {spec.out}")
+                for task, task_index in zip(spec.tasks, indexes, strict=True):
+                    if len(task_index):
+                        which = f" ({task.task})" if spec.more_tasks else ""
+                        env.info(f"resuming{which}: {len(task_index)} rows already written for this run")
             if spec.executor == "ray":  # gates.py runs in the local executor only
                 env.warn("--executor ray: no silence or duplicate gate and no audio measures (local executor only)")
             # Sizing below the cap pays on a GPU (vLLM's memory profile and encoder cache follow it); a CPU
             # engine's KV space is fixed, so it keeps the cap and one engine serves every run of a process.
             on_gpu = any(d is not None for d in spec.devices)
-            found = survey(spec, index, items=walk.start(), size=on_gpu)
+            found = survey(spec, indexes if spec.more_tasks else index, items=walk.start(), size=on_gpu)
             if not found.todo and not found.errors and found.complete:
                 if not spec.quiet:
                     env.info(f"{NOTHING_TO_DO}: every input is already in {spec.out}")
@@ -409,10 +427,12 @@ class _Run:
             engine = self._engine(config, needed=found.todo > 0 or not found.complete)
             self.monitor.engine_ready(engine)
             if engine is not None:
-                sink.run_info.update(
-                    {"versions": engine.versions, "sampling_effective": engine.effective_sampling(spec.sampling)}
-                )
-            job = spec.job(self._chat_template())
+                for task, task_sink in zip(spec.tasks, sinks, strict=True):
+                    task_sink.run_info.update(
+                        {"versions": engine.versions, "sampling_effective": engine.effective_sampling(task.sampling)}
+                    )
+            template = self._chat_template()
+            job = spec.job(template)
             # The survey's items already done are counted here; the executor counts every item it is handed.
             stats.items_seen, stats.items_skipped = found.skipped, found.skipped
             items = found.hand_on(walk)
@@ -434,13 +454,17 @@ class _Run:
                         run_info=sink.run_info,
                     )  # fmt: skip
                 else:
-                    from flamingo_cli.pipeline import run_pipeline
+                    from flamingo_cli.pipeline import TaskRun, run_pipeline
                     from flamingo_cli.tracks import read_chunk_rows
 
                     read_done = functools.partial(read_chunk_rows, spec.out, spec.run_key)
+                    more = [
+                        TaskRun(t.job(template), s, i, functools.partial(read_chunk_rows, t.out, t.run_key))
+                        for t, s, i in zip(spec.more_tasks, sinks[1:], indexes[1:], strict=True)
+                    ]
                     run_pipeline(
                         job, items, engine, watched, stats, index,
-                        on_tick=tick, stop_event=self.stop, read_done=read_done,
+                        on_tick=tick, stop_event=self.stop, read_done=read_done, more_tasks=more,
                     )  # fmt: skip
             except EngineError as exc:
                 if self.received:  # vLLM's engine process got the signal too (Ctrl-C, systemd stop) and quit
@@ -463,11 +487,14 @@ class _Run:
         return self._report(sink, stats, status)
 
     def _report(self, sink: Any, stats: Any, status: ExitStatus, reason: str | None = None) -> dict[str, Any]:
+        sinks = getattr(sink, "sinks", None) or [sink]  # a several-task run's TaskRouter: one per task
         tally = self.monitor.tally
         if tally.stats is None:
             tally.stats = stats
         if tally.watched is None:
             tally.watch(sink)
+        if self.spec.more_tasks:  # several tasks: each one's run and rows
+            self.monitor.summary.tasks = _tasks(self.spec, sinks)
         summary = self.monitor.finish(int(status), reason=reason)
         return {
             "status": status,
@@ -479,6 +506,7 @@ class _Run:
             "run_dir": str(sink.run_dir),
             "info": dict(sink.run_info),
             "spec": self.spec,
+            "tasks": summary.get("tasks") or _tasks(self.spec, sinks),
         }
 
     def _engine(self, config: Any, needed: bool) -> Any:
@@ -551,6 +579,36 @@ def _quit_now(env: Environment, signum: int) -> None:
     os._exit(int(Stopped(signum).status))
 
 
+def _tasks(spec: CaptionSpec, sinks: Sequence[Any]) -> list[dict[str, Any]]:
+    """Each task's run: its name, run key, rows written and folder (the summary's ``tasks``)."""
+    return [
+        {
+            "task": task.task,
+            "run_key": task.run_key,
+            "rows_written": int(getattr(sink, "rows_written", 0)) + int(getattr(sink, "buffered", 0) or 0),
+            "run_dir": str(sink.run_dir),
+        }
+        for task, sink in zip(spec.tasks, sinks, strict=True)
+    ]
+
+
+def _close_all(sinks: Sequence[Any]) -> None:
+    for sink in sinks:
+        with contextlib.suppress(OutputError):
+            sink.close()
+
+
+@contextlib.contextmanager
+def _closing_all(sinks: Sequence[Any]) -> Iterator[None]:
+    """Close every task's sink (its last flush) on the way out; the first error is the one reported."""
+    # Nested ``_closing``s: a one-task run closes its one sink exactly as before.
+    if not sinks:
+        yield
+        return
+    with _closing(sinks[0]), _closing_all(sinks[1:]):
+        yield
+
+
 @contextlib.contextmanager
 def _closing(sink: Any) -> Iterator[Any]:
     """Close the sink (its last flush) on the way out; the first error is the one reported."""
@@ -574,10 +632,14 @@ def early_summary(env: Environment, options: dict[str, Any], out: Any, exc: Base
     monitor = Monitor(
         env,
         model=str(options.get("model") or ""),
-        task=str(options.get("task") or ""),
+        task=_task_names(options.get("task") or options.get("tasks") or ""),
         quiet=True,
         log_file=Path(log_file) if log_file else None,
         summary_json=Path(summary_json) if summary_json else None,
         out=str(out),
     )
     monitor.finish(int(exit_status(exc)), error=str(exc), show=False)
+
+
+def _task_names(value: Any) -> str:
+    return "+".join(str(v) for v in value) if isinstance(value, (list, tuple)) else str(value)

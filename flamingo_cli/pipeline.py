@@ -26,9 +26,9 @@ from __future__ import annotations
 import queue
 import threading
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from flamingo_cli.audio import probe_duration
@@ -37,18 +37,18 @@ from flamingo_cli.fallback import Ladder
 from flamingo_cli.gates import PARKED, Deduper, GateKeeper
 from flamingo_cli.planner import CaptionJob, ItemDecision, Planner, ResultSink, Stats
 from flamingo_cli.prepare import PreparedItem, prepare
-from flamingo_cli.records import AudioItem, Result
+from flamingo_cli.records import AudioItem, Request, Result, error_result
 from flamingo_cli.resume import ResumeIndex, read_row, with_source
 from flamingo_cli.schema import output_check
 from flamingo_cli.tracks import Part, Tracks, budget_chars
 
-__all__ = ["CaptionJob", "Planner", "Producer", "ResultSink", "Stats", "run_pipeline"]
+__all__ = ["CaptionJob", "Planner", "Producer", "ResultSink", "Stats", "TaskRouter", "TaskRun", "run_pipeline"]
 
 
 @dataclass(slots=True)
 class _Prepared:
-    decision: ItemDecision
-    ready: PreparedItem | None = None  # None when the decision (made in the pool, with --hash) skips it
+    decisions: list[ItemDecision]  # one per task
+    ready: PreparedItem | None = None  # None when the decisions (made in the pool, with --hash) skip it
 
 
 # Files smaller than this decode to little (about a minute of MP3): no header read to size them.
@@ -90,27 +90,61 @@ class _Feed(queue.Queue):
         return max(n, self.maxsize) if n and self.audio_s >= self.max_audio_s else n
 
 
+@dataclass
+class TaskRun:
+    """A further task of a several-task run (issue 26, ``--task a --task b``): its job, its own sink
+    (its run key), its resume index and its track-row reader. ``run_pipeline``'s own are task 0's."""
+
+    job: CaptionJob
+    sink: Any
+    index: ResumeIndex | None = None
+    read_done: Callable[[str], list[Part]] | None = None
+
+
+@dataclass
+class _Lane:
+    """One task of the run as the producer and the result loop see it; ``task`` is ``Chunk.task``."""
+
+    task: int
+    job: CaptionJob
+    planner: Planner
+    keeper: GateKeeper | None = None
+    tracks: Tracks | None = None
+    check: Callable[[Result], Result] | None = None
+
+
 class Producer(threading.Thread):
-    """Sources -> planner -> prepare pool -> Requests on the feed; error rows straight to the sink."""
+    """Sources -> planner -> prepare pool -> Requests on the feed; error rows straight to the sink.
+
+    Several tasks (``lanes``): an item is decoded when any task wants it; each chunk goes out once per
+    task still missing it, back to back (vLLM's caches reuse the audio work), each request's chunk
+    naming its task (``Chunk.task``) so its result reaches that task's sink."""
 
     def __init__(
         self,
-        job: CaptionJob,
+        lanes: list[_Lane],
         items: Iterator[AudioItem],
         feed: queue.Queue,
         sink: ResultSink,
         stats: Stats,
-        index: ResumeIndex | None,
-        keeper: GateKeeper | None = None,
     ) -> None:
         super().__init__(name="flamingo-producer", daemon=True)
-        self.keeper = keeper
-        self.job, self.items, self.feed, self.sink, self.stats = job, items, feed, sink, stats
+        self.lanes = lanes
+        self.job = lanes[0].job  # how items are cut and decoded: the tasks share it
+        self.planner = lanes[0].planner  # unique ids: once per item, whatever the tasks
+        self.items, self.feed, self.sink, self.stats = items, feed, sink, stats
         self.stop_event = threading.Event()
         self.error: BaseException | None = None
-        self.planner = Planner(job, index, stats)
-        self._begin = getattr(sink, "begin_item", None)
-        self.tracks: Tracks | None = None  # set by run_pipeline when items get track rows (tracks.py)
+        self._sink_begin = getattr(sink, "begin_item", None)
+        self.several = len(lanes) > 1
+
+    def _begin(self, lane: _Lane, item_id: str, source: Any, version: int, rows: int) -> None:
+        if self._sink_begin is None:
+            return
+        if self.several:  # the router hands it to the task's own sink
+            self._sink_begin(item_id, source, version, rows, task=lane.task)
+        else:
+            self._sink_begin(item_id, source, version, rows)
 
     @staticmethod
     def _audio_estimate(item: AudioItem, decision: ItemDecision | None) -> float:
@@ -130,17 +164,32 @@ class Producer(threading.Thread):
                 continue
         return False
 
-    def _fail(self, item: AudioItem, reason: str, decision: ItemDecision) -> None:
-        self.planner.fail_item(self.sink, item, reason, decision)
+    def _decide(self, item: AudioItem, source: Any) -> list[ItemDecision]:
+        return [lane.planner.decide(item, source) for lane in self.lanes]
 
-    def _prepare(self, item: AudioItem, decision: ItemDecision | None) -> _Prepared:
+    def _fail(self, item: AudioItem, reason: str, decisions: list[ItemDecision]) -> None:
+        for lane, decision in zip(self.lanes, decisions, strict=True):
+            if not decision.wanted:
+                continue
+            self._begin(lane, item.id, decision.source, decision.version, 1)
+            result = error_result(item, reason)
+            result.chunk.task = lane.task
+            self.sink.write(result)
+            self.stats.add_result(result)
+
+    def _prepare(self, item: AudioItem, decisions: list[ItemDecision] | None) -> _Prepared:
         """In a pool thread: (with --hash) fingerprint the item and decide, then prepare it if wanted."""
-        if decision is None:
+        if decisions is None:
             item = with_source(item, content_hash=True)
-            decision = self.planner.decide(item, item.source)
-            if not decision.wanted or decision.track_only:
-                return _Prepared(decision)
+            decisions = self._decide(item, item.source)
+            if not _decodes(decisions):
+                return _Prepared(decisions)
         job = self.job
+        skips = [
+            lane.planner.done_chunks(item, d)
+            for lane, d in zip(self.lanes, decisions, strict=True)
+            if d.wanted and not d.track_only
+        ]
         ready = prepare(
             item,
             max_chunk_s=job.max_chunk_s,
@@ -148,10 +197,10 @@ class Producer(threading.Thread):
             overlap_s=job.overlap_s,
             prompts=job.prompts,
             prompt=self.planner.prompt(item),
-            skip=self.planner.done_chunks(item, decision),
+            skip=set.intersection(*skips) if skips else set(),  # a chunk every task has already
             gates=job.gates,
         )
-        return _Prepared(decision, ready)
+        return _Prepared(decisions, ready)
 
     def run(self) -> None:
         try:
@@ -160,8 +209,9 @@ class Producer(threading.Thread):
             self.error = exc
         finally:
             self.stats.sources_exhausted = True
-            if self.tracks is not None:  # the last items' track requests go out before END
-                self.tracks.wait(self.stop_event)
+            for lane in self.lanes:  # the last items' track requests go out before END
+                if lane.tracks is not None:
+                    lane.tracks.wait(self.stop_event)
             self._put(END)
 
     def _run(self) -> None:
@@ -174,28 +224,28 @@ class Producer(threading.Thread):
                 item = self.planner.unique(item)
                 with self.stats.lock:
                     self.stats.items_seen += 1
-                decision: ItemDecision | None = None
+                decisions: list[ItemDecision] | None = None
                 if item.error:  # bad before decoding (missing file, bad manifest row): nothing to stat
-                    decision = self.planner.decide(item, None)
+                    decisions = self._decide(item, None)
                 elif item.source is not None or not self.job.content_hash:
                     # The stat comes before the decode: a file changed in between is redone next run. The
                     # survey may have taken it (and the hash) already; the decoder reads it from the item.
                     item = with_source(item)
-                    decision = self.planner.decide(item, item.source)
-                if decision is not None and not decision.wanted:
+                    decisions = self._decide(item, item.source)
+                if decisions is not None and not any(d.wanted for d in decisions):
                     with self.stats.lock:
                         self.stats.items_skipped += 1
                     continue
                 if item.error:
-                    assert decision is not None
-                    self._fail(item, item.error, decision)
+                    assert decisions is not None
+                    self._fail(item, item.error, decisions)
                     continue
-                if decision is not None and decision.track_only:
-                    self._track_only(item, decision)
+                if decisions is not None and not _decodes(decisions):
+                    self._track_only(item, decisions)
                     continue
                 # With --hash the pool hashes, decides and prepares (hashing reads the whole file).
-                est = self._audio_estimate(item, decision)
-                pending.append((item, pool.submit(self._prepare, item, decision), est))
+                est = self._audio_estimate(item, decisions[0] if decisions else None)
+                pending.append((item, pool.submit(self._prepare, item, decisions), est))
                 pending_s += est
                 # Emit in input order; keep at most workers*2 decodes, and max_pending_audio_s of audio
                 # (one item always), ahead of the engine.
@@ -216,70 +266,124 @@ class Producer(threading.Thread):
         self._emit_prepared(item, fut.result())
         return est
 
-    def _track_only(self, item: AudioItem, decision: ItemDecision) -> None:
+    def _track_only(self, item: AudioItem, decisions: list[ItemDecision], queued: bool = True) -> None:
         """Every chunk is on disk but not the track row: ask for that alone, from the rows (no decode)."""
-        with self.stats.lock:
-            self.stats.items_queued += 1
-        index = self.planner.index
-        assert self.tracks is not None and index is not None
-        if self._begin is not None:
-            self._begin(item.id, decision.source, decision.version, 1)
-        self.tracks.expect(item, len(index.done_chunks(item.id)), float("nan"), pending=(), done_on_disk=True)
+        if queued:
+            with self.stats.lock:
+                self.stats.items_queued += 1
+        lanes = [(lane, d) for lane, d in zip(self.lanes, decisions, strict=True) if d.track_only]
+        for lane, decision in lanes:  # every task's rows announced before any is asked for
+            self._begin(lane, item.id, decision.source, decision.version, 1)
+        for lane, _ in lanes:
+            self._expect_track_only(lane, item)
+
+    def _expect_track_only(self, lane: _Lane, item: AudioItem) -> None:
+        index = lane.planner.index
+        assert lane.tracks is not None and index is not None
+        lane.tracks.expect(item, len(index.done_chunks(item.id)), float("nan"), pending=(), done_on_disk=True)
 
     def _emit_prepared(self, item: AudioItem, prepared: _Prepared) -> None:
-        decision = prepared.decision
-        if not decision.wanted:
+        decisions = prepared.decisions
+        if not any(d.wanted for d in decisions):
             with self.stats.lock:
                 self.stats.items_skipped += 1
             return
-        if decision.track_only:
-            self._track_only(item, decision)
+        if not _decodes(decisions):
+            self._track_only(item, decisions)
             return
         with self.stats.lock:
             self.stats.items_queued += 1
         ready = prepared.ready
         assert ready is not None
         if ready.error is not None:
-            self._fail(item, ready.error, decision)
+            self._fail(item, ready.error, decisions)
             return
-        requests = ready.requests
-        num_chunks = requests[0].chunk.num_chunks if requests else 0
-        track = self.tracks is not None and self.tracks.wants(num_chunks)
-        if self._begin is not None:  # the track row is one of the item's rows (its source version too)
-            self._begin(item.id, decision.source, decision.version, len(requests) + track)
-        if track:
-            assert self.tracks is not None
-            self.tracks.expect(
-                item,
-                num_chunks,
-                requests[0].chunk.duration_s,
-                pending={r.chunk.index for r in requests if not r.chunk.error},
-                failed=[r.chunk for r in requests if r.chunk.error],
-                done_on_disk=len(requests) < num_chunks,
-            )
         for request in ready.requests:
+            # Chunks are views of the decoded array; with several, each gets its own copy (one for all
+            # tasks), so a chunk in flight holds its own seconds, not the whole (possibly 3-hour) track.
             chunk = request.chunk
-            if chunk.error:
-                self.sink.write(Result(chunk=chunk, prompt=request.prompt, error=chunk.error))
-                with self.stats.lock:
-                    self.stats.chunks_failed += 1
-                continue
-            if self._gated(request):
-                continue
-            with self.stats.lock:
-                self.stats.chunks_queued += 1
-                self.stats.requests_sent += 1
-                self.stats.audio_s_queued += chunk.end_s - chunk.start_s
-            # Chunks are views of the decoded array; with several, each request gets its own copy, so a
-            # chunk in flight holds its own seconds, not the whole (possibly 3-hour) track.
-            if chunk.num_chunks > 1:
+            if chunk.num_chunks > 1 and chunk.samples is not None and not chunk.error:
                 chunk.samples = chunk.samples.copy()
-            if not self._put(request):
-                return
+        num_chunks = ready.requests[0].chunk.num_chunks if ready.requests else 0
+        # Each task's requests: the chunks it still needs, its prompt and sampling, its task on the chunk;
+        # every task's rows are announced (begin_item) before any is written or asked for.
+        per_lane: list[list[Request | None]] = []
+        for lane, decision in zip(self.lanes, decisions, strict=True):
+            if not decision.wanted:
+                per_lane.append([])
+            elif decision.track_only:  # a task with only its track row left
+                per_lane.append([])
+                self._begin(lane, item.id, decision.source, decision.version, 1)
+            else:
+                per_lane.append(self._lane_requests(lane, item, decision, ready.requests))
+                rows = sum(r is not None for r in per_lane[-1]) + self._wants_track(lane, num_chunks)
+                # the track row is one of the item's rows (its source version too)
+                self._begin(lane, item.id, decision.source, decision.version, rows)
+        for lane, decision, aligned in zip(self.lanes, decisions, per_lane, strict=True):
+            if decision.wanted and decision.track_only:
+                self._expect_track_only(lane, item)
+            elif aligned and self._wants_track(lane, num_chunks):
+                assert lane.tracks is not None
+                requests = [r for r in aligned if r is not None]
+                lane.tracks.expect(
+                    item,
+                    num_chunks,
+                    ready.requests[0].chunk.duration_s,
+                    pending={r.chunk.index for r in requests if not r.chunk.error},
+                    failed=[r.chunk for r in requests if r.chunk.error],
+                    done_on_disk=len(requests) < num_chunks,
+                )
+        # Chunk by chunk, every task's request for it back to back: vLLM reuses the audio work.
+        for position in range(len(ready.requests)):
+            for lane, requests in zip(self.lanes, per_lane, strict=True):
+                request = requests[position] if position < len(requests) else None
+                if request is not None and not self._emit(lane, request):
+                    return
 
-    def _gated(self, request: Any) -> bool:
+    @staticmethod
+    def _wants_track(lane: _Lane, num_chunks: int) -> bool:
+        return lane.tracks is not None and lane.tracks.wants(num_chunks)
+
+    def _lane_requests(
+        self, lane: _Lane, item: AudioItem, decision: ItemDecision, prepared: list[Request]
+    ) -> list[Request | None]:
+        """This task's request per prepared chunk (None where it has the chunk already): task 0 takes the
+        prepared requests themselves, the others a copy of each chunk (same audio) with their prompt."""
+        skip = lane.planner.done_chunks(item, decision)
+        prompt = lane.planner.prompt(item)
+        out: list[Request | None] = []
+        for request in prepared:
+            chunk = request.chunk
+            if chunk.index in skip:
+                out.append(None)
+                continue
+            if lane.task == 0:
+                out.append(request)
+                continue
+            mine = replace(chunk, task=lane.task)  # shares the samples and the measures
+            copy = lane.job.prompts.request(mine, prompt)
+            copy.sampling = lane.job.sampling  # task 0's is the run's (engine.run's)
+            out.append(copy)
+        return out
+
+    def _emit(self, lane: _Lane, request: Request) -> bool:
+        chunk = request.chunk
+        if chunk.error:
+            self.sink.write(Result(chunk=chunk, prompt=request.prompt, error=chunk.error))
+            with self.stats.lock:
+                self.stats.chunks_failed += 1
+            return True
+        if self._gated(lane, request):
+            return True
+        with self.stats.lock:
+            self.stats.chunks_queued += 1
+            self.stats.requests_sent += 1
+            self.stats.audio_s_queued += chunk.end_s - chunk.start_s
+        return self._put(request)
+
+    def _gated(self, lane: _Lane, request: Any) -> bool:
         """Silence or a duplicate: its row is written now (or, parked, after its original's)."""
-        routed = self.keeper.route(request) if self.keeper is not None else None
+        routed = lane.keeper.route(request) if lane.keeper is not None else None
         if routed is None:
             return False
         request.chunk.samples = None  # its row needs no audio (a parked one must not hold the track)
@@ -288,9 +392,14 @@ class Producer(threading.Thread):
         if routed is not PARKED:
             self.sink.write(routed)
             self.stats.add_result(routed)
-            if self.tracks is not None:  # a gated chunk is one of its item's parts too
-                self.tracks.result(routed)
+            if lane.tracks is not None:  # a gated chunk is one of its item's parts too
+                lane.tracks.result(routed)
         return True
+
+
+def _decodes(decisions: list[ItemDecision]) -> bool:
+    """Some task needs the item's audio (not only its track row, made from rows on disk)."""
+    return any(d.wanted and not d.track_only for d in decisions)
 
 
 def gatekeeper(job: CaptionJob, sink: Any, index: ResumeIndex | None) -> GateKeeper | None:
@@ -321,28 +430,33 @@ def run_pipeline(
     on_tick: Callable[[], None] | None = None,
     stop_event: threading.Event | None = None,
     read_done: Callable[[str], list[Part]] | None = None,
+    more_tasks: Sequence[TaskRun] = (),
 ) -> Stats:
     """Run one caption job to the end (or until ``stop_event``); returns the counters. ``read_done``
-    reads an item's chunk rows back from the output (``tracks.read_chunk_rows``) for its track row."""
+    reads an item's chunk rows back from the output (``tracks.read_chunk_rows``) for its track row.
+
+    ``more_tasks``: the further tasks of a several-task run (one pass, each file decoded once); then
+    ``sink`` takes every task's rows and hands each to its task's sink by ``result.chunk.task``
+    (``TaskRouter``), with ``begin_item(..., task=i)``; ``job``, ``index``, ``read_done`` are task 0's."""
     stats = stats or Stats()
     feed = _Feed(max(1, job.queue_size), job.max_feed_audio_s)
-    keeper = gatekeeper(job, sink, index)
-    producer = Producer(job, items, feed, sink, stats, index, keeper)
-    tracks = None
-    if job.track_prompt is not None:
-
-        def write_row(result: Result) -> None:
-            sink.write(result)
-            stats.add_result(result)
-
-        budget = budget_chars(engine, job.sampling.max_tokens)
-        tracks = Tracks(job.track_prompt, job.prompts, feed.put_extra, write_row, read_done, budget)
-        producer.tracks = tracks
+    own_sink = sink.sinks[0] if more_tasks else sink  # type: ignore[attr-defined]
+    specs = [(job, own_sink, index, read_done)] + [(t.job, t.sink, t.index, t.read_done) for t in more_tasks]
+    lanes: list[_Lane] = []
+    for task, (task_job, task_sink, task_index, task_read) in enumerate(specs):
+        # the further tasks' planners count apart: a changed file is counted once (by task 0's)
+        planner = Planner(task_job, task_index, stats if task == 0 else Stats())
+        lane = _Lane(task, task_job, planner, gatekeeper(task_job, task_sink, task_index))
+        lane.check = output_check(task_job.sampling)  # a schema task: invalid JSON becomes an error row
+        if task_job.track_prompt is not None:
+            lane.tracks = _tracks(lane, feed, sink, stats, engine, task_read, several=bool(more_tasks))
+        lanes.append(lane)
+    producer = Producer(lanes, items, feed, sink, stats)
     if stop_event is not None:
         producer.stop_event = stop_event
     ended = False
     # Flags every result; with --fallback re-asks flagged chunks through ``ladder.feed`` (fallback.py).
-    ladder = Ladder(job, engine, stats, feed)
+    ladder = Ladder(job, engine, stats, feed, jobs=[lane.job for lane in lanes])
 
     def step() -> None:
         # Called by the engine between steps and while it waits: on a stop, drop what waits in the
@@ -359,42 +473,104 @@ def run_pipeline(
         if on_tick:
             on_tick()
 
-    check = output_check(job.sampling)  # a schema run: invalid JSON becomes an error row that says why
+    def written(lane: _Lane, result: Result) -> None:
+        sink.write(result)
+        stats.add_result(result)
+        if lane.tracks is not None:
+            lane.tracks.result(result)
+        if on_result:
+            on_result(result)
+
     producer.start()
     try:
         for result in engine.run(ladder.feed, job.sampling, on_step=step):
+            lane = lanes[result.chunk.task]
             if result.finish_reason == "abort" and result.error is None:
                 # vLLM aborted it (its own SIGINT/SIGTERM shutdown): not a caption; resume redoes it.
                 ladder.dropped(result)
                 with stats.lock:
                     stats.chunks_dropped += 1
-                if tracks is not None:
-                    tracks.abandon(result)
+                if lane.tracks is not None:
+                    lane.tracks.abandon(result)
                 continue
             result = ladder.judge(result)
             if result is None:  # asked again (--fallback): the chunk's row comes with its last attempt
                 continue
-            if check is not None:
-                result = check(result)
-            sink.write(result)
-            stats.add_result(result)
-            if tracks is not None:
-                tracks.result(result)
-            if on_result:
-                on_result(result)
-            for duplicate in keeper.resolved(result) if keeper is not None else ():
-                sink.write(duplicate)
-                stats.add_result(duplicate)
-                if tracks is not None:
-                    tracks.result(duplicate)
-                if on_result:
-                    on_result(duplicate)
+            if lane.check is not None:
+                result = lane.check(result)
+            written(lane, result)
+            for duplicate in lane.keeper.resolved(result) if lane.keeper is not None else ():
+                written(lane, duplicate)
     finally:
         producer.stop_event.set()
         producer.join(timeout=10)
     if producer.error is not None:
         raise producer.error
     return stats
+
+
+def _tracks(lane: _Lane, feed: _Feed, sink: Any, stats: Stats, engine: Any, read_done: Any, several: bool) -> Tracks:
+    """A task's track rows (tracks.py): its requests and rows carry its task (and its sampling)."""
+    # No reference to the lane (which holds the Tracks): a cycle would keep the sink, and its run lock,
+    # alive past the run until the garbage collector ran.
+    job, task = lane.job, lane.task
+
+    def put(request: Request) -> None:
+        request.chunk.task = task
+        if several:
+            request.sampling = job.sampling
+        feed.put_extra(request)
+
+    def write_row(result: Result) -> None:
+        result.chunk.task = task
+        sink.write(result)
+        stats.add_result(result)
+
+    assert job.track_prompt is not None
+    budget = budget_chars(engine, job.sampling.max_tokens)
+    return Tracks(job.track_prompt, job.prompts, put, write_row, read_done, budget)
+
+
+class TaskRouter:
+    """The sink of a several-task run: each result to its task's sink (``result.chunk.task``); the
+    counts the summary reads are the sums; anything else is task 0's sink's."""
+
+    def __init__(self, sinks: Sequence[Any]) -> None:
+        self.sinks = list(sinks)
+
+    def write(self, result: Result) -> None:
+        self.sinks[result.chunk.task].write(result)
+
+    def begin_item(self, item_id: str, source: Any, version: int, rows: int, task: int = 0) -> None:
+        begin = getattr(self.sinks[task], "begin_item", None)
+        if begin is not None:
+            begin(item_id, source, version, rows)
+
+    def flush(self) -> None:
+        for s in self.sinks:
+            s.flush()
+
+    def flush_if_due(self) -> None:
+        for s in self.sinks:
+            s.flush_if_due()
+
+    @property
+    def rows_written(self) -> int:
+        return sum(int(getattr(s, "rows_written", 0)) for s in self.sinks)
+
+    @property
+    def buffered(self) -> int:
+        return sum(int(getattr(s, "buffered", 0) or 0) for s in self.sinks)
+
+    @property
+    def parts_written(self) -> int | None:
+        parts = [getattr(s, "parts_written", None) for s in self.sinks]
+        return None if any(p is None for p in parts) else sum(parts)
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "sinks":
+            raise AttributeError(name)
+        return getattr(self.sinks[0], name)
 
 
 def _end_feed(feed: queue.Queue) -> int:

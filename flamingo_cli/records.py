@@ -113,6 +113,9 @@ class Chunk:
     error: str | None = None  # set when the chunk cannot be captioned (e.g. too short)
     # gates.Measures (level, audio hash, speech; its gate when the chunk is not sent), set by prepare.
     measures: Any = None
+    # Which task of a several-task run (issue 26: ``--task a --task b``) the chunk is asked for: its
+    # result goes to that task's run. 0 in a one-task run.
+    task: int = 0
 
     @property
     def key(self) -> tuple[str, int]:
@@ -128,8 +131,10 @@ class Request:
     prompt: str  # the user text, e.g. "Describe the music in detail."
     text: str  # the full chat-templated prompt handed to the engine
     request_id: str = ""
-    # confidence (issue 25b): a re-ask of a flagged chunk (--fallback) samples with its own settings
-    # (None: the run's) and is the chunk's ``attempt``-th re-ask (0: the first ask; it seeds the sampler).
+    # This request's own sampling (None: the run's, as handed to ``engine.run``): a several-task run's
+    # tasks each keep their preset's sampling, and a re-ask of a flagged chunk (--fallback, issue 25b)
+    # samples with its own; ``attempt``: the chunk's ``attempt``-th re-ask (0: the first ask; it seeds
+    # the sampler).
     sampling: Sampling | None = None
     attempt: int = 0
 

@@ -30,6 +30,7 @@ from flamingo_cli.records import AudioItem, Sampling
 
 EXECUTORS = ("local", "ray")
 DEFAULT_MAX_TOKENS = 512
+MM_CACHE_GB = 4.0  # vLLM's multimodal processor cache of a several-task run
 
 
 class SpecError(UsageError):
@@ -93,6 +94,9 @@ class CaptionSpec:
     fallback: bool = False
     fallback_on: tuple[str, ...] = ("empty", "low_confidence", "repetition")
     fallback_temperatures: tuple[float, ...] = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
+    # Several tasks in one pass (``--task a --task b``, ``tasks=[...]``): the specs of the tasks after
+    # this one, each with its own run key; every file is decoded once and each chunk asked every task.
+    more_tasks: tuple[CaptionSpec, ...] = field(default=(), compare=False, repr=False)
 
     # -- building ----------------------------------------------------------------------------------
 
@@ -106,6 +110,15 @@ class CaptionSpec:
         (``hash`` is accepted for ``content_hash``). None means "not given".
         """
         opts = {k: v for k, v in options.items() if v is not None}
+        tasks = opts.pop("tasks", None)
+        if tasks is not None and "task" in opts:
+            raise SpecError("give task or tasks, not both")
+        task_opt = opts.get("task", tasks)
+        if isinstance(task_opt, (list, tuple)):
+            names = [str(t) for t in task_opt]
+            if len(names) > 1:
+                return cls._build_tasks(inputs, out, names, {k: v for k, v in opts.items() if k != "task"})
+            opts["task"] = names[0] if names else "caption"
         if "hash" in opts:
             opts["content_hash"] = opts.pop("hash")
         for name in ("log_file", "summary_json"):
@@ -169,11 +182,49 @@ class CaptionSpec:
             object.__setattr__(spec, "devices", spec._devices())
         return spec
 
+    @classmethod
+    def _build_tasks(cls, inputs: Any, out: Any, names: list[str], opts: dict[str, Any]) -> CaptionSpec:
+        """Several tasks, one pass: one spec per task with the same options (so each keeps the run key
+        its one-task run gets), refused where they cannot share one engine and one cut of the audio."""
+        if len(set(names)) < len(names):
+            raise SpecError(f"--task given twice: {', '.join(names)}")
+        for name in ("prompt", "schema", "track_prompt"):
+            if opts.get(name) is not None:
+                flag = "--" + name.replace("_", "-")
+                raise SpecError(f"{flag} with several tasks: each task keeps its preset's (run them one by one)")
+        if opts.get("executor", "local") != "local":
+            raise SpecError("several tasks in one pass are for the local executor (not --executor ray)")
+        specs = [cls.build(inputs, out, task=name, **opts) for name in names]
+        first = specs[0]
+        for spec in specs[1:]:
+            if spec.model != first.model:
+                raise SpecError(
+                    f"tasks {first.task} and {spec.task} run different models ({first.model}, {spec.model}): "
+                    "several tasks share one engine; give --model, or run them one by one"
+                )
+        if len({s.run_key for s in specs}) < len(specs):  # two names of one preset (a name and its file)
+            raise SpecError(f"--task {' '.join(names)}: two of them are the same task")
+        object.__setattr__(first, "more_tasks", tuple(specs[1:]))
+        return first
+
+    @property
+    def tasks(self) -> tuple[CaptionSpec, ...]:
+        """Every task of the run, this one first: one spec (one run key) each."""
+        return (self, *self.more_tasks)
+
+    @property
+    def task_names(self) -> str:
+        """``caption`` or, with several tasks, ``caption+audio-tags``."""
+        return "+".join(s.task for s in self.tasks)
+
     def with_options(self, **options: Any) -> CaptionSpec:
         """A copy with run-time options changed (not the identity: use ``build`` for that)."""
         engine = {k: options.pop(k) for k in ENGINE_OPTIONS if k in options}
         spec = replace(self, **options, engine_options=replace(self.engine_options, **engine))
         spec._validate()
+        if self.more_tasks:
+            more = tuple(s.with_options(**options, **engine) for s in self.more_tasks)
+            object.__setattr__(spec, "more_tasks", more)
         return spec
 
     def _validate(self) -> None:
@@ -365,9 +416,11 @@ class CaptionSpec:
             model=self.model,
             family=self.family,
             max_chunk_s=max_chunk_s,
-            max_tokens=self.sampling.max_tokens,
+            max_tokens=max(s.sampling.max_tokens for s in self.tasks),
             seed=self.seed,
             verbose=self.verbose,
+            # several tasks ask each chunk back to back: the processor cache reuses its audio features
+            mm_cache_gb=MM_CACHE_GB if self.more_tasks else 0.0,
             devices=self.devices if self.executor == "local" else (),
         )
 
@@ -436,6 +489,7 @@ _PUBLIC = {
     "schema",
     "no_track_summary",
     "track_prompt",
+    "tasks",
     *_SAMPLING_OPTIONS,
 }
 

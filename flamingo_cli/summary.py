@@ -153,6 +153,8 @@ class Summary:
         self.summary_json = Path(summary_json) if summary_json else None
         self.engine_start_s: float | None = None
         self.gpus: int | None = None
+        # Several tasks in one pass: each one's task, run_key, rows_written, run_dir (None: one task)
+        self.tasks: list[dict[str, Any]] | None = None
         self.created = time.monotonic()  # the run's start: wall_s and time_to_first_row_s count from here
         self.started_at = now_iso()
 
@@ -232,6 +234,7 @@ class Summary:
             "rows_flagged": p["rows_flagged"],
             "flags": p["flags"],
             "fallback": p["fallback"],
+            **({"tasks": self.tasks} if self.tasks is not None else {}),
         }
 
     def write(self, doc: dict[str, Any], warn: Any) -> None:

@@ -49,13 +49,16 @@ class Watched:
             raise AttributeError(name)
         return getattr(self.sink, name)
 
-    def begin_item(self, item_id: str, *args: Any) -> None:
+    def begin_item(self, item_id: str, *args: Any, **task: Any) -> None:
+        """``task``: a several-task run's ``task=i`` (``pipeline.TaskRouter``): each task announces its
+        rows of the item, and the item is finished when every task's are written."""
         rows = int(args[-1]) if args else 0
         inner = getattr(self.sink, "begin_item", None)
         if inner is not None:
-            inner(item_id, *args)
+            inner(item_id, *args, **task)
         with self._lock:
-            self._expected[str(item_id)] = rows
+            before = self._expected.get(str(item_id), 0) if task.get("task") else 0
+            self._expected[str(item_id)] = before + rows
 
     def _planned(self, item_id: str, num_chunks: int) -> int:
         expected = self._expected.get(item_id)

@@ -4,8 +4,9 @@
 # engine start's phases (weights, torch.compile, profile run, KV cache, CUDA graphs) can be read off it.
 # One JSON row appended to RESULTS: the summary's fields plus the whole process's seconds.
 #   usage: bench_cli.sh TAG CKPT CLIPS_DIR RESULTS OUT_DIR [more flamingo caption options]
-# (e.g. --no-logprobs: the same run without vLLM's log-probabilities, issue 25b; the row's "options"
-# says which, and rows_flagged/flags what the quality flags found)
+# (e.g. --no-logprobs: the same run without vLLM's log-probabilities, issue 25b; --task caption --task
+# transcribe: two tasks in one pass, issue 26; the row's "options" says which, "tasks" gives each task's
+# run key and rows, rows_flagged/flags what the quality flags found)
 set -u
 tag=$1 ckpt=$2 clips=$3 results=$4 outdir=$5
 shift 5
@@ -28,7 +29,8 @@ row = {"mode": "cli", "tag": tag, "rc": int(rc), "process_s": round(float(t1) - 
        **{k: doc.get(k) for k in ("engine_start_s", "time_to_first_row_s", "generation_s", "processing_s",
           "wall_s", "rows_written", "windows_per_s", "windows_per_generation_s", "rows_per_generation_s",
           "audio_s_per_generation_s", "audio_hours_per_gpu_hour", "gpus", "x_realtime", "output_tokens",
-          "rows_flagged", "flags", "requests_sent", "chunks_silent", "chunks_duplicate", "chunks_done")}}
+          "rows_flagged", "flags", "requests_sent", "chunks_silent", "chunks_duplicate", "chunks_done", "task",
+          "tasks")}}
 with open(results, "a") as f:
     f.write(json.dumps(row) + "\n")
 print("RESULT", json.dumps(row))

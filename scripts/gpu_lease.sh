@@ -193,6 +193,12 @@ add cli-nologprobs 200 "$CLI nologprobs $AF3 $DATA/bench-10s $RES $KEEP/cli-out 
 # default) vs every chunk sent (--keep-silence --no-dedupe-audio); GPU time = the summary's generation_s
 add cli-gates 200 "$CLI gates $AF3 $DATA/gate-corpus $RES $KEEP/cli-out"
 add cli-nogates 200 "$CLI nogates $AF3 $DATA/gate-corpus $RES $KEEP/cli-out --keep-silence --no-dedupe-audio"
+# issue 26: two tasks in one pass (each clip decoded once, each chunk asked both back to back: vLLM's
+# processor cache and prefix cache reuse the audio work) vs each task alone; cli-warm is the first task
+# alone (caption, the default). The second task's cost in the pass = cli-two-tasks's generation_s minus
+# cli-warm's; the issue wants it ≤ 0.7× cli-task2's generation_s. Run: PLAN="cli-warm cli-task2 cli-two-tasks"
+add cli-task2 200 "$CLI task2 $AF3 $DATA/bench-10s $RES $KEEP/cli-out --task transcribe"
+add cli-two-tasks 260 "$CLI two-tasks $AF3 $DATA/bench-10s $RES $KEEP/cli-out --task caption --task transcribe"
 
 # The default: what the four 2026-12-02 leases left (the fourth ran schema, raw10, flamingo10, fp8-10,
 # replica2 and the bf16 floor; its fp8kv, cpumel10 and frontend were lost) and the compact features'

@@ -91,3 +91,142 @@ def test_feed_is_bounded_by_seconds_of_audio_as_well_as_count() -> None:
     while not feed.empty():
         feed.get()
     assert feed.audio_s == pytest.approx(0.0)
+
+
+# --- several tasks, one pass (issue 26 part 3) --------------------------------------------------------
+
+_VOLATILE = {"created_at", "source_mtime_ns"}
+
+
+def _two_task_corpus(root: Path) -> Path:
+    make_audio(root / "long.wav", 25.0, seed=1)  # three chunks of 10 s and a track row
+    make_audio(root / "short.wav", 3.0, seed=2)
+    (root / "copy.wav").write_bytes((root / "short.wav").read_bytes())  # a duplicate: each task copies its own answer
+    return root
+
+
+def _by_run(out: Path) -> dict[str, list[dict]]:
+    from flamingo_cli.output.layout import read_output
+
+    runs: dict[str, list[dict]] = {}
+    for row in read_output(out).to_pylist():
+        runs.setdefault(row["run"], []).append({k: v for k, v in row.items() if k not in _VOLATILE})
+    return {k: sorted(v, key=lambda r: (r["id"], r["chunk_index"])) for k, v in runs.items()}
+
+
+def _by_prompt(request: Request) -> str:
+    """A caption that tells the tasks apart (the fake's default names only the chunk)."""
+    kind = "track" if request.chunk.samples is None else "chunk"
+    return f"{kind}:{request.prompt[:12]}:{request.chunk.item.id}#{request.chunk.index}"
+
+
+def test_two_tasks_in_one_pass_write_the_rows_of_two_runs_decoding_each_file_once(
+    tmp_path: Path, fake, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from conftest import run_cli
+
+    import flamingo_cli.prepare
+
+    corpus = _two_task_corpus(tmp_path / "in")
+    decoded: list[str] = []
+
+    def counted(item: AudioItem):
+        decoded.append(Path(item.path).name)
+        return decode(item)
+
+    monkeypatch.setattr(flamingo_cli.prepare, "decode", counted)
+    fake.caption = _by_prompt
+    base = [str(corpus), "--chunk-seconds", "10", "--summary-json"]
+    tasks = ["-t", "caption", "-t", "transcribe"]
+    both = run_cli(["caption", *base, tmp_path / "s.json", "-o", tmp_path / "both", *tasks])
+    assert both.status == 0, both.stderr
+    assert sorted(decoded) == ["copy.wav", "long.wav", "short.wav"]  # once each, for both tasks
+    # each chunk asked every task, back to back
+    audio = [key for key in fake.requests if key[1] >= 0]
+    assert len(audio) == 8 and audio[0::2] == audio[1::2]  # copy.wav's and long.wav's 3 (short.wav: a duplicate)
+    one = {}
+    for task in ("caption", "transcribe"):
+        result = run_cli(["caption", *base, tmp_path / f"{task}.json", "-o", tmp_path / task, "-t", task])
+        assert result.status == 0, result.stderr
+        one.update(_by_run(tmp_path / task))
+    together = _by_run(tmp_path / "both")
+    assert set(together) == set(one) and len(one) == 2  # the run key each one-task run gets
+    for key, rows in one.items():
+        assert together[key] == rows
+    second = [r for rows in one.values() for r in rows if r["id"] == "long.wav" and r["chunk_index"] == 1]
+    captions = {r["task"]: r["caption"] for r in second}
+    assert captions["caption"] != captions["transcribe"]  # each task's own prompt
+    assert {r["gate"] for rows in together.values() for r in rows if r["id"] == "short.wav"} == {"duplicate"}
+    import json
+
+    summary = json.loads((tmp_path / "s.json").read_text())
+    assert summary["task"] == "caption+transcribe"
+    assert {t["task"]: t["rows_written"] for t in summary["tasks"]} == {"caption": 6, "transcribe": 6}
+
+
+def test_two_tasks_resume_asks_only_the_task_left(tmp_path: Path, fake) -> None:
+    from conftest import run_cli
+
+    corpus = _two_task_corpus(tmp_path / "in")
+    out = tmp_path / "out"
+    base = ["caption", corpus, "-o", out, "--chunk-seconds", "10"]
+    assert run_cli([*base, "-t", "caption"]).status == 0
+    fake.requests.clear()
+    fake.caption = _by_prompt
+    assert run_cli([*base, "-t", "caption", "-t", "transcribe"]).status == 0
+    rows = read_rows(out)
+    asked = {r["prompt"] for r in rows if r["caption"] and r["caption"].startswith(("chunk:", "track:"))}
+    assert asked and all("ranscribe" in p or "transcript" in p for p in asked)  # only the transcribe task
+    assert len(fake.requests) == 5  # long: 3 chunks + its track; short; copy is short's duplicate
+    fake.requests.clear()
+    again = run_cli([*base, "-t", "caption", "-t", "transcribe"])
+    assert again.status == 0 and fake.requests == [] and "nothing to do" in again.stderr
+
+
+def test_several_tasks_are_refused_where_they_cannot_share_one_pass(tmp_path: Path) -> None:
+    from flamingo_cli.spec import CaptionSpec, SpecError
+
+    corpus = _two_task_corpus(tmp_path / "in")
+    with pytest.raises(SpecError, match="different models"):
+        CaptionSpec.build([corpus], tmp_path / "o", tasks=["caption", "describe-music"])
+    with pytest.raises(SpecError, match="not --executor ray"):
+        CaptionSpec.build([corpus], tmp_path / "o", tasks=["caption", "transcribe"], executor="ray")
+    with pytest.raises(SpecError, match="the same task"):
+        preset_file = Path(__file__).parents[1] / "configs" / "caption.toml"
+        CaptionSpec.build([corpus], tmp_path / "o", tasks=["caption", str(preset_file)])
+    with pytest.raises(SpecError, match="--prompt with several tasks"):
+        CaptionSpec.build([corpus], tmp_path / "o", tasks=["caption", "transcribe"], prompt="x")
+    spec = CaptionSpec.build([corpus], tmp_path / "o", tasks=["caption", "transcribe"])
+    alone = CaptionSpec.build([corpus], tmp_path / "o", task="transcribe")
+    assert [t.run_key for t in spec.tasks][1] == alone.run_key
+    assert spec.run_key == CaptionSpec.build([corpus], tmp_path / "o").run_key
+    assert spec.engine_config().mm_cache_gb > 0 and alone.engine_config().mm_cache_gb == 0
+    from conftest import run_cli
+
+    refused = run_cli(["caption", corpus, "-o", tmp_path / "o", "-t", "caption", "-t", "describe-music"])
+    assert refused.status == 2 and "different models" in refused.stderr and not (tmp_path / "o").exists()
+
+
+@pytest.mark.engine
+def test_two_tasks_in_one_pass_through_the_real_engine(tiny_af3: Path, tmp_path: Path) -> None:
+    """The tiny AF3 checkpoint on vLLM's CPU engine (the one the CLI tests share): two tasks in one pass
+    write, per run key, the greedy rows the two one-task runs write."""
+    from conftest import ENGINE_ARGS, cli_engine, run_cli
+
+    make_audio(tmp_path / "in" / "a.wav", 2.0, seed=1)
+    make_audio(tmp_path / "in" / "b.wav", 3.0, seed=2)
+    engine = cli_engine(tiny_af3)
+    base = ["caption", tmp_path / "in", "--model", tiny_af3, *ENGINE_ARGS]
+    both = run_cli([*base, "-o", tmp_path / "both", "-t", "caption", "-t", "transcribe"], engine=engine)
+    assert both.status == 0, both.stderr
+    one: dict[str, list[dict]] = {}
+    for task in ("caption", "transcribe"):
+        assert run_cli([*base, "-o", tmp_path / task, "-t", task], engine=engine).status == 0
+        one.update(_by_run(tmp_path / task))
+    together = _by_run(tmp_path / "both")
+    assert set(together) == set(one) and len(one) == 2
+    for key, rows in one.items():
+        assert [(r["id"], r["task"], r["prompt"], r["caption"]) for r in together[key]] == [
+            (r["id"], r["task"], r["prompt"], r["caption"]) for r in rows
+        ]
+        assert len(rows) == 2 and all(r["error"] is None and r["caption"] for r in rows)
