@@ -205,9 +205,10 @@ class Sampling:
     ignore_eos: bool = False
     # A JSON Schema's canonical text (flamingo_cli/schema.py): generation is constrained to it.
     json_schema: str | None = None
-    # Ask the engine for the sampled tokens' log-probabilities (the avg_logprob column). Not in the run
+    # Ask the engine for the sampled tokens' log-probabilities (the avg_logprob column; --logprobs). Off
+    # by default: on an H100 they cost ~20 % of throughput (BENCHMARKS.md, 2026-12-07). Not in the run
     # key: it does not change what is generated.
-    logprobs: bool = True
+    logprobs: bool = False
 
     def identity(self) -> dict[str, Any]:
         """What the run key hashes. Without a schema it is what it was before schemas existed (so old
