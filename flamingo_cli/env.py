@@ -76,6 +76,11 @@ def _printable(message: str) -> str:
 
 
 def _isatty(stream: IO[str]) -> bool:
+    from flamingo_cli.quiet import routed_isatty
+
+    routed = routed_isatty(stream)  # the console script routes fd 2 through a pipe (decoder chatter)
+    if routed is not None:
+        return routed
     try:
         return stream.isatty()
     except (AttributeError, ValueError):

@@ -22,6 +22,7 @@ import tempfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 # Environment defaults for a quiet engine; applied with setdefault, so a user's own setting wins.
 QUIET_ENV = {
@@ -113,6 +114,19 @@ DECODER_LINE = re.compile(
     rb"|\[?mpg123\]?[: ])"
 )
 DECODER_LOGGER = "flamingo.decoder"
+# While a DecoderChatter runs: whether the stderr it forwards to is a terminal (fd 2 itself is its pipe).
+_FD2_IS_TTY: bool | None = None
+
+
+def routed_isatty(stream: Any) -> bool | None:
+    """Whether ``stream`` (writing to fd 2, which a ``DecoderChatter`` routes through its pipe) ends on a
+    terminal; None when no chatter router runs or ``stream`` is not fd 2 (ask ``stream.isatty()``)."""
+    if _FD2_IS_TTY is None:
+        return None
+    try:
+        return _FD2_IS_TTY if stream.fileno() == 2 else None
+    except (AttributeError, OSError, ValueError):
+        return None
 
 
 class DecoderChatter:
@@ -139,6 +153,8 @@ class DecoderChatter:
             r, w = os.pipe()
         except OSError:
             return self
+        global _FD2_IS_TTY
+        _FD2_IS_TTY = os.isatty(saved)  # a live display still draws on the terminal behind the pipe
         os.dup2(w, 2)
         os.close(w)
         os.set_blocking(r, False)
@@ -204,8 +220,10 @@ class DecoderChatter:
         """Put fd 2 back and forward what is still in the pipe (children may keep writing to it: not waited)."""
         if self._saved is None:
             return
+        global _FD2_IS_TTY
         _flush()
         os.dup2(self._saved, 2)
+        _FD2_IS_TTY = None
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=2)

@@ -298,3 +298,28 @@ print(chatter.lines, len(seen), seen[0].split("]")[0], file=sys.stdout)
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr == b"before\n[bracketed but not a decoder] kept\nprogress 50%\rchild line\nafter\nrestored\n"
     assert proc.stdout.decode() == "4 4 [src/libmpg123/layer3.c:INT123_do_layer3():1804\n"
+
+
+def test_a_terminal_behind_the_chatter_pipe_is_still_a_terminal() -> None:
+    """The console script routes fd 2 through a pipe; the environment built inside it must still see
+    the terminal behind it (the live display), and see a pipe as a pipe."""
+    code = r"""
+import os, pty, sys
+from flamingo_cli.env import Environment
+from flamingo_cli.quiet import DecoderChatter
+_, tty = pty.openpty()
+os.dup2(tty, 2)
+sys.stderr = open(2, "w", closefd=False)
+with DecoderChatter():
+    inside = Environment().stderr_isatty
+after = Environment().stderr_isatty
+print(inside, after, os.isatty(2))
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["True", "True", "True"]
+    plain = "from flamingo_cli.env import Environment\nfrom flamingo_cli.quiet import DecoderChatter\n"
+    plain += "with DecoderChatter():\n    print(Environment().stderr_isatty)\n"
+    proc = subprocess.run([sys.executable, "-c", plain], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "False"
