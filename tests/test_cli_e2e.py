@@ -56,7 +56,7 @@ def test_caption_folder_end_to_end_then_resume_adds_nothing(corpus, tiny_af3, tm
     for name, seconds in corpus.items():
         if name == "__root__":
             continue
-        chunks = sorted(by_id[name], key=lambda r: r["chunk_index"])
+        chunks = sorted((r for r in by_id[name] if r["level"] == "chunk"), key=lambda r: r["chunk_index"])
         assert [c["chunk_index"] for c in chunks] == list(range(chunks[0]["num_chunks"]))
         assert chunks[0]["start_s"] == 0.0
         assert chunks[-1]["end_s"] == pytest.approx(seconds, abs=1e-3)
@@ -68,8 +68,12 @@ def test_caption_folder_end_to_end_then_resume_adds_nothing(corpus, tiny_af3, tm
             assert c["output_tokens"] >= 1 and c["prompt_tokens"] > 0
             assert c["model"] == str(tiny_af3) and c["task"] == "caption"
             assert c["duration_s"] == pytest.approx(seconds, abs=1e-3)
-    long_chunks = by_id["long_25min_22k.flac"]
+    long_chunks = [r for r in by_id["long_25min_22k.flac"] if r["level"] == "chunk"]
     assert len(long_chunks) == 3  # 1500 s with a 600 s cap: 510 + 510 + 480
+    # ... and one track row for the whole file (tracks.py), the only one: every other file is one chunk.
+    tracks = [r for r in rows if r["level"] == "track"]
+    assert [(t["id"], t["chunk_index"], t["num_chunks"]) for t in tracks] == [("long_25min_22k.flac", -1, 3)]
+    assert tracks[0]["error"] is None and isinstance(tracks[0]["caption"], str)
 
     # The same command again adds nothing.
     again = run_cli(args)
