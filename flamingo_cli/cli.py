@@ -336,6 +336,14 @@ def caption(
     max_num_seqs: Annotated[int | None, typer.Option("--max-num-seqs", help="vLLM batch size cap.")] = None,
     max_num_batched_tokens: Annotated[int | None, typer.Option("--max-num-batched-tokens")] = None,
     enforce_eager: Annotated[bool, typer.Option("--enforce-eager", help="No CUDA graphs / compile.")] = False,
+    compile: Annotated[
+        bool,
+        typer.Option(
+            "--compile/--no-compile",
+            help="torch.compile the language model (vLLM's default); --no-compile starts sooner (no compile "
+            "on a machine's first run) and keeps decode in CUDA graphs. docs/performance.md has the numbers.",
+        ),
+    ] = True,
     quantization: QuantOpt = None,
     kv_cache_dtype: KvCacheOpt = "auto",
     trim_encoder: TrimOpt = True,

@@ -137,6 +137,18 @@ def effective_sampling(params: dict[str, Any], seed: int) -> dict[str, Any]:
     return {**values, "seed": seed, "ignore_eos": bool(params.get("ignore_eos")), "logprobs": logprobs}
 
 
+def final_text(decode: Callable[..., str], token_ids: list[int], finish_reason: str | None, stop_reason: Any) -> str:
+    """The text vLLM's incremental detokenizer gives a finished request, from its ids at once: special
+    tokens skipped, the EOS or stop token that ended it left out, and a trailing U+FFFD dropped (the
+    stream holds back an incomplete UTF-8 sequence at the end and never sends it). flamingo asks vLLM
+    for no text (``detokenize=False``): its per-step detokenizer, and with --logprobs a
+    ``tokenizer.decode([id])`` of every sampled token, are work on the thread that feeds the GPU."""
+    ids = list(token_ids)
+    if ids and finish_reason == "stop" and not isinstance(stop_reason, str):
+        ids.pop()
+    return decode(ids, skip_special_tokens=True).rstrip("\ufffd")
+
+
 def request_seed(base: int, request: Request) -> int:
     """A per-request seed from the run seed and the chunk key: sampling never depends on batching. A
     re-ask (``--fallback``) adds its attempt number, so each rung of the ladder draws its own sample."""
@@ -224,6 +236,7 @@ class VllmEngine:
             from vllm.sampling_params import StructuredOutputsParams
 
             kwargs["structured_outputs"] = StructuredOutputsParams(**structured)
+        kwargs["detokenize"] = False  # flamingo decodes each finished request once: final_text
         params = SamplingParams(**kwargs)
         # Deltas: each step reports which requests produced a token, so a stop can tell the running
         # requests (finish them) from the waiting ones (drop them), and no step re-sends whole texts.
@@ -255,7 +268,6 @@ class VllmEngine:
         pending = self._pending
         pending.clear()
         self._started.clear()
-        texts: dict[str, list[str]] = {}
         tokens: dict[str, list[int]] = {}
         logprobs: dict[str, list[float]] = {}
         audio_s = 0.0
@@ -304,7 +316,7 @@ class VllmEngine:
                     yield from held
                     held.clear()
                 pending[rid] = request
-                texts[rid], tokens[rid], logprobs[rid] = [], [], []
+                tokens[rid], logprobs[rid] = [], []
                 audio_s += request.audio_s
             if not pending:
                 if done:
@@ -321,7 +333,6 @@ class VllmEngine:
                     continue
                 completion = out.outputs[0]
                 self._started.add(out.request_id)
-                texts[out.request_id].append(completion.text)
                 tokens[out.request_id].extend(completion.token_ids)
                 logprobs[out.request_id].extend(sampled_logprobs(completion))
                 if not out.finished:
@@ -334,7 +345,7 @@ class VllmEngine:
                 result = Result(
                     chunk=request.chunk,
                     prompt=request.prompt,
-                    caption="".join(texts.pop(out.request_id)),
+                    caption=self.output_text(token_ids, completion),
                     finish_reason=completion.finish_reason,
                     prompt_tokens=len(out.prompt_token_ids or []),
                     output_tokens=len(token_ids),
@@ -346,7 +357,17 @@ class VllmEngine:
             if on_step:
                 on_step()  # after the results: a stop requested now still sees these as finished
             if self._drop:
-                yield from self._drop_waiting_now(texts, tokens, logprobs)
+                yield from self._drop_waiting_now(tokens, logprobs)
+
+    def output_text(self, token_ids: list[int], completion: Any) -> str:
+        """A finished request's text (``final_text``), decoded by the engine's tokenizer."""
+        decode = getattr(self, "_decode", None)
+        if decode is None:
+            tokenizer = self.llm.get_tokenizer()
+            backend = getattr(tokenizer, "_tokenizer", None)  # a fast tokenizer's Rust tokenizer
+            decode = backend.decode if hasattr(backend, "decode") else tokenizer.decode
+            self._decode = decode
+        return final_text(decode, token_ids, completion.finish_reason, getattr(completion, "stop_reason", None))
 
     def _think_close(self) -> tuple[int, ...]:
         """A think model's ``</think>`` token ids (avg_logprob counts the answer's tokens only); () else."""
@@ -430,6 +451,10 @@ def engine_kwargs(config: EngineConfig, use_gpu: bool) -> dict[str, Any]:
         disable_log_stats=not config.verbose,
         structured_outputs_config=dict(STRUCTURED_OUTPUTS_CONFIG),
     )
+    if not config.compile and not config.enforce_eager:
+        # No torch.compile; on a GPU, decode batches still run as full CUDA graphs (attention backends
+        # that cannot capture them fall back as vLLM decides).
+        kwargs["compilation_config"] = {"mode": 0, **({"cudagraph_mode": "FULL_DECODE_ONLY"} if use_gpu else {})}
     if config.quantization:
         kwargs["quantization"] = config.quantization
     if config.kv_cache_dtype != "auto":

@@ -17,7 +17,7 @@
 #     call 1b (carry .whl3, only when the plan has a schema step):  cp .whl3/* /tmp/up/
 #     call 2 (carry .whl2 .deps):  bash .deps/install.sh && python3 -m pip install -q --no-index \
 #         --no-deps --upgrade --target /tmp/site /tmp/up/*.whl && export PYTHONPATH=/tmp/site:$PWD \
-#         VLLM_USE_FLASHINFER_SAMPLER=0 VLLM_WORKER_MULTIPROC_METHOD=spawn && \
+#         VLLM_USE_FLASHINFER_SAMPLER=0 && \   (no VLLM_WORKER_MULTIPROC_METHOD: flamingo and vLLM choose)
 #         (OUT=/tmp/lease-out BUDGET_S=1520 setsid nohup bash scripts/gpu_lease.sh >/tmp/lease-runner.log 2>&1 </dev/null &) && \
 #         bash scripts/lease_poll.sh 520
 #     calls 3…: bash scripts/lease_poll.sh 540      (each copies what is there to its $OUT every 20 s)
@@ -187,8 +187,14 @@ add cli-replicas2 300 "$CLI replicas2 $AF3 $DATA/bench-10s $RES $KEEP/cli-out --
 add cli-warm2 200 "$CLI warm2 $AF3 $DATA/bench-10s $RES $KEEP/cli-out"
 add af3-raw30 200 "$B suite --ckpt $AF3 --workloads 30s=$DATA/bench-30s --out-tokens $TOK --warmup $WARM --repeat $REPEAT --results $RES --out-dir $KEEP/bench-out --variant raw"
 add cli-30s 220 "$CLI 30s $AF3 $DATA/bench-30s $RES $KEEP/cli-out"
-# issue 25: the cost of the sampled tokens' log-probabilities (cli-warm asks for them: the default)
+# issue 25: the cost of the sampled tokens' log-probabilities (off by default since 2026-12-07; cli-warm
+# and cli-warm2 run without them, before and after this step)
 add cli-nologprobs 200 "$CLI nologprobs $AF3 $DATA/bench-10s $RES $KEEP/cli-out --no-logprobs"
+add cli-logprobs 200 "$CLI logprobs $AF3 $DATA/bench-10s $RES $KEEP/cli-out --logprobs"
+# issue 28: without torch.compile (decode still in full CUDA graphs): first on a fresh machine (put it
+# first in PLAN: nothing compiled, the page cache empty), then warm; throughput against cli-warm
+add cli-cold-nc 240 "$CLI cold-nc $AF3 $DATA/bench-10s $RES $KEEP/cli-out --no-compile"
+add cli-nc 200 "$CLI nc $AF3 $DATA/bench-10s $RES $KEEP/cli-out --no-compile"
 # issue 25: a corpus of 30 % silence and 10 % duplicates (scripts/make_gate_corpus.py), gates on (the
 # default) vs every chunk sent (--keep-silence --no-dedupe-audio); GPU time = the summary's generation_s
 add cli-gates 200 "$CLI gates $AF3 $DATA/gate-corpus $RES $KEEP/cli-out"

@@ -211,6 +211,7 @@ def _bare_vllm_engine(fake: _FakeVllm):
     engine.config = EngineConfig(model="m", family=AF3, max_chunk_s=30.0)
     engine._engine, engine._counter, engine._pending, engine._started, engine._drop = fake, 0, {}, set(), False
     engine.llm = object()  # alive() looks through it for vLLM's engine_dead flag
+    engine._decode = lambda ids, skip_special_tokens: "x" * len(ids)  # the tokenizer's decode
     return engine
 
 

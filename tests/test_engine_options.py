@@ -25,6 +25,15 @@ def test_fp8_is_off_by_default_and_passed_through_when_asked():
     assert kwargs["quantization"] == "fp8" and kwargs["kv_cache_dtype"] == "fp8"
 
 
+def test_no_compile_keeps_decode_in_cuda_graphs_on_a_gpu():
+    assert "compilation_config" not in engine_kwargs(_config(), use_gpu=True)  # vLLM's default: compile
+    gpu = engine_kwargs(_config(compile=False), use_gpu=True)["compilation_config"]
+    assert gpu == {"mode": 0, "cudagraph_mode": "FULL_DECODE_ONLY"}
+    assert engine_kwargs(_config(compile=False), use_gpu=False)["compilation_config"] == {"mode": 0}
+    eager = engine_kwargs(_config(compile=False, enforce_eager=True), use_gpu=True)
+    assert eager["enforce_eager"] is True and "compilation_config" not in eager
+
+
 def test_fp8_weights_on_cpu_is_a_usage_error_naming_the_reason():
     with pytest.raises(EngineOptionError, match="needs a CUDA GPU"):
         _config(quantization="fp8").check(use_gpu=False)
