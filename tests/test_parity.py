@@ -25,10 +25,17 @@ GRID = {
 }
 
 
+# Audio at the cap (tens of thousands of audio tokens, the reference on CPU) is asked one prompt per
+# length, the two prompts in turn: most of this module's CI time; the short lengths get both.
+LONG_S = 60.0
+
+
 def _cases(kind: str) -> list[Case]:
     out = []
     for i, seconds in enumerate(GRID[kind]):
         for j, prompt in enumerate(PROMPTS):
+            if seconds > LONG_S and j != i % 2:
+                continue
             out.append(Case(f"{seconds}s-p{j}", seconds, prompt, seed=10 * i + j))
     out.append(Case("44k-stereo", 12.5, PROMPTS[0], seed=99, source_rate=44100, channels=2))
     out.append(Case("below-one-token", 0.015, PROMPTS[0], seed=7))
@@ -62,7 +69,8 @@ def test_chunks_never_exceed_the_cap_so_nothing_is_truncated(parity):
     for _case, chunk in pairs:
         assert chunk.samples is not None and len(chunk.samples) <= family.max_audio_s * 16000
     over = {c.name for c, ch in pairs if ch.num_chunks > 1}
-    assert over == {f"{family.max_audio_s + 1}.0s-p0", f"{family.max_audio_s + 1}.0s-p1"}
+    assert over == {f"{family.max_audio_s + 1}.0s-p0"}  # the one case over the cap, in two chunks
+    assert {c.name for c, _ in pairs} >= {f"{family.max_audio_s - 1}.0s-p0", f"{family.max_audio_s}.0s-p1"}
 
 
 # transformers 5.17's MusicFlamingo (_build_audio_timestamps) raises IndexError when an audio's last
@@ -83,7 +91,8 @@ def test_reference_failures_are_only_the_known_transformers_mf_bug(parity):
 def test_prompt_ids_identical_in_every_case(parity):
     kind, _, _, rows = parity
     ok = [r for r in rows if r.error is None]
-    assert len(ok) >= 2 * len(GRID[kind]) - 1
+    # every row but the audio shorter than one token and the reference's known MF failures
+    assert len(ok) == len(rows) - 1 - (len(HF_MF_ZERO_TOKEN_TAIL) if kind in ("mf", "af-next") else 0)
     assert all(r.prompt_ids_equal for r in ok), [r.case for r in ok if not r.prompt_ids_equal]
 
 
