@@ -193,8 +193,13 @@ add cli-nologprobs 200 "$CLI nologprobs $AF3 $DATA/bench-10s $RES $KEEP/cli-out 
 add cli-logprobs 200 "$CLI logprobs $AF3 $DATA/bench-10s $RES $KEEP/cli-out --logprobs"
 # issue 28: without torch.compile (decode still in full CUDA graphs): first on a fresh machine (put it
 # first in PLAN: nothing compiled, the page cache empty), then warm; throughput against cli-warm
-add cli-cold-nc 240 "$CLI cold-nc $AF3 $DATA/bench-10s $RES $KEEP/cli-out --no-compile"
+# (cli-cold-nc as a user runs it: no VLLM_WORKER_MULTIPROC_METHOD, so flamingo and vLLM choose fork or spawn)
+add cli-cold-nc 130 "env -u VLLM_WORKER_MULTIPROC_METHOD $CLI cold-nc $AF3 $DATA/bench-10s $RES $KEEP/cli-out --no-compile"
 add cli-nc 200 "$CLI nc $AF3 $DATA/bench-10s $RES $KEEP/cli-out --no-compile"
+# a short lease's issue 25/26 pairs in the no-compile engine (each against cli-cold-nc / cli-nc)
+add cli-nc-logprobs 100 "$CLI nc-logprobs $AF3 $DATA/bench-10s $RES $KEEP/cli-out --no-compile --logprobs"
+add cli-nc-task2 100 "$CLI nc-task2 $AF3 $DATA/bench-10s $RES $KEEP/cli-out --no-compile --task transcribe"
+add cli-nc-two-tasks 120 "$CLI nc-two-tasks $AF3 $DATA/bench-10s $RES $KEEP/cli-out --no-compile --task caption --task transcribe"
 # issue 25: a corpus of 30 % silence and 10 % duplicates (scripts/make_gate_corpus.py), gates on (the
 # default) vs every chunk sent (--keep-silence --no-dedupe-audio); GPU time = the summary's generation_s
 add cli-gates 200 "$CLI gates $AF3 $DATA/gate-corpus $RES $KEEP/cli-out"
