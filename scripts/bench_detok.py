@@ -49,9 +49,7 @@ def _run(tokenizer, backend, ids: list[list[int]], prompt: list[int], detokenize
             token = seq[step]
             detok.update([token], stop_terminated=False)
             if lp is not None:
-                lists = LogprobsLists(
-                    np.array([[token]]), np.array([[-0.5]], dtype=np.float32), np.array([1]), None
-                )
+                lists = LogprobsLists(np.array([[token]]), np.array([[-0.5]], dtype=np.float32), np.array([1]), None)
                 lp._update_sample_logprobs(lists)
     texts = [
         detok.get_next_output_text(finished=True, delta=False)
