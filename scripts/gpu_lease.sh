@@ -14,10 +14,10 @@
 #   PLAN="parity-af-next …".
 #   The whole lease runs in the background on the GPU host, so no step waits on a call boundary:
 #     call 1 (carry .whl1):  mkdir -p /tmp/up && cp .whl1/* /tmp/up/
-#     call 1b (carry .whl3, only when the plan has a schema step):  cp .whl3/* /tmp/up/
+#     call 1b (carry .whl3: outlines_core and openai, which vLLM imports):  mkdir -p /tmp/up && cp .whl3/* /tmp/up/
 #     call 2 (carry .whl2 .deps):  bash .deps/install.sh && python3 -m pip install -q --no-index \
 #         --no-deps --upgrade --target /tmp/site /tmp/up/*.whl && export PYTHONPATH=/tmp/site:$PWD \
-#         VLLM_USE_FLASHINFER_SAMPLER=0 && \   (no VLLM_WORKER_MULTIPROC_METHOD: flamingo and vLLM choose)
+#         VLLM_USE_FLASHINFER_SAMPLER=0 VLLM_WORKER_MULTIPROC_METHOD=spawn && \   (cli-cold-nc unsets it)
 #         (OUT=/tmp/lease-out BUDGET_S=1520 setsid nohup bash scripts/gpu_lease.sh >/tmp/lease-runner.log 2>&1 </dev/null &) && \
 #         bash scripts/lease_poll.sh 520
 #     calls 3…: bash scripts/lease_poll.sh 540      (each copies what is there to its $OUT every 20 s)
