@@ -341,7 +341,7 @@ def caption(
         typer.Option(
             "--compile/--no-compile",
             help="torch.compile the language model (vLLM's default); --no-compile starts sooner (no compile "
-            "on a machine's first run) and keeps decode in CUDA graphs. docs/performance.md has the numbers.",
+            "on a machine's first run) and keeps decode in CUDA graphs (docs/performance.md).",
         ),
     ] = True,
     quantization: QuantOpt = None,

@@ -203,6 +203,7 @@ class VllmEngine:
         self._started: set[str] = set()  # requests that produced a token: running, not waiting
         self._pending: dict[str, Request] = {}
         self._close_ids: tuple[int, ...] | None = None  # a think model's </think> ids, once known
+        self._decode: Callable[..., str] | None = None  # the tokenizer's decode, once known (output_text)
         self._drop = False  # drop_waiting() asked (from any thread); done between steps
         self.versions = engine_versions()
         watch_engine_death(self)  # a dead engine process is exit 3, not a hang
