@@ -23,6 +23,18 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
 ENGINE_ARGS = ["--temperature", "0", "--max-tokens", "8", "--quiet"]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _engines_closed_at_session_end():
+    """The cached engines close while pytest's streams are open: at interpreter exit (flamingo's atexit)
+    vLLM's shutdown logged into a stream pytest had closed ("Logging error", a traceback each)."""
+    yield
+    import sys
+
+    launch = sys.modules.get("flamingo_cli.launch")  # only a session that started an engine loaded it
+    if launch is not None:
+        launch.close_all()
+
+
 def cli_engine(ckpt: str | Path):
     """The engine the CLI tests' runs (ENGINE_ARGS) get for ``ckpt``, from the same cache: a test that
     drives an engine directly shares it instead of starting another (a minute or more on CPU)."""
