@@ -205,6 +205,7 @@ class VllmEngine:
         self._close_ids: tuple[int, ...] | None = None  # a think model's </think> ids, once known
         self._decode: Callable[..., str] | None = None  # the tokenizer's decode, once known (output_text)
         self._drop = False  # drop_waiting() asked (from any thread); done between steps
+        self._logprobs_ready = False  # prepare() has run vLLM's log-probability kernels once
         self.versions = engine_versions()
         watch_engine_death(self)  # a dead engine process is exit 3, not a hang
 
@@ -265,7 +266,29 @@ class VllmEngine:
         self._engine.add_request(rid, prompt, self.sampling_params(request.sampling or sampling, request))
         return rid
 
+    def prepare(self, sampling: Sampling) -> None:
+        """Ready the engine for a run with ``sampling`` (the CLI calls it inside the engine start; ``run``
+        too, a no-op then). With log-probabilities: vLLM ranks each sampled token with a function it
+        ``torch.compile``s on first use (``batched_count_greater_than`` in ``vllm/v1/sample/ops/logprobs.py``;
+        outside vLLM's settings again for another batch size); compiled mid-run, that stalls every running
+        request. One-token requests at batch sizes 1, 2 and 3 compile it now, once per engine."""
+        if not sampling.logprobs or getattr(self, "_logprobs_ready", True):
+            return
+        from vllm import SamplingParams
+
+        params = SamplingParams(max_tokens=1, temperature=0.0, logprobs=0, detokenize=False)
+        try:
+            for n in (1, 2, 3):
+                for i in range(n):
+                    self._engine.add_request(f"warm-logprobs-{n}-{i}", {"prompt_token_ids": [0, 1]}, params)
+                while self._engine.has_unfinished_requests():
+                    self._engine.step()
+        except Exception as exc:
+            raise EngineError(f"the vLLM engine failed: {type(exc).__name__}: {exc}") from exc
+        self._logprobs_ready = True
+
     def run(self, feed: queue.Queue, sampling: Sampling, on_step: Callable[[], None] | None = None) -> Iterator[Result]:
+        self.prepare(sampling)
         pending = self._pending
         pending.clear()
         self._started.clear()

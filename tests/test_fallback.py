@@ -240,3 +240,51 @@ def test_real_engine_fills_avg_logprob_flags_loops_and_falls_back(tmp_path: Path
             assert again["attempts"] == 1 and again["caption"] == r["caption"]
     # this checkpoint loops on these clips (" noise help noise help …"): the test is not vacuous
     assert any("repetition" in r["flags"] for r in plain) and any(r["attempts"] > 1 for r in rows.values())
+    # vLLM's log-probability kernels were compiled inside the engine start (VllmEngine.prepare), and the
+    # warm-up requests left no row behind (three clips, three rows above)
+    from conftest import cli_engine
+
+    assert cli_engine(tiny_af3)._logprobs_ready is True
+
+
+class _Steps:
+    """vLLM's LLMEngine as VllmEngine.prepare uses it: requests added, steps until none is unfinished."""
+
+    def __init__(self) -> None:
+        self.added: list[tuple[str, dict, object]] = []
+        self.unfinished: list[str] = []
+        self.batches: list[int] = []
+
+    def add_request(self, rid, prompt, params) -> None:
+        self.added.append((rid, prompt, params))
+        self.unfinished.append(rid)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.unfinished)
+
+    def step(self) -> list:
+        self.batches.append(len(self.unfinished))  # max_tokens=1: every request finishes in one step
+        self.unfinished.clear()
+        return []
+
+
+def test_prepare_compiles_the_logprob_kernels_once_at_batch_sizes_one_two_three() -> None:
+    """--logprobs: before the first real request the engine samples one token with log-probabilities at
+    batch sizes 1, 2 and 3 (vLLM torch.compiles its rank kernel for size 1, then for dynamic sizes),
+    once per engine; a run without log-probabilities sends nothing."""
+    from flamingo_cli.engine import VllmEngine
+    from flamingo_cli.records import Sampling
+
+    engine = VllmEngine.__new__(VllmEngine)
+    engine._engine, engine._logprobs_ready = _Steps(), False
+    engine.prepare(Sampling(logprobs=False))
+    assert engine._engine.added == [] and engine._logprobs_ready is False
+    engine.prepare(Sampling(logprobs=True))
+    assert engine._engine.batches == [1, 2, 3]
+    assert len({rid for rid, _, _ in engine._engine.added}) == 6
+    for _, prompt, params in engine._engine.added:
+        assert "multi_modal_data" not in prompt and prompt["prompt_token_ids"]
+        assert params.logprobs == 0 and params.max_tokens == 1 and params.temperature == 0.0
+        assert params.detokenize is False
+    engine.prepare(Sampling(logprobs=True))
+    assert len(engine._engine.added) == 6 and engine._logprobs_ready is True
