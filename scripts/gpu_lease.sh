@@ -200,6 +200,10 @@ add cli-nc 200 "$CLI nc $AF3 $DATA/bench-10s $RES $KEEP/cli-out --no-compile"
 add cli-nc-logprobs 100 "$CLI nc-logprobs $AF3 $DATA/bench-10s $RES $KEEP/cli-out --no-compile --logprobs"
 add cli-nc-task2 100 "$CLI nc-task2 $AF3 $DATA/bench-10s $RES $KEEP/cli-out --no-compile --task transcribe"
 add cli-nc-two-tasks 120 "$CLI nc-two-tasks $AF3 $DATA/bench-10s $RES $KEEP/cli-out --no-compile --task caption --task transcribe"
+# issue 28: --no-compile on 30-s clips (against af3-raw30 and cli-30s: does prefill-heavy audio lose
+# without torch.compile?). The next lease's plan (the H100's of 2026-12-07 left these):
+#   PLAN="cli-cold-nc af3-raw10 cli-nc cli-nc-logprobs af3-raw10b cli-nc-30s af3-raw30 cli-30s cli-warm"
+add cli-nc-30s 150 "$CLI nc-30s $AF3 $DATA/bench-30s $RES $KEEP/cli-out --no-compile"
 # issue 25: a corpus of 30 % silence and 10 % duplicates (scripts/make_gate_corpus.py), gates on (the
 # default) vs every chunk sent (--keep-silence --no-dedupe-audio); GPU time = the summary's generation_s
 add cli-gates 200 "$CLI gates $AF3 $DATA/gate-corpus $RES $KEEP/cli-out"
