@@ -149,6 +149,11 @@ def final_text(decode: Callable[..., str], token_ids: list[int], finish_reason: 
     return decode(ids, skip_special_tokens=True).rstrip("\ufffd")
 
 
+def engine_failed(exc: BaseException) -> EngineError:
+    """The error a failing vLLM call ends the run with (exit 3; the rest is redone on resume)."""
+    return EngineError(f"the vLLM engine failed: {type(exc).__name__}: {exc}")
+
+
 def request_seed(base: int, request: Request) -> int:
     """A per-request seed from the run seed and the chunk key: sampling never depends on batching. A
     re-ask (``--fallback``) adds its attempt number, so each rung of the ladder draws its own sample."""
@@ -284,7 +289,7 @@ class VllmEngine:
                 while self._engine.has_unfinished_requests():
                     self._engine.step()
         except Exception as exc:
-            raise EngineError(f"the vLLM engine failed: {type(exc).__name__}: {exc}") from exc
+            raise engine_failed(exc) from exc
         self._logprobs_ready = True
 
     def run(self, feed: queue.Queue, sampling: Sampling, on_step: Callable[[], None] | None = None) -> Iterator[Result]:
@@ -319,7 +324,7 @@ class VllmEngine:
                     # A dead engine rejects every request: that is the run failing (exit 3, the rest
                     # redone on resume), not an error row for each chunk left in the corpus.
                     if type(exc).__name__ == "EngineDeadError" or not self.alive():
-                        raise EngineError(f"the vLLM engine failed: {type(exc).__name__}: {exc}") from exc
+                        raise engine_failed(exc) from exc
                     rejected = Result(
                         chunk=request.chunk, prompt=request.prompt, error=f"rejected by the engine: {exc}"
                     )
@@ -350,7 +355,7 @@ class VllmEngine:
             try:
                 outputs = self._engine.step()
             except Exception as exc:
-                raise EngineError(f"the vLLM engine failed: {type(exc).__name__}: {exc}") from exc
+                raise engine_failed(exc) from exc
             for out in outputs:
                 request = pending.get(out.request_id)
                 if request is None:

@@ -523,8 +523,9 @@ class _Run:
         with self.progress.engine_start():
             engine = get_engine(config)
             prepare = getattr(engine, "prepare", None)  # engine start includes readying it for these runs
-            for task in self.spec.tasks if prepare is not None else ():
-                prepare(task.sampling)
+            if prepare is not None:
+                for task in self.spec.tasks:
+                    prepare(task.sampling)
         reap_children_on_exit()  # vLLM's processes die with this one, even on SIGKILL / OOM kill
         return engine
 

@@ -270,7 +270,8 @@ class _Steps:
 
 def test_prepare_compiles_the_logprob_kernels_once_at_batch_sizes_one_two_three() -> None:
     """--logprobs: before the first real request the engine samples one token with log-probabilities at
-    batch sizes 1, 2 and 3 (vLLM torch.compiles its rank kernel for size 1, then for dynamic sizes),
+    batch sizes 1, 2 and 3 (vLLM torch.compiles its rank kernel on first use; outside vLLM's settings
+    torch recompiles for another size),
     once per engine; a run without log-probabilities sends nothing."""
     from flamingo_cli.engine import VllmEngine
     from flamingo_cli.records import Sampling
