@@ -193,8 +193,19 @@ class VllmEngine:
         self.log_path = None if config.verbose else engine_log_path()
         if self.log_path is not None:
             quiet_env()
+        kwargs = start_kwargs(config)
+        # The log-mel device goes with each request (prompt["mm_processor_kwargs"]), not engine-wide:
+        # vLLM's front-end runs a dummy request through the processor inside LLM(), and a "cuda" there
+        # initialises CUDA in this process before vLLM starts its engine process, which vLLM must then
+        # spawn (a fresh interpreter importing vLLM again: 16-18 s on an H100) instead of fork.
+        self._mm_kwargs = split_mel_device(kwargs)
         with contextlib.nullcontext() if self.log_path is None else redirect_fds(self.log_path):
-            self.llm, start_error = self._start(config)
+            self.llm, start_error = self._start(kwargs)
+            if start_error is not None and forked_cuda_failed(start_error, self.log_path):
+                # Something in this process had touched CUDA (a caller's torch.cuda.is_available() is
+                # enough) without vLLM seeing it: its forked engine process could not use the GPU.
+                os.environ["VLLM_WORKER_MULTIPROC_METHOD"] = "spawn"
+                self.llm, start_error = self._start(kwargs)
         if start_error is not None:
             tail = log_tail(self.log_path) if self.log_path is not None else ""
             where = f"\n--- vLLM's log ({self.log_path}), last lines ---\n{tail}" if tail.strip() else ""
@@ -210,24 +221,22 @@ class VllmEngine:
         self._close_ids: tuple[int, ...] | None = None  # a think model's </think> ids, once known
         self._decode: Callable[..., str] | None = None  # the tokenizer's decode, once known (output_text)
         self._drop = False  # drop_waiting() asked (from any thread); done between steps
+        self._prepared = False  # prepare() has warmed the engine once
         self._logprobs_ready = False  # prepare() has run vLLM's log-probability kernels once
         self.versions = engine_versions()
         watch_engine_death(self)  # a dead engine process is exit 3, not a hang
 
     @staticmethod
-    def _start(config: EngineConfig) -> tuple[Any, str | None]:
+    def _start(kwargs: dict[str, Any]) -> tuple[Any, str | None]:
         try:
             from vllm import LLM
         except ImportError as exc:  # pragma: no cover - depends on the install flavour
             raise EngineError(f"vLLM is not installed ({exc}); install flamingo with the 'gpu' or 'cpu' extra") from exc
-        kwargs: dict[str, Any] = {"model": config.model, **engine_kwargs(config, has_cuda())}
         torch = sys.modules.get("torch")
-        if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
-            # CUDA is live in this process (a check, the plugin, a caller): vLLM's engine process must
-            # be spawned, not forked (a forked child cannot re-initialise CUDA; seen on an H200).
+        if torch is not None and torch.cuda.is_initialized():
+            # CUDA is live in this process (an earlier engine's log-mel, a caller): vLLM's engine process
+            # must be spawned, not forked (a forked child cannot re-initialise CUDA; seen on an H200).
             os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
-        if not config.verbose:
-            kwargs.setdefault("use_tqdm_on_load", False)  # its explicit disable= ignores TQDM_DISABLE
         try:
             return LLM(**kwargs), None
         except Exception as exc:
@@ -268,29 +277,52 @@ class VllmEngine:
         prompt: dict[str, Any] = {"prompt": request.text}
         if samples is not None:  # None: a text-only request (an item's track row)
             prompt["multi_modal_data"] = {"audio": (samples, SAMPLE_RATE)}
+            if getattr(self, "_mm_kwargs", None):
+                prompt["mm_processor_kwargs"] = self._mm_kwargs
         self._engine.add_request(rid, prompt, self.sampling_params(request.sampling or sampling, request))
         return rid
 
     def prepare(self, sampling: Sampling) -> None:
-        """Ready the engine for a run with ``sampling`` (the CLI calls it inside the engine start; ``run``
-        too, a no-op then). With log-probabilities: vLLM ranks each sampled token with a function it
-        ``torch.compile``s on first use (``batched_count_greater_than`` in ``vllm/v1/sample/ops/logprobs.py``;
-        outside vLLM's settings again for another batch size); compiled mid-run, that stalls every running
-        request. One-token requests at batch sizes 1, 2 and 3 compile it now, once per engine."""
-        if not sampling.logprobs or getattr(self, "_logprobs_ready", True):
+        """Ready the engine for a run with ``sampling``: work vLLM and torch would otherwise do on the
+        first requests, stalling every running one, done here (the CLI calls it inside the engine start;
+        ``run`` too, a no-op then). Once per engine: the GPU log-mel's CUDA context and FFT plan in this
+        process, and one one-token request (vLLM JIT-compiles Triton kernels on its first step). With
+        log-probabilities, once more: vLLM ranks each sampled token with a function it ``torch.compile``s
+        on first use (``batched_count_greater_than`` in ``vllm/v1/sample/ops/logprobs.py``; outside
+        vLLM's settings again for another batch size), so one-token requests at batch sizes 1, 2, 3."""
+        first = not getattr(self, "_prepared", True)  # (tests build engines without __init__)
+        logprobs = bool(sampling.logprobs) and not getattr(self, "_logprobs_ready", True)
+        if not first and not logprobs:
             return
         from vllm import SamplingParams
 
-        params = SamplingParams(max_tokens=1, temperature=0.0, logprobs=0, detokenize=False)
+        params = SamplingParams(max_tokens=1, temperature=0.0, detokenize=False, logprobs=0 if logprobs else None)
         try:
-            for n in (1, 2, 3):
+            if first:
+                self._warm_mel()
+            for n in (1, 2, 3) if logprobs else (1,):
                 for i in range(n):
-                    self._engine.add_request(f"warm-logprobs-{n}-{i}", {"prompt_token_ids": [0, 1]}, params)
+                    self._engine.add_request(f"warm-{int(logprobs)}-{n}-{i}", {"prompt_token_ids": [0, 1]}, params)
                 while self._engine.has_unfinished_requests():
                     self._engine.step()
         except Exception as exc:
             raise engine_failed(exc) from exc
-        self._logprobs_ready = True
+        self._prepared = True
+        if logprobs:
+            self._logprobs_ready = True
+
+    def _warm_mel(self) -> None:
+        """Initialise CUDA for the per-request log-mel (``--mel-device``) now, with the STFT of one 30-s
+        window (Whisper's feature extractor pads each window to 30 s): the first request would pay it."""
+        device = (getattr(self, "_mm_kwargs", None) or {}).get("device")
+        if not device or device == "cpu":
+            return
+        import torch
+
+        n_fft, hop = 400, 160  # Whisper's
+        signal = torch.zeros(WINDOW_S * SAMPLE_RATE, device=device)
+        torch.stft(signal, n_fft, hop, window=torch.hann_window(n_fft, device=device), return_complex=True)
+        torch.cuda.synchronize(device)
 
     def run(self, feed: queue.Queue, sampling: Sampling, on_step: Callable[[], None] | None = None) -> Iterator[Result]:
         self.prepare(sampling)
@@ -488,9 +520,9 @@ def engine_kwargs(config: EngineConfig, use_gpu: bool) -> dict[str, Any]:
         kwargs["quantization"] = config.quantization
     if config.kv_cache_dtype != "auto":
         kwargs["kv_cache_dtype"] = config.kv_cache_dtype
-    mel_device = ("cuda" if use_gpu else None) if config.mel_device == "auto" else config.mel_device
-    if mel_device and mel_device != "cpu":
-        kwargs["mm_processor_kwargs"] = {"device": mel_device}
+    device = mel_device(config, use_gpu)
+    if device:
+        kwargs["mm_processor_kwargs"] = {"device": device}
     if not config.trim_encoder:
         from flamingo_cli.vllm_plugin import TRIM_OVERRIDE
 
@@ -507,6 +539,45 @@ def engine_kwargs(config: EngineConfig, use_gpu: bool) -> dict[str, Any]:
     return kwargs
 
 
+def mel_device(config: EngineConfig, use_gpu: bool) -> str | None:
+    """Where the processor computes the log-mel features: None for its default (the CPU)."""
+    device = ("cuda" if use_gpu else None) if config.mel_device == "auto" else config.mel_device
+    return device if device and device != "cpu" else None
+
+
+def start_kwargs(config: EngineConfig) -> dict[str, Any]:
+    """``LLM(**kwargs)`` for the in-process engine (and each data-parallel replica)."""
+    kwargs: dict[str, Any] = {"model": config.model, **engine_kwargs(config, has_cuda())}
+    if not config.verbose:
+        kwargs.setdefault("use_tqdm_on_load", False)  # its explicit disable= ignores TQDM_DISABLE
+    return kwargs
+
+
+def split_mel_device(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Take the log-mel device out of the engine-wide processor kwargs; returns the per-request
+    ``mm_processor_kwargs`` that carry it ({} when there is none)."""
+    engine_wide = kwargs.get("mm_processor_kwargs")
+    if not engine_wide or "device" not in engine_wide:
+        return {}
+    rest = {k: v for k, v in engine_wide.items() if k != "device"}
+    if rest:
+        kwargs["mm_processor_kwargs"] = rest
+    else:
+        del kwargs["mm_processor_kwargs"]
+    return {"device": engine_wide["device"]}
+
+
+FORKED_CUDA = "Cannot re-initialize CUDA in forked subprocess"
+
+
+def forked_cuda_failed(error: str, log_path: Any = None) -> bool:
+    """Whether an engine start failed because vLLM forked its engine process from one that had touched
+    CUDA (the root cause shows only in the engine process's log) and spawning was not tried yet."""
+    if os.environ.get("VLLM_WORKER_MULTIPROC_METHOD") == "spawn":
+        return False
+    return FORKED_CUDA in error or (log_path is not None and FORKED_CUDA in log_tail(log_path, lines=400))
+
+
 def engine_env(config: EngineConfig) -> dict[str, str]:
     """The environment variables vLLM reads its options from (the local engine sets them unless the
     user did; the Ray path puts them in its workers' runtime env)."""
@@ -514,6 +585,9 @@ def engine_env(config: EngineConfig) -> dict[str, str]:
 
 
 def has_cuda() -> bool:
+    # NVML's count, not torch's CUDA runtime call: that one marks this process so that a child forked
+    # from it cannot use CUDA, and vLLM forks its engine process unless CUDA is initialised here.
+    os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
     try:
         import torch
 

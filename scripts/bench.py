@@ -870,6 +870,9 @@ def _suite_config(a, family, cap_s):
 
 
 def _on_cpu():
+    # NVML's count: torch's CUDA runtime check would keep vLLM from forking its engine process, which a
+    # plain script (that never asks torch) gets
+    os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
     import torch
 
     return not torch.cuda.is_available()

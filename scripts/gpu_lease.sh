@@ -17,7 +17,8 @@
 #     call 1b (carry .whl3: outlines_core and openai, which vLLM imports):  mkdir -p /tmp/up && cp .whl3/* /tmp/up/
 #     call 2 (carry .whl2 .deps):  bash .deps/install.sh && python3 -m pip install -q --no-index \
 #         --no-deps --upgrade --target /tmp/site /tmp/up/*.whl && export PYTHONPATH=/tmp/site:$PWD \
-#         VLLM_USE_FLASHINFER_SAMPLER=0 VLLM_WORKER_MULTIPROC_METHOD=spawn && \   (cli-cold-nc unsets it)
+#         VLLM_USE_FLASHINFER_SAMPLER=0 && \   (no VLLM_WORKER_MULTIPROC_METHOD: vLLM forks or spawns as it
+#         would for a user; since 2026-12-07 neither flamingo nor bench.py touches CUDA before LLM())
 #         (OUT=/tmp/lease-out BUDGET_S=1520 setsid nohup bash scripts/gpu_lease.sh >/tmp/lease-runner.log 2>&1 </dev/null &) && \
 #         bash scripts/lease_poll.sh 520
 #     calls 3…: bash scripts/lease_poll.sh 540      (each copies what is there to its $OUT every 20 s)
@@ -196,13 +197,15 @@ add cli-logprobs 200 "$CLI logprobs $AF3 $DATA/bench-10s $RES $KEEP/cli-out --lo
 # (cli-cold-nc as a user runs it: no VLLM_WORKER_MULTIPROC_METHOD, so flamingo and vLLM choose fork or spawn)
 add cli-cold-nc 130 "env -u VLLM_WORKER_MULTIPROC_METHOD $CLI cold-nc $AF3 $DATA/bench-10s $RES $KEEP/cli-out --no-compile"
 add cli-nc 200 "$CLI nc $AF3 $DATA/bench-10s $RES $KEEP/cli-out --no-compile"
+add cli-nc2 200 "$CLI nc2 $AF3 $DATA/bench-10s $RES $KEEP/cli-out --no-compile"  # the second pair's CLI run
 # a short lease's issue 25/26 pairs in the no-compile engine (each against cli-cold-nc / cli-nc)
 add cli-nc-logprobs 100 "$CLI nc-logprobs $AF3 $DATA/bench-10s $RES $KEEP/cli-out --no-compile --logprobs"
 add cli-nc-task2 100 "$CLI nc-task2 $AF3 $DATA/bench-10s $RES $KEEP/cli-out --no-compile --task transcribe"
 add cli-nc-two-tasks 120 "$CLI nc-two-tasks $AF3 $DATA/bench-10s $RES $KEEP/cli-out --no-compile --task caption --task transcribe"
 # issue 28: --no-compile on 30-s clips (against af3-raw30 and cli-30s: does prefill-heavy audio lose
-# without torch.compile?). The next lease's plan (the H100's of 2026-12-07 left these):
-#   PLAN="cli-cold-nc af3-raw10 cli-nc cli-nc-logprobs af3-raw10b cli-nc-30s af3-raw30 cli-30s cli-warm"
+# without torch.compile?). The next lease's plan (after the log-mel device moved per request, so vLLM
+# forks its engine process; two 10-s pairs, both clip lengths with and without torch.compile):
+#   PLAN="cli-cold-nc af3-raw10 cli-nc cli-nc-logprobs af3-raw30 cli-nc-30s af3-raw10b cli-nc2 cli-30s cli-warm"
 add cli-nc-30s 150 "$CLI nc-30s $AF3 $DATA/bench-30s $RES $KEEP/cli-out --no-compile"
 # issue 25: a corpus of 30 % silence and 10 % duplicates (scripts/make_gate_corpus.py), gates on (the
 # default) vs every chunk sent (--keep-silence --no-dedupe-audio); GPU time = the summary's generation_s

@@ -1,0 +1,156 @@
+"""The in-process engine's start: the log-mel device per request (so vLLM can fork its engine process),
+the warm-up inside the engine start, and the spawn retry when a fork could not use CUDA."""
+
+from __future__ import annotations
+
+import os
+from types import SimpleNamespace
+
+import pytest
+
+from flamingo_cli.engine import (
+    FORKED_CUDA,
+    EngineConfig,
+    VllmEngine,
+    engine_kwargs,
+    forked_cuda_failed,
+    split_mel_device,
+)
+from flamingo_cli.models import AF3
+
+
+def test_the_mel_device_leaves_the_engine_wide_kwargs_for_each_request():
+    config = EngineConfig(model="m", family=AF3, max_chunk_s=30.0)
+    kwargs = engine_kwargs(config, use_gpu=True)
+    assert kwargs["mm_processor_kwargs"] == {"device": "cuda"}  # the Ray path keeps it engine-wide
+    assert split_mel_device(kwargs) == {"device": "cuda"}
+    assert "mm_processor_kwargs" not in kwargs  # LLM() never sees "cuda": its dummy request stays on the CPU
+    # a user's own processor kwargs stay engine-wide; only the device moves
+    mixed = {"mm_processor_kwargs": {"device": "cuda", "padding": "longest"}}
+    assert split_mel_device(mixed) == {"device": "cuda"} and mixed == {"mm_processor_kwargs": {"padding": "longest"}}
+    # the CPU (the processor's default) needs nothing
+    cpu = engine_kwargs(EngineConfig(model="m", family=AF3, max_chunk_s=30.0, mel_device="cpu"), use_gpu=True)
+    assert split_mel_device(cpu) == {} and "mm_processor_kwargs" not in cpu
+    assert split_mel_device(engine_kwargs(config, use_gpu=False)) == {}
+
+
+class _Added:
+    """vLLM's LLMEngine as VllmEngine uses it: requests added, steps until none is unfinished."""
+
+    def __init__(self) -> None:
+        self.added: list[tuple[str, dict, object]] = []
+        self.unfinished: list[str] = []
+        self.batches: list[int] = []
+
+    def add_request(self, rid, prompt, params) -> None:
+        self.added.append((rid, prompt, params))
+        self.unfinished.append(rid)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.unfinished)
+
+    def step(self) -> list:
+        self.batches.append(len(self.unfinished))
+        self.unfinished.clear()
+        return []
+
+
+def _bare_engine(mm_kwargs: dict) -> VllmEngine:
+    engine = VllmEngine.__new__(VllmEngine)
+    engine.config = EngineConfig(model="m", family=AF3, max_chunk_s=30.0)
+    engine._engine, engine._mm_kwargs, engine._counter = _Added(), mm_kwargs, 0
+    engine._prepared, engine._logprobs_ready = False, False
+    engine.defaults = {}
+    return engine
+
+
+def test_audio_requests_carry_the_mel_device_and_text_requests_do_not():
+    import numpy as np
+
+    from flamingo_cli.records import AudioItem, Chunk, Request, Sampling
+
+    engine = _bare_engine({"device": "cuda"})
+    item = AudioItem(id="a.wav", path="a.wav")
+    span = {"item": item, "num_chunks": 1, "start_s": 0.0, "end_s": 1.0, "duration_s": 1.0}
+    audio = Chunk(index=0, samples=np.zeros(16000, np.float32), **span)
+    track = Chunk(index=-1, samples=None, **span)
+    engine._add(Request(chunk=audio, prompt="Say.", text="<sound> Say."), Sampling(max_tokens=4))
+    engine._add(Request(chunk=track, prompt="Sum up.", text="Sum up."), Sampling(max_tokens=4))
+    (_, with_audio, _), (_, text_only, _) = engine._engine.added
+    assert with_audio["mm_processor_kwargs"] == {"device": "cuda"} and "multi_modal_data" in with_audio
+    assert "mm_processor_kwargs" not in text_only and "multi_modal_data" not in text_only
+
+
+def test_prepare_warms_the_engine_once_and_the_logprob_kernels_when_asked(monkeypatch):
+    """The first prepare(): the GPU log-mel's CUDA start and one one-token request (vLLM's first step
+    JIT-compiles kernels); a later one with log-probabilities adds batch sizes 1, 2, 3 with them; then
+    nothing more."""
+    from flamingo_cli.records import Sampling
+
+    engine = _bare_engine({"device": "cuda"})
+    mel = []
+    monkeypatch.setattr(VllmEngine, "_warm_mel", lambda self: mel.append(self._mm_kwargs["device"]))
+    engine.prepare(Sampling())
+    assert mel == ["cuda"] and engine._engine.batches == [1] and engine._prepared is True
+    ((_, prompt, params),) = engine._engine.added
+    assert prompt == {"prompt_token_ids": [0, 1]} and params.max_tokens == 1 and params.logprobs is None
+    engine.prepare(Sampling())  # nothing more for the same engine
+    assert engine._engine.batches == [1]
+    engine.prepare(Sampling(logprobs=True))
+    assert engine._engine.batches == [1, 1, 2, 3] and mel == ["cuda"] and engine._logprobs_ready is True
+    assert all(params.logprobs == 0 for _, _, params in engine._engine.added[1:])
+    assert len({rid for rid, _, _ in engine._engine.added}) == 7
+    engine.prepare(Sampling(logprobs=True))
+    assert len(engine._engine.added) == 7
+
+
+def test_a_start_whose_forked_engine_process_could_not_use_cuda_is_retried_with_spawn(monkeypatch, tmp_path):
+    monkeypatch.delenv("VLLM_WORKER_MULTIPROC_METHOD", raising=False)
+    log = tmp_path / "engine.log"
+    log.write_text(f"(EngineCore pid=1) RuntimeError: {FORKED_CUDA}. To use CUDA with multiprocessing, ...\n")
+    assert forked_cuda_failed("RuntimeError: Engine core initialization failed. See root cause above.", log)
+    assert not forked_cuda_failed("RuntimeError: Engine core initialization failed.", tmp_path / "none.log")
+    methods: list[str | None] = []
+    llm = SimpleNamespace(llm_engine=SimpleNamespace(model_config=SimpleNamespace(get_diff_sampling_param=dict)))
+
+    def start(kwargs):
+        methods.append(os.environ.get("VLLM_WORKER_MULTIPROC_METHOD"))
+        if len(methods) == 1:
+            return None, f"RuntimeError: {FORKED_CUDA}"
+        return llm, None
+
+    monkeypatch.setattr(VllmEngine, "_start", staticmethod(start))
+    engine = VllmEngine(EngineConfig(model="m", family=AF3, max_chunk_s=30.0, verbose=True))
+    assert methods == [None, "spawn"] and engine.llm is llm
+    # spawn already tried: the failure is the run's (exit 3), no second retry
+    assert not forked_cuda_failed(f"RuntimeError: {FORKED_CUDA}")
+    methods.clear()
+    monkeypatch.setattr(VllmEngine, "_start", staticmethod(lambda kwargs: (methods.append(1), (None, "OSError: x"))[1]))
+    with pytest.raises(Exception, match="could not load m: OSError: x"):
+        VllmEngine(EngineConfig(model="m", family=AF3, max_chunk_s=30.0, verbose=True))
+    assert methods == [1]
+
+
+@pytest.mark.engine
+def test_the_per_request_processor_kwargs_reach_the_processor_and_change_nothing(tiny_af3):
+    """The real engine takes the log-mel device with each request (here the CPU, named explicitly) and
+    gives the same tokens as without it."""
+    from conftest import cli_engine
+
+    from flamingo_cli.models import family_for
+    from flamingo_cli.parity import Case, make_chunks, run_vllm
+    from flamingo_cli.prompts import PromptBuilder, load_chat_template
+
+    engine = cli_engine(tiny_af3)
+    builder = PromptBuilder(family_for(str(tiny_af3)), load_chat_template(str(tiny_af3)))
+    pairs = make_chunks([Case("a", 3.0, "Describe the audio.", seed=1), Case("b", 7.5, "Say.", seed=2)], 600.0)
+    before = getattr(engine, "_mm_kwargs", {})
+    try:
+        engine._mm_kwargs = {}
+        plain = run_vllm(engine, builder, pairs, 6)
+        engine._mm_kwargs = {"device": "cpu"}
+        named = run_vllm(engine, builder, pairs, 6)
+    finally:
+        engine._mm_kwargs = before
+    assert len(plain) == 2 and {k: r.token_ids for k, r in plain.items()} == {k: r.token_ids for k, r in named.items()}
+    assert all(len(r.token_ids) == 6 for r in plain.values())
