@@ -62,3 +62,6 @@ def start(folder: str) -> None:
 
 if os.environ.get("FLAMINGO_STACK_SAMPLE"):
     start(os.environ["FLAMINGO_STACK_SAMPLE"])
+    # a forked child (vLLM's engine core when nothing touched CUDA first) keeps no thread but the one
+    # that forked: start its own sampler
+    os.register_at_fork(after_in_child=lambda: start(os.environ["FLAMINGO_STACK_SAMPLE"]))
