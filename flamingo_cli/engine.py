@@ -512,7 +512,7 @@ def engine_kwargs(config: EngineConfig, use_gpu: bool) -> dict[str, Any]:
         disable_log_stats=not config.verbose,
         structured_outputs_config=dict(STRUCTURED_OUTPUTS_CONFIG),
     )
-    if not config.compile and not config.enforce_eager:
+    if not compiles(config, use_gpu) and not config.enforce_eager:
         # No torch.compile; on a GPU, decode batches still run as full CUDA graphs (attention backends
         # that cannot capture them fall back as vLLM decides).
         kwargs["compilation_config"] = {"mode": 0, **({"cudagraph_mode": "FULL_DECODE_ONLY"} if use_gpu else {})}
@@ -537,6 +537,11 @@ def engine_kwargs(config: EngineConfig, use_gpu: bool) -> dict[str, Any]:
         kwargs["max_num_batched_tokens"] = GPU_MAX_NUM_BATCHED_TOKENS
     kwargs.update(config.extra)
     return kwargs
+
+
+def compiles(config: EngineConfig, use_gpu: bool) -> bool:
+    """Whether vLLM torch.compiles the language model: ``--compile``/``--no-compile``, else not on a GPU."""
+    return config.compile if config.compile is not None else not use_gpu
 
 
 def mel_device(config: EngineConfig, use_gpu: bool) -> str | None:

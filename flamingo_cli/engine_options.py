@@ -105,10 +105,12 @@ class EngineOptions:
     max_num_seqs: int | None = option(None, Rule(lo=1, integer=True))
     max_num_batched_tokens: int | None = option(None, Rule(lo=1, integer=True))
     enforce_eager: bool = option(False, Rule(boolean=True))
-    # torch.compile of the language model (vLLM's default). False (--no-compile): none, decode steps
-    # still replayed from full CUDA graphs (FULL_DECODE_ONLY), prefill and mixed steps eager: no
-    # compile on a machine's first run (its cache is empty), a shorter start on later ones.
-    compile: bool = option(True, Rule(boolean=True))
+    # torch.compile of the language model. False (--no-compile): none, decode steps still replayed from
+    # full CUDA graphs (FULL_DECODE_ONLY), prefill and mixed steps eager: no compile on a machine's first
+    # run (its cache is empty), a shorter start on later ones. None: False on a GPU, where it measured as
+    # fast on 10-s and 30-s clips with a 4-25 s shorter start (H100, 2026-12-07; BENCHMARKS.md), and
+    # vLLM's default (compile) on the CPU, where it was not measured.
+    compile: bool | None = option(None, Rule(boolean=True))
     # vLLM's CPU backend's KV cache (VLLM_CPU_KVCACHE_SPACE, whole GiB, at least 1)
     cpu_kv_cache_gb: float = option(2.0, Rule(lo=0, lo_open=True))
     # FP8 fast paths, a quality trade the user chooses (PARITY.md has the measured deltas): weights

@@ -32,6 +32,14 @@ TRIM_ENV = "FLAMINGO_TRIM_ENCODER"
 # not per byte. Kept because it is exact and moves a third of the bytes. Off: FLAMINGO_COMPACT_FEATURES=0.
 COMPACT_ENV = "FLAMINGO_COMPACT_FEATURES"
 TRIM_OVERRIDE = "flamingo_trim_encoder"  # hf_overrides key: False keeps vLLM's untrimmed encoder
+# The audio masks (each window's valid frames) and chunk counts stay on the CPU in the engine core
+# (vLLM's ``keep_on_cpu`` field flag), so the model reads the lengths it plans with for free. Moved to
+# the GPU, as vLLM does by default, each read waits for everything queued on the GPU: in a 2026-12-07
+# H100 profile of 10-s clips vLLM's ``chunk_counts.tolist()`` and ``_flatten_valid_audio_embeddings``
+# (a boolean-mask index) held the engine core's thread for 5-8 % each, on every step that admits new
+# audio, and the engine core is the limit there. Opt-in (FLAMINGO_HOST_MASKS=1) until a GPU lease
+# measures it; the encoder and the embedding split below read lengths once either way.
+HOST_MASKS_ENV = "FLAMINGO_HOST_MASKS"
 # A group's fixed cost in encoder positions (kernel launches of 32 layers): windows are batched with
 # the next longer ones unless the padding that adds costs more than running a separate group.
 GROUP_OVERHEAD_POSITIONS = 256
@@ -52,6 +60,38 @@ def trim_enabled(hf_config: Any = None) -> bool:
     if _switched_off(TRIM_ENV):
         return False
     return bool(getattr(hf_config, TRIM_OVERRIDE, True))
+
+
+def host_masks_enabled() -> bool:
+    """The audio masks stay on the CPU (an opt-in switch, see HOST_MASKS_ENV)."""
+    return os.environ.get(HOST_MASKS_ENV, "0").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _on_host(config: Any) -> Any:
+    """A ``MultiModalFieldConfig`` whose data vLLM leaves on the CPU when it batches a step's inputs."""
+    from dataclasses import replace
+
+    return replace(config, field=replace(config.field, keep_on_cpu=True))
+
+
+def host_ints(values: Any) -> list[int]:
+    """A tensor's (or sequence's) integers on the host: free for a CPU tensor, one wait for a GPU one."""
+    return [int(v) for v in (values.tolist() if hasattr(values, "tolist") else values)]
+
+
+def device_ints(values: list[int], device: Any) -> Any:
+    """``values`` as a long tensor on ``device``, copied without waiting for the GPU's queue."""
+    import torch
+
+    out = torch.tensor(values, dtype=torch.long)
+    if getattr(device, "type", str(device)) == "cuda":
+        return out.pin_memory().to(device, non_blocking=True)
+    return out.to(device)
+
+
+def post_pool_lengths(mel_lengths: list[int]) -> list[int]:
+    """Sound tokens per window for its valid mel frames, as vLLM counts them (conv2, then the pool)."""
+    return [max(0, (conv_lengths(m) - 2) // 2 + 1) for m in mel_lengths]
 
 
 def compact_enabled(hf_config: Any = None) -> bool:
@@ -128,28 +168,30 @@ def encode_trimmed(tower, features, mel_lengths, overhead: int = GROUP_OVERHEAD_
     """vLLM's AF3 encoder output (N, positions/2, d) with every window run on its valid frames only.
 
     ``tower`` is vLLM's ``AudioFlamingo3Encoder`` (Whisper convs + HF encoder layers + pool + norm),
-    ``features`` (N, mel, frames) the padded log-mel, ``mel_lengths`` (N,) its valid frame counts.
-    Positions past a window's valid outputs are left zero: callers keep only the valid ones.
+    ``features`` (N, mel, frames) the padded log-mel, ``mel_lengths`` (N,) its valid frame counts (a
+    tensor on any device, or ints). The lengths are read on the host once; nothing after that waits for
+    the GPU. Positions past a window's valid outputs are left zero: callers keep only the valid ones.
     """
     import torch
     from torch.nn import functional as F
 
     n, _, frames = features.shape
     full = conv_lengths(frames)
-    valid = conv_lengths(mel_lengths.to(torch.long)).clamp(min=0, max=full)
+    valid = [min(max(conv_lengths(m), 0), full) for m in host_ints(mel_lengths)]
     out = features.new_zeros(n, full // 2, tower.layer_norm.normalized_shape[0])
-    for group in plan_groups(valid.tolist(), overhead):
-        idx = torch.tensor(group, device=features.device)
-        lens = valid[idx]
-        longest = int(lens.max())
+    for group in plan_groups(valid, overhead):
+        group_valid = [valid[i] for i in group]
+        longest = max(group_valid)
         if longest < 2:  # no pooled output: a window's last 10 ms give no sound token (vLLM counts 0)
             continue
+        idx = device_ints(group, features.device)
+        lens = device_ints(group_valid, features.device)
         x = features[idx, :, : frames_read(longest, frames)]
         x = F.gelu(tower.conv1(x))
         x = F.gelu(tower.conv2(x))[:, :, :longest].transpose(1, 2)
         x = (x + tower.embed_positions.weight[:longest]).to(x.dtype)
         mask = None  # windows of one length need none (and sdpa may then take its flash kernel)
-        if bool((lens < longest).any()):
+        if min(group_valid) < longest:
             pad = torch.arange(longest, device=x.device)[None, :] >= lens[:, None]
             mask = torch.zeros(len(group), 1, 1, longest, dtype=x.dtype, device=x.device)
             mask = mask.masked_fill(pad[:, None, None, :], float("-inf")).expand(-1, 1, longest, longest)
@@ -162,6 +204,20 @@ def encode_trimmed(tower, features, mel_lengths, overhead: int = GROUP_OVERHEAD_
     return out
 
 
+def group_embeddings(audio_features, mel_lengths, chunk_counts) -> tuple:
+    """vLLM's ``_group_audio_embeddings``: each audio's valid embeddings, its windows concatenated —
+    from lengths read on the host once, by slicing (vLLM's boolean-mask index waits for the GPU)."""
+    import torch
+
+    lengths = [min(n, audio_features.shape[1]) for n in post_pool_lengths(host_ints(mel_lengths))]
+    windows = [audio_features[i, :n] for i, n in enumerate(lengths)]
+    grouped, at = [], 0
+    for count in host_ints(chunk_counts):
+        grouped.append(torch.cat(windows[at : at + count], dim=0))
+        at += count
+    return tuple(grouped)
+
+
 def _compacting_processor(base: type) -> type:
     """``base`` (vLLM's AF3 or MF multimodal processor) that sends compact features when enabled."""
 
@@ -171,6 +227,14 @@ def _compacting_processor(base: type) -> type:
             if not compact_enabled(self.info.ctx.model_config.hf_config):
                 return outputs
             return compact_features(outputs)
+
+        def _get_mm_fields_config(self, hf_inputs, hf_processor_mm_kwargs):
+            fields = dict(super()._get_mm_fields_config(hf_inputs, hf_processor_mm_kwargs))
+            if host_masks_enabled():
+                for key in ("feature_attention_mask", "chunk_counts"):
+                    if key in fields:
+                        fields[key] = _on_host(fields[key])
+            return fields
 
     Compacting.__name__ = Compacting.__qualname__ = f"Compacting{base.__name__}"
     Compacting.__doc__ = f"vLLM's {base.__name__} sending only the frames the trimmed encoder reads."
@@ -199,11 +263,14 @@ def _trimming_class(base: type) -> type:
             return super()._parse_and_validate_audio_input(**kwargs)
 
         def _encode_audio_features(self, input_features, feature_attention_mask):
-            if not self.flamingo_trim:
-                return super()._encode_audio_features(input_features, feature_attention_mask)
             weight = self.audio_tower.conv1.weight
+            if not self.flamingo_trim:  # vLLM's encoder builds its attention mask on the mask's device
+                return super()._encode_audio_features(input_features, feature_attention_mask.to(weight.device))
             features = input_features.to(dtype=weight.dtype, device=weight.device)
-            return encode_trimmed(self.audio_tower, features, feature_attention_mask.sum(-1).to(weight.device))
+            return encode_trimmed(self.audio_tower, features, feature_attention_mask.sum(-1))
+
+        def _group_audio_embeddings(self, audio_features, feature_attention_mask, chunk_counts):
+            return group_embeddings(audio_features, feature_attention_mask.sum(-1), chunk_counts)
 
     Trimmed.__doc__ = f"vLLM's {base.__name__} whose audio tower runs on valid frames (flamingo)."
     from vllm.multimodal import MULTIMODAL_REGISTRY

@@ -206,7 +206,17 @@ add cli-nc-two-tasks 120 "$CLI nc-two-tasks $AF3 $DATA/bench-10s $RES $KEEP/cli-
 # without torch.compile?). The next lease's plan (after the log-mel device moved per request, so vLLM
 # forks its engine process; two 10-s pairs, both clip lengths with and without torch.compile):
 #   PLAN="cli-cold-nc af3-raw10 cli-nc cli-nc-logprobs af3-raw30 cli-nc-30s af3-raw10b cli-nc2 cli-30s cli-warm"
+# (that lease ran it: benchmarks/2026-12-07-h100-cli-c). The CLI's default is no compile on a GPU since.
 add cli-nc-30s 150 "$CLI nc-30s $AF3 $DATA/bench-30s $RES $KEEP/cli-out --no-compile"
+# issue 28: the audio masks kept on the CPU in the engine core (FLAMINGO_HOST_MASKS=1, opt-in until
+# measured: no GPU wait to read the windows' lengths) against the same CLI without, on both clip
+# lengths, each pair back to back; then the plain script for the ratios. The next lease's plan:
+#   PLAN="cli-cold cli-hm af3-raw10 cli-nohm cli-hm2 cli-30s-hm af3-raw30 cli-30s-nohm cli-nc-logprobs"
+add cli-hm 100 "env FLAMINGO_HOST_MASKS=1 $CLI hm $AF3 $DATA/bench-10s $RES $KEEP/cli-out"
+add cli-hm2 100 "env FLAMINGO_HOST_MASKS=1 $CLI hm2 $AF3 $DATA/bench-10s $RES $KEEP/cli-out"
+add cli-nohm 100 "$CLI nohm $AF3 $DATA/bench-10s $RES $KEEP/cli-out"
+add cli-30s-hm 110 "env FLAMINGO_HOST_MASKS=1 $CLI 30s-hm $AF3 $DATA/bench-30s $RES $KEEP/cli-out"
+add cli-30s-nohm 110 "$CLI 30s-nohm $AF3 $DATA/bench-30s $RES $KEEP/cli-out"
 # issue 25: a corpus of 30 % silence and 10 % duplicates (scripts/make_gate_corpus.py), gates on (the
 # default) vs every chunk sent (--keep-silence --no-dedupe-audio); GPU time = the summary's generation_s
 add cli-gates 200 "$CLI gates $AF3 $DATA/gate-corpus $RES $KEEP/cli-out"

@@ -26,9 +26,12 @@ def test_fp8_is_off_by_default_and_passed_through_when_asked():
 
 
 def test_no_compile_keeps_decode_in_cuda_graphs_on_a_gpu():
-    assert "compilation_config" not in engine_kwargs(_config(), use_gpu=True)  # vLLM's default: compile
+    assert "compilation_config" not in engine_kwargs(_config(compile=True), use_gpu=True)  # vLLM's default
     gpu = engine_kwargs(_config(compile=False), use_gpu=True)["compilation_config"]
     assert gpu == {"mode": 0, "cudagraph_mode": "FULL_DECODE_ONLY"}
+    # the default: no compile on a GPU (measured as fast, a shorter start), vLLM's own on the CPU
+    assert engine_kwargs(_config(), use_gpu=True)["compilation_config"] == gpu
+    assert "compilation_config" not in engine_kwargs(_config(), use_gpu=False)
     assert engine_kwargs(_config(compile=False), use_gpu=False)["compilation_config"] == {"mode": 0}
     eager = engine_kwargs(_config(compile=False, enforce_eager=True), use_gpu=True)
     assert eager["enforce_eager"] is True and "compilation_config" not in eager

@@ -255,3 +255,75 @@ def test_the_model_takes_compact_features_through_vllms_input_checks(arch, tiny_
         got_mask = parsed["feature_attention_mask"]
         got_mask = torch.stack(got_mask) if isinstance(got_mask, list) else got_mask
         assert got_mask.shape == (2, 3000) and int(got_mask.sum()) == 2002
+
+
+def test_the_embedding_split_from_host_lengths_equals_vllms():
+    """``group_embeddings`` (slices from lengths read once) gives vLLM's ``_group_audio_embeddings``
+    exactly, for windows of every length class and audios of one or several windows."""
+    from types import SimpleNamespace
+
+    import torch
+    from vllm.model_executor.models.audioflamingo3 import AudioFlamingo3ForConditionalGeneration
+
+    from flamingo_cli.vllm_plugin import group_embeddings
+
+    lengths = [1, 100, 1000, 2999, 3000, 3000, 2]
+    mask = torch.zeros(len(lengths), 3000, dtype=torch.int32)
+    for i, n in enumerate(lengths):
+        mask[i, :n] = 1
+    features = torch.randn(len(lengths), 750, 16)
+    counts = [1, 1, 2, 1, 2]  # the 2999-frame window opens a 2-window audio, the last audio ends in 2 frames
+    ref = AudioFlamingo3ForConditionalGeneration._group_audio_embeddings(SimpleNamespace(), features, mask, counts)
+    got = group_embeddings(features, mask.sum(-1), counts)
+    assert len(got) == len(ref) == len(counts)
+    for a, b in zip(got, ref, strict=True):
+        assert a.shape == b.shape and torch.equal(a, b)
+    assert [g.shape[0] for g in got] == [0, 25, 250 + 750, 750, 750 + 0]
+    # lengths as a list, counts as a tensor (vLLM hands either)
+    again = group_embeddings(features, mask.sum(-1).tolist(), torch.tensor(counts))
+    assert all(torch.equal(a, b) for a, b in zip(again, ref, strict=True))
+
+
+def test_host_masks_keep_the_masks_and_counts_on_the_cpu_only_when_asked(vllm_processor, monkeypatch):
+    from flamingo_cli.vllm_plugin import HOST_MASKS_ENV
+
+    def fields(seconds):
+        from vllm.multimodal.processing.context import TimingContext
+        from vllm.multimodal.processing.inputs import ProcessorInputs
+
+        audio = Case(f"{seconds}", seconds, "", seed=3).samples()
+        items = vllm_processor.info.get_data_parser().parse_mm_data({"audio": [audio]})
+        out = vllm_processor.apply(ProcessorInputs(prompt="<sound>Describe.", mm_data_items=items), TimingContext())
+        (item,) = out["mm_kwargs"]["audio"]
+        return {key: elem.field.keep_on_cpu for key, elem in item.items()}
+
+    monkeypatch.delenv(HOST_MASKS_ENV, raising=False)
+    assert not any(fields(10.0).values())  # vLLM's default: every field goes to the GPU
+    monkeypatch.setenv(HOST_MASKS_ENV, "1")
+    for seconds in (10.0, 45.0):  # one window (batched fields), two windows (flat fields with chunk counts)
+        on_cpu = fields(seconds)
+        assert on_cpu["feature_attention_mask"] and not on_cpu["input_features"], on_cpu
+        if "chunk_counts" in on_cpu:
+            assert on_cpu["chunk_counts"]
+
+
+@pytest.mark.engine
+def test_host_masks_change_no_token_through_the_real_engine(tiny_af3, monkeypatch):
+    """The shared CPU engine with the masks kept on the CPU (vLLM serialises the flag to its engine
+    process): the same tokens as without, for a short clip and one of two windows."""
+    from conftest import cli_engine
+
+    from flamingo_cli.models import family_for
+    from flamingo_cli.parity import make_chunks, run_vllm
+    from flamingo_cli.prompts import PromptBuilder, load_chat_template
+    from flamingo_cli.vllm_plugin import HOST_MASKS_ENV
+
+    engine = cli_engine(tiny_af3)
+    builder = PromptBuilder(family_for(str(tiny_af3)), load_chat_template(str(tiny_af3)))
+    pairs = make_chunks([Case("a", 4.0, "Describe the audio.", seed=5), Case("b", 47.5, "Say.", seed=6)], 600.0)
+    monkeypatch.delenv(HOST_MASKS_ENV, raising=False)
+    plain = run_vllm(engine, builder, pairs, 6)
+    monkeypatch.setenv(HOST_MASKS_ENV, "1")
+    kept = run_vllm(engine, builder, pairs, 6)
+    assert len(plain) == 2 and all(len(r.token_ids) == 6 for r in plain.values())
+    assert {k: r.token_ids for k, r in plain.items()} == {k: r.token_ids for k, r in kept.items()}
