@@ -34,7 +34,7 @@ def test_the_mel_device_leaves_the_engine_wide_kwargs_for_each_request():
     assert split_mel_device(engine_kwargs(config, use_gpu=False)) == {}
 
 
-class _Added:
+class _Steps:
     """vLLM's LLMEngine as VllmEngine uses it: requests added, steps until none is unfinished."""
 
     def __init__(self) -> None:
@@ -50,15 +50,38 @@ class _Added:
         return bool(self.unfinished)
 
     def step(self) -> list:
-        self.batches.append(len(self.unfinished))
+        self.batches.append(len(self.unfinished))  # max_tokens=1: every request finishes in one step
         self.unfinished.clear()
         return []
+
+
+def test_prepare_compiles_the_logprob_kernels_once_at_batch_sizes_one_two_three() -> None:
+    """--logprobs: before the first real request the engine samples one token with log-probabilities at
+    batch sizes 1, 2 and 3 (vLLM torch.compiles its rank kernel on first use; outside vLLM's settings
+    torch recompiles for another size),
+    once per engine; a run without log-probabilities sends nothing."""
+    from flamingo_cli.engine import VllmEngine
+    from flamingo_cli.records import Sampling
+
+    engine = VllmEngine.__new__(VllmEngine)
+    engine._engine, engine._logprobs_ready = _Steps(), False
+    engine.prepare(Sampling(logprobs=False))
+    assert engine._engine.added == [] and engine._logprobs_ready is False
+    engine.prepare(Sampling(logprobs=True))
+    assert engine._engine.batches == [1, 2, 3]
+    assert len({rid for rid, _, _ in engine._engine.added}) == 6
+    for _, prompt, params in engine._engine.added:
+        assert "multi_modal_data" not in prompt and prompt["prompt_token_ids"]
+        assert params.logprobs == 0 and params.max_tokens == 1 and params.temperature == 0.0
+        assert params.detokenize is False
+    engine.prepare(Sampling(logprobs=True))
+    assert len(engine._engine.added) == 6 and engine._logprobs_ready is True
 
 
 def _bare_engine(mm_kwargs: dict) -> VllmEngine:
     engine = VllmEngine.__new__(VllmEngine)
     engine.config = EngineConfig(model="m", family=AF3, max_chunk_s=30.0)
-    engine._engine, engine._mm_kwargs, engine._counter = _Added(), mm_kwargs, 0
+    engine._engine, engine._mm_kwargs, engine._counter = _Steps(), mm_kwargs, 0
     engine._prepared, engine._logprobs_ready = False, False
     engine.defaults = {}
     return engine
