@@ -22,7 +22,7 @@ from typing import Any, Protocol
 
 from flamingo_cli.engine_options import EngineOptions
 from flamingo_cli.errors import EngineError
-from flamingo_cli.models import THINK_CLOSE, TOKENS_PER_WINDOW, WINDOW_S, ModelFamily
+from flamingo_cli.models import HOP_LENGTH, THINK_CLOSE, TOKENS_PER_WINDOW, WINDOW_S, ModelFamily
 from flamingo_cli.quality import mean_logprob
 from flamingo_cli.quiet import engine_log_path, log_tail, quiet_env, redirect_fds, remove_quietly
 from flamingo_cli.reasoning import with_reasoning
@@ -314,14 +314,14 @@ class VllmEngine:
     def _warm_mel(self) -> None:
         """Initialise CUDA for the per-request log-mel (``--mel-device``) now, with the STFT of one 30-s
         window (Whisper's feature extractor pads each window to 30 s): the first request would pay it."""
-        device = (getattr(self, "_mm_kwargs", None) or {}).get("device")
-        if not device or device == "cpu":
+        device = (getattr(self, "_mm_kwargs", None) or {}).get("device")  # never "cpu": mel_device()
+        if not device:
             return
         import torch
 
-        n_fft, hop = 400, 160  # Whisper's
+        n_fft = 400  # Whisper's
         signal = torch.zeros(WINDOW_S * SAMPLE_RATE, device=device)
-        torch.stft(signal, n_fft, hop, window=torch.hann_window(n_fft, device=device), return_complex=True)
+        torch.stft(signal, n_fft, HOP_LENGTH, window=torch.hann_window(n_fft, device=device), return_complex=True)
         torch.cuda.synchronize(device)
 
     def run(self, feed: queue.Queue, sampling: Sampling, on_step: Callable[[], None] | None = None) -> Iterator[Result]:

@@ -870,12 +870,11 @@ def _suite_config(a, family, cap_s):
 
 
 def _on_cpu():
-    # NVML's count: torch's CUDA runtime check would keep vLLM from forking its engine process, which a
-    # plain script (that never asks torch) gets
-    os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
-    import torch
+    # flamingo's check (NVML's count): torch's CUDA runtime check would keep vLLM from forking its
+    # engine process, which a plain script (that never asks torch) gets
+    from flamingo_cli.engine import has_cuda
 
-    return not torch.cuda.is_available()
+    return not has_cuda()
 
 
 def _workloads(a):
