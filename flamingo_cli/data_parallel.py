@@ -31,7 +31,15 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
 from typing import Any
 
-from flamingo_cli.engine import END, EngineConfig, EngineError, Sampling, effective_sampling, sampling_kwargs
+from flamingo_cli.engine import (
+    END,
+    EngineConfig,
+    EngineError,
+    Sampling,
+    effective_sampling,
+    in_flight_cap,
+    sampling_kwargs,
+)
 from flamingo_cli.records import Request, Result
 
 DEFAULT_FACTORY = "flamingo_cli.engine:VllmEngine"
@@ -178,6 +186,7 @@ def _worker_main(wid: int, devices: str | None, config: EngineConfig, factory: s
         "versions": getattr(engine, "versions", {}),
         "defaults": _defaults_dict(getattr(engine, "defaults", None)),
         "pid": os.getpid(),
+        "in_flight": getattr(engine, "in_flight", None),  # what this replica's engine keeps at once
     }
     outbox.put(("ready", wid, info))
     try:
@@ -345,6 +354,10 @@ class DataParallelEngine:
         self.versions = dict(first.get("versions", {}))
         self.defaults = dict(first.get("defaults", {}))
         self.pids = [ready[i].get("pid", 0) for i in range(len(self._procs))]
+        # each replica is sent at most what its engine keeps in flight (vLLM's batch cap there)
+        self.caps = [
+            ready[i].get("in_flight") or in_flight_cap(self.config.max_in_flight, None) for i in range(len(self._procs))
+        ]
 
     def effective_sampling(self, sampling: Sampling) -> dict[str, Any]:
         """What the replicas will use: the overrides over the checkpoint's generation_config."""
@@ -390,13 +403,14 @@ class DataParallelEngine:
     def _loop(self, feed, on_step, inflight, count, audio, finished, seconds) -> Iterator[Result]:
         cfg = self.config
         n = len(self._procs)
+        caps = getattr(self, "caps", None) or [in_flight_cap(cfg.max_in_flight, None)] * n
         fed_all = False
         key = 0
         last_check = time.monotonic()
         while len(finished) < n:
             # Dispatch while some replica has room: the least loaded first.
             while not fed_all:
-                open_ = [w for w in range(n) if count[w] < cfg.max_in_flight and audio[w] < cfg.max_in_flight_audio_s]
+                open_ = [w for w in range(n) if count[w] < caps[w] and audio[w] < cfg.max_in_flight_audio_s]
                 if not open_:
                     break
                 try:

@@ -42,7 +42,9 @@ class EngineConfig(EngineOptions):
     max_tokens: int = 512
     prompt_budget: int = 1024  # text tokens a prompt may take besides its audio
     seed: int = 0
-    max_in_flight: int = 512
+    # Requests kept in the engine at once: None = vLLM's batch cap (its max_num_seqs: 1024 on an H100 or
+    # H200, 256 on the CPU) and a quarter more waiting (``in_flight_cap``); the audio cap bounds memory.
+    max_in_flight: int | None = None
     max_in_flight_audio_s: float = 4 * 3600.0
     verbose: bool = False
     mm_cache_gb: float = 0.0  # vLLM's multimodal processor cache (GiB): > 0 only when a run asks each chunk twice
@@ -180,6 +182,20 @@ def sampled_logprobs(completion: Any) -> list[float]:
 # Requests rejected in a row, for one reason, before the engine accepted any: the run fails (exit 3).
 REJECTED_BEFORE_ANY = 64
 
+# vLLM's max_num_seqs where the engine cannot be asked (its default on the CPU and smaller GPUs).
+FALLBACK_MAX_NUM_SEQS = 256
+
+
+def in_flight_cap(max_in_flight: int | None, max_num_seqs: int | None) -> int:
+    """How many requests flamingo keeps in one engine: ``max_in_flight`` (EngineConfig's) when set, else the
+    engine's batch cap (vLLM's ``max_num_seqs``) and a quarter more waiting in vLLM's queue, so a slot
+    that frees mid-step is filled at the next one. A smaller cap than vLLM's own leaves its batch short:
+    a fixed 512 ran a 664-clip corpus as 512 clips, then a tail of 152 (issue 28)."""
+    if max_in_flight:
+        return int(max_in_flight)
+    seqs = int(max_num_seqs or FALLBACK_MAX_NUM_SEQS)
+    return seqs + seqs // 4
+
 
 class VllmEngine:
     """vLLM's offline engine (``LLM``), fed incrementally through ``llm_engine.add_request``/``step``."""
@@ -223,6 +239,8 @@ class VllmEngine:
         self._drop = False  # drop_waiting() asked (from any thread); done between steps
         self._prepared = False  # prepare() has warmed the engine once
         self._logprobs_ready = False  # prepare() has run vLLM's log-probability kernels once
+        seqs = getattr(getattr(self._engine, "vllm_config", None), "scheduler_config", None)
+        self.in_flight = in_flight_cap(config.max_in_flight, getattr(seqs, "max_num_seqs", None))
         self.versions = engine_versions()
         watch_engine_death(self)  # a dead engine process is exit 3, not a hang
 
@@ -334,11 +352,14 @@ class VllmEngine:
         audio_s = 0.0
         done = False
         cfg = self.config
+        cap = getattr(self, "in_flight", None) or in_flight_cap(
+            cfg.max_in_flight, None
+        )  # (tests build engines without __init__)
         accepted = 0
         held: list[Result] = []  # rejections before the engine accepted anything: written once it does
         while True:
             # Fill: block only when nothing is running, so the engine never waits on the feed.
-            while not done and len(pending) < cfg.max_in_flight and audio_s < cfg.max_in_flight_audio_s:
+            while not done and len(pending) < cap and audio_s < cfg.max_in_flight_audio_s:
                 try:
                     request = feed.get(block=not pending, timeout=0.2)
                 except queue.Empty:

@@ -1284,7 +1284,7 @@ def main():
     ap.add_argument("--replica-threads", type=int, default=None, help="torch threads per replica (default: torch's)")
     ap.add_argument("--shard", default=None, help="ceiling/flamingo: only shard i/N of --dir's items")
     ap.add_argument("--queue-size", type=int, default=256)
-    ap.add_argument("--max-in-flight", type=int, default=1024)
+    ap.add_argument("--max-in-flight", type=int, default=None)  # None: flamingo's default (engine.in_flight_cap)
     ap.add_argument("--batch", type=lambda s: [int(x) for x in s.split(",")], default=[8, 32])
     ap.add_argument("--schema-file", default=None, help="schema mode: a JSON Schema (default: audio-tags')")
     ap.add_argument("--prompt", default=None, help="schema mode: the prompt (default: the audio-tags preset's)")

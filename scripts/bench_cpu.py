@@ -346,10 +346,10 @@ def engine_hold(kind: str) -> tuple[float, int]:
         return (0.0, 0)
     from dataclasses import fields
 
-    from flamingo_cli.engine import EngineConfig
+    from flamingo_cli.engine import EngineConfig, in_flight_cap
 
     defaults = {f.name: f.default for f in fields(EngineConfig)}
-    return (float(defaults["max_in_flight_audio_s"]), int(defaults["max_in_flight"]))
+    return (float(defaults["max_in_flight_audio_s"]), in_flight_cap(defaults["max_in_flight"], None))
 
 
 def run_caption(

@@ -217,6 +217,24 @@ add cli-hm2 100 "env FLAMINGO_HOST_MASKS=1 $CLI hm2 $AF3 $DATA/bench-10s $RES $K
 add cli-nohm 100 "$CLI nohm $AF3 $DATA/bench-10s $RES $KEEP/cli-out"
 add cli-30s-hm 110 "env FLAMINGO_HOST_MASKS=1 $CLI 30s-hm $AF3 $DATA/bench-30s $RES $KEEP/cli-out"
 add cli-30s-nohm 110 "$CLI 30s-nohm $AF3 $DATA/bench-30s $RES $KEEP/cli-out"
+# issue 28 (2026-12-07, second lease of the day): vLLM 0.24's Model Runner V2 (VLLM_USE_V2_MODEL_RUNNER=1;
+# vLLM makes it the default only for a few text architectures, not AF3): persistent GPU-side request state,
+# penalties and the sampled tokens' log-probabilities on the GPU (the V1 runner builds every step's
+# penalty inputs on the engine core's thread, which limits the CLI: 99 % busy). Against V1, host masks
+# on (FLAMINGO_HOST_MASKS=1) in both; in-flight requests follow vLLM's batch cap since 2026-12-07 (was
+# 512 fixed). First on a fresh machine (the cold start, Triton's cache empty). The plan:
+#   PLAN="cli-v2-cold af3-raw10 cli-v1 cli-v2 cli-v1-nohm af3-raw30 cli-v2-30s cli-v1-30s cli-v2-lp af3-raw10b cli-v2b cli-v1-lp"
+V2="env VLLM_USE_V2_MODEL_RUNNER=1 FLAMINGO_HOST_MASKS=1"
+V1="env VLLM_USE_V2_MODEL_RUNNER=0 FLAMINGO_HOST_MASKS=1"
+add cli-v2-cold 150 "$V2 $CLI v2-cold $AF3 $DATA/bench-10s $RES $KEEP/cli-out"
+add cli-v2 100 "$V2 $CLI v2 $AF3 $DATA/bench-10s $RES $KEEP/cli-out"
+add cli-v2b 100 "$V2 $CLI v2b $AF3 $DATA/bench-10s $RES $KEEP/cli-out"
+add cli-v1 100 "$V1 $CLI v1 $AF3 $DATA/bench-10s $RES $KEEP/cli-out"
+add cli-v1-nohm 100 "env VLLM_USE_V2_MODEL_RUNNER=0 FLAMINGO_HOST_MASKS=0 $CLI v1-nohm $AF3 $DATA/bench-10s $RES $KEEP/cli-out"
+add cli-v2-30s 110 "$V2 $CLI v2-30s $AF3 $DATA/bench-30s $RES $KEEP/cli-out"
+add cli-v1-30s 110 "$V1 $CLI v1-30s $AF3 $DATA/bench-30s $RES $KEEP/cli-out"
+add cli-v2-lp 100 "$V2 $CLI v2-lp $AF3 $DATA/bench-10s $RES $KEEP/cli-out --logprobs"
+add cli-v1-lp 100 "$V1 $CLI v1-lp $AF3 $DATA/bench-10s $RES $KEEP/cli-out --logprobs"
 # issue 25: a corpus of 30 % silence and 10 % duplicates (scripts/make_gate_corpus.py), gates on (the
 # default) vs every chunk sent (--keep-silence --no-dedupe-audio); GPU time = the summary's generation_s
 add cli-gates 200 "$CLI gates $AF3 $DATA/gate-corpus $RES $KEEP/cli-out"

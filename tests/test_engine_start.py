@@ -177,3 +177,70 @@ def test_the_per_request_processor_kwargs_reach_the_processor_and_change_nothing
         engine._mm_kwargs = before
     assert len(plain) == 2 and {k: r.token_ids for k, r in plain.items()} == {k: r.token_ids for k, r in named.items()}
     assert all(len(r.token_ids) == 6 for r in plain.values())
+
+
+class _Batches:
+    """vLLM's LLMEngine as ``VllmEngine.run`` feeds it: each request finishes on the third step after it
+    was added; the most requests it ever held at once is ``peak``."""
+
+    def __init__(self) -> None:
+        self.age: dict[str, int] = {}
+        self.peak = 0
+
+    def add_request(self, rid, prompt, params) -> None:
+        self.age[rid] = 0
+        self.peak = max(self.peak, len(self.age))
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.age)
+
+    def step(self) -> list:
+        outputs = []
+        for rid in list(self.age):
+            self.age[rid] += 1
+            if self.age[rid] == 3:
+                del self.age[rid]
+                done = SimpleNamespace(token_ids=[7], finish_reason="length", stop_reason=None, logprobs=None)
+                outputs.append(SimpleNamespace(request_id=rid, outputs=[done], finished=True, prompt_token_ids=[1]))
+        return outputs
+
+
+@pytest.mark.parametrize(
+    ("max_in_flight", "max_num_seqs", "cap"), [(None, 8, 10), (None, 1024, 1280), (None, None, 320), (5, 8, 5)]
+)
+def test_requests_in_flight_follow_the_engines_batch_cap(max_in_flight, max_num_seqs, cap):
+    """flamingo keeps vLLM's batch cap (max_num_seqs) in flight and a quarter more waiting, unless
+    told otherwise: a smaller fixed cap left vLLM's batch short (a 664-clip corpus ran as 512, then 152)."""
+    import queue
+
+    import numpy as np
+
+    from flamingo_cli.engine import END, in_flight_cap
+    from flamingo_cli.records import AudioItem, Chunk, Request, Sampling
+
+    assert in_flight_cap(max_in_flight, max_num_seqs) == cap
+    config = EngineConfig(model="m", family=AF3, max_chunk_s=30.0, max_in_flight=max_in_flight)
+    engine = VllmEngine.__new__(VllmEngine)
+    engine.config, engine._engine, engine._prepared, engine._counter = config, _Batches(), True, 0
+    engine._pending, engine._started, engine._drop, engine._mm_kwargs = {}, set(), False, None
+    engine.in_flight = in_flight_cap(config.max_in_flight, max_num_seqs)
+    engine._decode = lambda ids, skip_special_tokens: "x" * len(ids)
+    engine._close_ids, engine.defaults = (), {}
+    feed: queue.Queue = queue.Queue()
+    n = 3 * cap + 1
+    for i in range(n):
+        item = AudioItem(id=f"a{i}", path=f"a{i}.wav")
+        chunk = Chunk(
+            item=item,
+            index=0,
+            num_chunks=1,
+            start_s=0.0,
+            end_s=1.0,
+            samples=np.zeros(16000, np.float32),
+            duration_s=1.0,
+        )
+        feed.put(Request(chunk=chunk, prompt="p", text="<sound>p"))
+    feed.put(END)
+    results = list(engine.run(feed, Sampling(temperature=0.0, max_tokens=1)))
+    assert sorted(r.chunk.item.id for r in results) == sorted(f"a{i}" for i in range(n))
+    assert engine._engine.peak == cap  # filled to the cap, never past it
