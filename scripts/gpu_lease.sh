@@ -235,6 +235,8 @@ add cli-v2-30s 110 "$V2 $CLI v2-30s $AF3 $DATA/bench-30s $RES $KEEP/cli-out"
 add cli-v1-30s 110 "$V1 $CLI v1-30s $AF3 $DATA/bench-30s $RES $KEEP/cli-out"
 add cli-v2-lp 100 "$V2 $CLI v2-lp $AF3 $DATA/bench-10s $RES $KEEP/cli-out --logprobs"
 add cli-v1-lp 100 "$V1 $CLI v1-lp $AF3 $DATA/bench-10s $RES $KEEP/cli-out --logprobs"
+# where the engine core's thread goes with V2 (stack samples inside generation: a warm start is ~30 s)
+add prof-v2 100 "$V2 env TOK=$TOK PY=$PY bash scripts/profile_cli.sh v2 $AF3 $DATA/bench-10s $OUT/prof ${PROF_FROM:-33} ${PROF_TO:-41}"
 # issue 25: a corpus of 30 % silence and 10 % duplicates (scripts/make_gate_corpus.py), gates on (the
 # default) vs every chunk sent (--keep-silence --no-dedupe-audio); GPU time = the summary's generation_s
 add cli-gates 200 "$CLI gates $AF3 $DATA/gate-corpus $RES $KEEP/cli-out"
