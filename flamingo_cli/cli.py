@@ -348,6 +348,14 @@ def caption(
     kv_cache_dtype: KvCacheOpt = "auto",
     trim_encoder: TrimOpt = True,
     mel_device: MelOpt = "auto",
+    model_runner: Annotated[
+        str,
+        typer.Option(
+            "--model-runner",
+            help="vLLM's model runner: auto (flamingo's measured choice), v1, or v2 (Model Runner V2, "
+            "a CUDA GPU only; docs/performance.md).",
+        ),
+    ] = "auto",
     cpu_kv_cache_gb: CpuKvOpt = 2.0,
     ignore_eos: Annotated[bool, typer.Option("--ignore-eos", hidden=True)] = False,
     schema: SchemaOpt = None,

@@ -202,7 +202,7 @@ class VllmEngine:
 
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
-        for name, value in engine_env(config).items():
+        for name, value in engine_env(config, has_cuda()).items():
             os.environ.setdefault(name, value)
         # Without --verbose vLLM's output (its processes' logs and load bars) goes to a log file, not the
         # terminal; see flamingo_cli/quiet.py. The file is removed at exit, kept when the start fails.
@@ -604,10 +604,25 @@ def forked_cuda_failed(error: str, log_path: Any = None) -> bool:
     return FORKED_CUDA in error or (log_path is not None and FORKED_CUDA in log_tail(log_path, lines=400))
 
 
-def engine_env(config: EngineConfig) -> dict[str, str]:
+def engine_env(config: EngineConfig, use_gpu: bool = False) -> dict[str, str]:
     """The environment variables vLLM reads its options from (the local engine sets them unless the
     user did; the Ray path puts them in its workers' runtime env)."""
-    return {"VLLM_CPU_KVCACHE_SPACE": str(int(max(1, config.cpu_kv_cache_gb)))}
+    return {
+        "VLLM_CPU_KVCACHE_SPACE": str(int(max(1, config.cpu_kv_cache_gb))),
+        "VLLM_USE_V2_MODEL_RUNNER": "1" if model_runner(config, use_gpu) == "v2" else "0",
+    }
+
+
+# Model Runner V2 on a GPU unless measured otherwise (set by the lease's A/B, BENCHMARKS.md).
+V2_ON_GPU = False
+
+
+def model_runner(config: EngineConfig, use_gpu: bool) -> str:
+    """vLLM's model runner for ``config``: ``--model-runner``, else V2 on a GPU where it measured
+    faster (``V2_ON_GPU``), V1 on the CPU (V2 runs Triton kernels)."""
+    if config.model_runner != "auto":
+        return config.model_runner
+    return "v2" if use_gpu and V2_ON_GPU else "v1"
 
 
 def has_cuda() -> bool:

@@ -19,6 +19,7 @@ DTYPES = ("auto", "bfloat16", "float16", "float32", "half", "float")
 QUANTIZATIONS = ("fp8",)
 KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3", "fp8_e5m2")
 MEL_DEVICES = ("auto", "cpu", "cuda")
+MODEL_RUNNERS = ("auto", "v2", "v1")  # (the first other than auto differs from auto on a GPU: tests)
 
 
 class EngineOptionError(ValueError):
@@ -142,6 +143,20 @@ class EngineOptions:
             expected="auto, cpu or cuda",
             needs_gpu=lambda v: (
                 v == "cuda" and "--mel-device cuda needs a CUDA GPU; this host has none (use auto or cpu)"
+            ),
+        ),
+    )
+
+    # vLLM's model runner in the engine process: "v1" (vLLM 0.24's default for the Audio Flamingo models),
+    # "v2" (its Model Runner V2: request state, penalties and log-probabilities on the GPU, Triton
+    # kernels, so it needs a CUDA GPU), "auto" = flamingo's measured choice (``engine.model_runner``).
+    model_runner: str = option(
+        "auto",
+        Rule(
+            choices=MODEL_RUNNERS,
+            expected="auto, v2 or v1",
+            needs_gpu=lambda v: (
+                v == "v2" and "--model-runner v2 needs a CUDA GPU (vLLM's Model Runner V2 runs Triton kernels)"
             ),
         ),
     )

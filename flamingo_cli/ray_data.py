@@ -364,9 +364,9 @@ def _result(row: dict[str, Any], entry: _Pending) -> Result:
     )
 
 
-def _runtime_env(config: EngineConfig, settings: RaySettings) -> dict[str, Any]:
+def _runtime_env(config: EngineConfig, settings: RaySettings, use_gpu: bool) -> dict[str, Any]:
     env: dict[str, Any] = dict(settings.runtime_env or {})
-    env_vars = engine_env(config)
+    env_vars = engine_env(config, use_gpu)
     if not config.verbose:
         env_vars.update(QUIET_ENV)
     env["env_vars"] = {**env_vars, **dict(env.get("env_vars") or {})}
@@ -545,7 +545,7 @@ def _dataset(
         detokenize_stage=False,
         should_continue_on_error=True,
         log_engine_metrics=False,
-        runtime_env=_runtime_env(config, settings),
+        runtime_env=_runtime_env(config, settings, use_gpu),
         # A CPU replica must not ask Ray for a GPU (the vLLM stage's default for one engine).
         placement_group_config=None if use_gpu else {"bundles": [{"CPU": settings.cpus_per_replica}]},
     )

@@ -160,7 +160,7 @@ def test_every_engine_option_reaches_the_engine_and_not_the_run_key(tmp_path, f)
     config = spec.engine_config()
     assert isinstance(config, EngineOptions) and getattr(config, f.name) == value
     default = base.engine_config()
-    reaches = ({**engine_kwargs(c, use_gpu=True), **engine_env(c)} for c in (default, config))
+    reaches = ({**engine_kwargs(c, use_gpu=True), **engine_env(c, use_gpu=True)} for c in (default, config))
     assert next(reaches) != next(reaches), f"{f.name}={value!r} changes nothing vLLM gets"
     if f.metadata["identity"]:
         assert spec.identity()[f.name] == value and spec.run_key != base.run_key

@@ -244,3 +244,22 @@ def test_requests_in_flight_follow_the_engines_batch_cap(max_in_flight, max_num_
     results = list(engine.run(feed, Sampling(temperature=0.0, max_tokens=1)))
     assert sorted(r.chunk.item.id for r in results) == sorted(f"a{i}" for i in range(n))
     assert engine._engine.peak == cap  # filled to the cap, never past it
+
+
+def test_the_model_runner_reaches_vllm_through_its_environment_variable():
+    """--model-runner v1/v2 is VLLM_USE_V2_MODEL_RUNNER in the engine's environment (vLLM reads it in
+    its front-end and engine processes); auto is flamingo's choice: V1 on the CPU (V2 runs Triton)."""
+    from flamingo_cli.engine import engine_env, model_runner
+    from flamingo_cli.engine_options import EngineOptionError
+
+    def runner(value: str, use_gpu: bool) -> str:
+        config = EngineConfig(model="m", family=AF3, max_chunk_s=30.0, model_runner=value)
+        assert engine_env(config, use_gpu)["VLLM_USE_V2_MODEL_RUNNER"] == (
+            "1" if model_runner(config, use_gpu) == "v2" else "0"
+        )
+        return model_runner(config, use_gpu)
+
+    assert runner("v1", True) == "v1" and runner("v2", True) == "v2"
+    assert runner("auto", False) == "v1"
+    with pytest.raises(EngineOptionError, match="--model-runner v2 needs a CUDA GPU"):
+        EngineConfig(model="m", family=AF3, max_chunk_s=30.0, model_runner="v2").check(use_gpu=False)
