@@ -223,7 +223,7 @@ add cli-30s-nohm 110 "$CLI 30s-nohm $AF3 $DATA/bench-30s $RES $KEEP/cli-out"
 # penalty inputs on the engine core's thread, which limits the CLI: 99 % busy). Against V1, host masks
 # on (FLAMINGO_HOST_MASKS=1) in both; in-flight requests follow vLLM's batch cap since 2026-12-07 (was
 # 512 fixed). First on a fresh machine (the cold start, Triton's cache empty). The plan:
-#   PLAN="cli-v2-cold af3-raw10 cli-v1 cli-v2 cli-v1-nohm af3-raw30 cli-v2-30s cli-v1-30s cli-v2-lp af3-raw10b cli-v2b cli-v1-lp"
+#   PLAN="cli-v2-cold af3-raw10 cli-v1 cli-v2 cli-v1-nohm cmp-v1-v2 cmp-v1-v1 af3-raw30 cli-v2-30s cli-v1-30s cli-v2-lp af3-raw10b cli-v2b cli-v1-lp prof-v2"
 V2="env VLLM_USE_V2_MODEL_RUNNER=1 FLAMINGO_HOST_MASKS=1"
 V1="env VLLM_USE_V2_MODEL_RUNNER=0 FLAMINGO_HOST_MASKS=1"
 add cli-v2-cold 150 "$V2 $CLI v2-cold $AF3 $DATA/bench-10s $RES $KEEP/cli-out"
@@ -235,6 +235,10 @@ add cli-v2-30s 110 "$V2 $CLI v2-30s $AF3 $DATA/bench-30s $RES $KEEP/cli-out"
 add cli-v1-30s 110 "$V1 $CLI v1-30s $AF3 $DATA/bench-30s $RES $KEEP/cli-out"
 add cli-v2-lp 100 "$V2 $CLI v2-lp $AF3 $DATA/bench-10s $RES $KEEP/cli-out --logprobs"
 add cli-v1-lp 100 "$V1 $CLI v1-lp $AF3 $DATA/bench-10s $RES $KEEP/cli-out --logprobs"
+# do V2's captions match V1's? (greedy, the same clips; two V1 runs are the noise floor: bf16 near-ties
+# flip with another batch)
+add cmp-v1-v2 30 "$PY scripts/compare_runs.py $KEEP/cli-out/cli-v1 $KEEP/cli-out/cli-v2 $RES"
+add cmp-v1-v1 30 "$PY scripts/compare_runs.py $KEEP/cli-out/cli-v1 $KEEP/cli-out/cli-v1-nohm $RES"
 # where the engine core's thread goes with V2 (stack samples inside generation: a warm start is ~30 s)
 add prof-v2 100 "$V2 env TOK=$TOK PY=$PY bash scripts/profile_cli.sh v2 $AF3 $DATA/bench-10s $OUT/prof ${PROF_FROM:-33} ${PROF_TO:-41}"
 # issue 25: a corpus of 30 % silence and 10 % duplicates (scripts/make_gate_corpus.py), gates on (the
