@@ -14,6 +14,7 @@ from flamingo_cli.engine import (
     VllmEngine,
     engine_kwargs,
     forked_cuda_failed,
+    in_flight_cap,
     split_mel_device,
 )
 from flamingo_cli.models import AF3
@@ -177,6 +178,8 @@ def test_the_per_request_processor_kwargs_reach_the_processor_and_change_nothing
         engine._mm_kwargs = before
     assert len(plain) == 2 and {k: r.token_ids for k, r in plain.items()} == {k: r.token_ids for k, r in named.items()}
     assert all(len(r.token_ids) == 6 for r in plain.values())
+    # the real engine's batch cap sets what flamingo keeps in flight: vLLM's CPU default 256, and 64 more
+    assert engine.in_flight == in_flight_cap(None, engine._engine.vllm_config.scheduler_config.max_num_seqs) == 320
 
 
 class _Batches:
@@ -215,7 +218,7 @@ def test_requests_in_flight_follow_the_engines_batch_cap(max_in_flight, max_num_
 
     import numpy as np
 
-    from flamingo_cli.engine import END, in_flight_cap
+    from flamingo_cli.engine import END
     from flamingo_cli.records import AudioItem, Chunk, Request, Sampling
 
     assert in_flight_cap(max_in_flight, max_num_seqs) == cap
