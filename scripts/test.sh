@@ -15,4 +15,18 @@ if ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
 fi
 uv run --no-sync ruff check flamingo_cli scripts tests
 uv run --no-sync ruff format --check flamingo_cli scripts tests
-uv run --no-sync pytest -q -p no:cacheprovider --durations=40 "$@"
+# Two pytest workers (pytest-xdist, a test file each at a time), then the tests marked `serial` (several
+# engines or a Ray cluster: they need the machine's memory to themselves) alone. FLAMINGO_TEST_WORKERS=0
+# runs everything in one process. Each pass may select nothing from the arguments given (exit 5: fine).
+workers=${FLAMINGO_TEST_WORKERS:-2}
+run_pass() {
+  local rc=0
+  uv run --no-sync pytest -q -p no:cacheprovider --durations=40 "$@" || rc=$?
+  [[ $rc == 0 || $rc == 5 ]] || exit "$rc"
+}
+if [[ $workers == 0 ]]; then
+  run_pass "$@"
+else
+  run_pass -n "$workers" --dist loadfile -m "not serial" "$@"
+  run_pass -m serial "$@"
+fi

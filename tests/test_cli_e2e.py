@@ -194,6 +194,7 @@ def test_usage_errors_exit_2_before_loading_a_model(tmp_path):
     assert res.status == 2 and "--chunk-seconds" in res.stderr
 
 
+@pytest.mark.serial
 def test_replicas_match_one_engine(corpus, tiny_af3, tmp_path):
     """Two data-parallel replica processes (CPU here, one per GPU on a GPU host) give the same rows
     as the in-process engine: same keys, same greedy captions, one output."""

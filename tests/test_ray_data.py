@@ -152,6 +152,7 @@ if __name__ == "__main__":
 
 
 @pytest.mark.engine
+@pytest.mark.serial
 def test_ray_data_matches_flamingo_caption_then_resumes(corpus, tiny_af3, tmp_path):
     import flamingo_cli
     from flamingo_cli.ray_data import RaySettings

@@ -105,6 +105,7 @@ def _gone(procs: list[psutil.Process], timeout: float) -> list[psutil.Process]:
     return alive
 
 
+@pytest.mark.serial
 def test_kill_resume_and_signals_exactly_once(kill_corpus, tiny_af3, tmp_path, monkeypatch) -> None:
     corpus, n_chunks = kill_corpus
     total = sum(n_chunks.values())
