@@ -223,13 +223,15 @@ add cli-30s-nohm 110 "$CLI 30s-nohm $AF3 $DATA/bench-30s $RES $KEEP/cli-out"
 # penalty inputs on the engine core's thread, which limits the CLI: 99 % busy). Against V1, host masks
 # on (FLAMINGO_HOST_MASKS=1) in both; in-flight requests follow vLLM's batch cap since 2026-12-07 (was
 # 512 fixed). First on a fresh machine (the cold start, Triton's cache empty). The plan:
-#   PLAN="cli-v2-cold af3-raw10 cli-v1 cli-v2 cli-v1-nohm cmp-v1-v2 cmp-v1-v1 af3-raw30 cli-v2-30s cli-v1-30s cli-v2-lp af3-raw10b cli-v2b cli-v1-lp prof-v2"
+#   PLAN="cli-v2-cold af3-raw10 cli-v1 cli-v2 cli-v1-seqs512 cli-v1-nohm cmp-v1-v2 cmp-v1-v1 af3-raw30 cli-v2-30s cli-v1-30s cli-v2-lp af3-raw10b cli-v2b cli-v1-lp prof-v2"
 V2="env VLLM_USE_V2_MODEL_RUNNER=1 FLAMINGO_HOST_MASKS=1"
 V1="env VLLM_USE_V2_MODEL_RUNNER=0 FLAMINGO_HOST_MASKS=1"
 add cli-v2-cold 150 "$V2 $CLI v2-cold $AF3 $DATA/bench-10s $RES $KEEP/cli-out"
 add cli-v2 100 "$V2 $CLI v2 $AF3 $DATA/bench-10s $RES $KEEP/cli-out"
 add cli-v2b 100 "$V2 $CLI v2b $AF3 $DATA/bench-10s $RES $KEEP/cli-out"
 add cli-v1 100 "$V1 $CLI v1 $AF3 $DATA/bench-10s $RES $KEEP/cli-out"
+# the old in-flight cap's batch (512) with the new surplus: what the in-flight change alone gives (cli-v1 against it)
+add cli-v1-seqs512 100 "$V1 $CLI v1-seqs512 $AF3 $DATA/bench-10s $RES $KEEP/cli-out --max-num-seqs 512"
 add cli-v1-nohm 100 "env VLLM_USE_V2_MODEL_RUNNER=0 FLAMINGO_HOST_MASKS=0 $CLI v1-nohm $AF3 $DATA/bench-10s $RES $KEEP/cli-out"
 add cli-v2-30s 110 "$V2 $CLI v2-30s $AF3 $DATA/bench-30s $RES $KEEP/cli-out"
 add cli-v1-30s 110 "$V1 $CLI v1-30s $AF3 $DATA/bench-30s $RES $KEEP/cli-out"
