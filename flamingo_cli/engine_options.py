@@ -82,6 +82,11 @@ class Rule:
             check_range(flag, value, self.lo, self.hi, lo_open=self.lo_open, integer=self.integer)
 
 
+def gpu_only(value: str, message: str) -> Callable[[Any], str | None]:
+    """A ``Rule.needs_gpu``: ``message`` when the option is ``value``."""
+    return lambda v: message if v == value else None
+
+
 def option(default: Any, rule: Rule | None = None, *, identity: bool = False) -> Any:
     """A field of ``EngineOptions``: its default, its ``Rule``, and whether it changes what is generated
     (``identity``: then it joins the run key, only when set to something other than its default, so
@@ -141,9 +146,7 @@ class EngineOptions:
         Rule(
             choices=MEL_DEVICES,
             expected="auto, cpu or cuda",
-            needs_gpu=lambda v: (
-                v == "cuda" and "--mel-device cuda needs a CUDA GPU; this host has none (use auto or cpu)"
-            ),
+            needs_gpu=gpu_only("cuda", "--mel-device cuda needs a CUDA GPU; this host has none (use auto or cpu)"),
         ),
     )
 
@@ -155,9 +158,7 @@ class EngineOptions:
         Rule(
             choices=MODEL_RUNNERS,
             expected="auto, v2 or v1",
-            needs_gpu=lambda v: (
-                v == "v2" and "--model-runner v2 needs a CUDA GPU (vLLM's Model Runner V2 runs Triton kernels)"
-            ),
+            needs_gpu=gpu_only("v2", "--model-runner v2 needs a CUDA GPU (vLLM's Model Runner V2 runs Triton kernels)"),
         ),
     )
 
