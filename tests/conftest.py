@@ -17,7 +17,10 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+# The tiny checkpoints' KV cache is ~1 KB a token (fp32, 2 layers, 1 KV head): 1 GiB holds a million
+# tokens, the longest prompt (AF-Next at its 1800-s cap) ~46 thousand. vLLM's CPU backend allocates it
+# whole in each engine, and two test workers keep up to four engines (scripts/test.sh).
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
 # The options every engine-backed CLI test passes, so they share one engine per model.
 ENGINE_ARGS = ["--temperature", "0", "--max-tokens", "8", "--quiet"]
