@@ -11,63 +11,23 @@ from __future__ import annotations
 import atexit
 import contextlib
 import hashlib
-import math
 import os
 import queue
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from flamingo_cli.engine_options import EngineOptions
+from flamingo_cli.engine_options import EngineConfig
 from flamingo_cli.errors import EngineError
-from flamingo_cli.models import HOP_LENGTH, THINK_CLOSE, TOKENS_PER_WINDOW, WINDOW_S, ModelFamily
+from flamingo_cli.models import HOP_LENGTH, THINK_CLOSE, WINDOW_S
 from flamingo_cli.quality import mean_logprob
 from flamingo_cli.quiet import engine_log_path, log_tail, quiet_env, redirect_fds, remove_quietly
 from flamingo_cli.reasoning import with_reasoning
 from flamingo_cli.records import SAMPLE_RATE, Request, Result, Sampling
+from flamingo_cli.vllm_args import engine_env, engine_kwargs
 
 END = None  # put on a feed to say no more requests will come
-
-
-@dataclass(frozen=True, kw_only=True)
-class EngineConfig(EngineOptions):
-    """The caller's ``EngineOptions`` plus what the run sizes and decides: the model, the longest chunk,
-    the token budget, the seed, the replicas' devices and the in-flight caps."""
-
-    model: str
-    family: ModelFamily
-    max_chunk_s: float
-    max_tokens: int = 512
-    prompt_budget: int = 1024  # text tokens a prompt may take besides its audio
-    seed: int = 0
-    # Requests kept in the engine at once: None = vLLM's batch cap (its max_num_seqs: 1024 on an H100 or
-    # H200, 256 on the CPU) and a quarter more waiting (``in_flight_cap``); the audio cap bounds memory.
-    max_in_flight: int | None = None
-    max_in_flight_audio_s: float = 4 * 3600.0
-    verbose: bool = False
-    mm_cache_gb: float = 0.0  # vLLM's multimodal processor cache (GiB): > 0 only when a run asks each chunk twice
-    extra: dict[str, Any] = field(default_factory=dict)
-    # One entry per engine replica: its CUDA_VISIBLE_DEVICES, or None (no pinning, e.g. CPU). Two or
-    # more run data parallel in worker processes (flamingo_cli/data_parallel.py); () or one entry runs
-    # the engine in this process.
-    devices: tuple[str | None, ...] = ()
-    # torch's CPU threads in each data-parallel replica process, where its vLLM front-end computes every
-    # request's log-mel (21-29 ms of CPU per 30-s window, one thread); None keeps torch's default, one per
-    # core of the host in every replica. A cap is a candidate fix for multi-GPU scaling, not yet measured
-    # on GPUs, so it is not the default (BENCHMARKS.md, "Scale-out").
-    replica_threads: int | None = None
-
-    @property
-    def windows(self) -> int:
-        """30-s encoder windows of the longest chunk."""
-        return max(1, math.ceil(round(self.max_chunk_s, 3) / WINDOW_S))
-
-    @property
-    def max_model_len(self) -> int:
-        """Audio tokens of the longest chunk (+ MF's BOS/EOS) + prompt text + generated tokens."""
-        return self.windows * TOKENS_PER_WINDOW + 2 + self.prompt_budget + self.max_tokens
 
 
 class Engine(Protocol):
@@ -504,73 +464,6 @@ class VllmEngine:
         gc.collect()
 
 
-GPU_MAX_NUM_BATCHED_TOKENS = 32768
-
-
-# Structured outputs (--schema): xgrammar, the backend flamingo checks schemas against before a run
-# (flamingo_cli/schema.py), and compact JSON: "any whitespace" lets a model spend its token budget on
-# blank lines inside the object. vLLM 0.24 takes both per engine, not per request.
-STRUCTURED_OUTPUTS_CONFIG = {"backend": "xgrammar", "disable_any_whitespace": True}
-
-
-def engine_kwargs(config: EngineConfig, use_gpu: bool) -> dict[str, Any]:
-    """vLLM engine arguments for ``config`` (all but ``model``): one place for the local and Ray paths;
-    ``EngineOptionError`` for an option that cannot work (``use_gpu``: the engine runs on a GPU)."""
-    config.check(use_gpu)
-    kwargs: dict[str, Any] = dict(
-        max_model_len=config.max_model_len,
-        # One audio per prompt; vLLM sizes its profiling run and encoder cache by the longest chunk.
-        limit_mm_per_prompt={"audio": {"count": 1, "length": config.windows * WINDOW_S * SAMPLE_RATE}},
-        dtype=config.dtype,
-        gpu_memory_utilization=config.gpu_memory_utilization,
-        tensor_parallel_size=config.tensor_parallel_size,
-        enforce_eager=config.enforce_eager,
-        seed=config.seed,
-        # One task: each audio is asked once per run, so a multimodal input cache only costs memory.
-        # Several tasks (``--task a --task b``) ask each chunk once per task, back to back: the cache
-        # hands the later ones the processed audio (features) instead of redoing it.
-        mm_processor_cache_gb=config.mm_cache_gb,
-        disable_log_stats=not config.verbose,
-        structured_outputs_config=dict(STRUCTURED_OUTPUTS_CONFIG),
-    )
-    if not compiles(config, use_gpu) and not config.enforce_eager:
-        # No torch.compile; on a GPU, decode batches still run as full CUDA graphs (attention backends
-        # that cannot capture them fall back as vLLM decides).
-        kwargs["compilation_config"] = {"mode": 0, **({"cudagraph_mode": "FULL_DECODE_ONLY"} if use_gpu else {})}
-    if config.quantization:
-        kwargs["quantization"] = config.quantization
-    if config.kv_cache_dtype != "auto":
-        kwargs["kv_cache_dtype"] = config.kv_cache_dtype
-    device = mel_device(config, use_gpu)
-    if device:
-        kwargs["mm_processor_kwargs"] = {"device": device}
-    if not config.trim_encoder:
-        from flamingo_cli.vllm_plugin import TRIM_OVERRIDE
-
-        kwargs["hf_overrides"] = {TRIM_OVERRIDE: False}
-    if config.max_num_seqs:
-        kwargs["max_num_seqs"] = config.max_num_seqs
-    if config.max_num_batched_tokens:
-        kwargs["max_num_batched_tokens"] = config.max_num_batched_tokens
-    elif use_gpu:
-        # Audio prompts are prefill-heavy (750 tokens a window); a larger prefill budget than vLLM's
-        # default won on an H100 (BENCHMARKS.md: 30.3 vs 29.1 windows/s).
-        kwargs["max_num_batched_tokens"] = GPU_MAX_NUM_BATCHED_TOKENS
-    kwargs.update(config.extra)
-    return kwargs
-
-
-def compiles(config: EngineConfig, use_gpu: bool) -> bool:
-    """Whether vLLM torch.compiles the language model: ``--compile``/``--no-compile``, else not on a GPU."""
-    return config.compile if config.compile is not None else not use_gpu
-
-
-def mel_device(config: EngineConfig, use_gpu: bool) -> str | None:
-    """Where the processor computes the log-mel features: None for its default (the CPU)."""
-    device = ("cuda" if use_gpu else None) if config.mel_device == "auto" else config.mel_device
-    return device if device and device != "cpu" else None
-
-
 def start_kwargs(config: EngineConfig) -> dict[str, Any]:
     """``LLM(**kwargs)`` for the in-process engine (and each data-parallel replica)."""
     kwargs: dict[str, Any] = {"model": config.model, **engine_kwargs(config, has_cuda())}
@@ -602,27 +495,6 @@ def forked_cuda_failed(error: str, log_path: Any = None) -> bool:
     if os.environ.get("VLLM_WORKER_MULTIPROC_METHOD") == "spawn":
         return False
     return FORKED_CUDA in error or (log_path is not None and FORKED_CUDA in log_tail(log_path, lines=400))
-
-
-def engine_env(config: EngineConfig, use_gpu: bool = False) -> dict[str, str]:
-    """The environment variables vLLM reads its options from (the local engine sets them unless the
-    user did; the Ray path puts them in its workers' runtime env)."""
-    return {
-        "VLLM_CPU_KVCACHE_SPACE": str(int(max(1, config.cpu_kv_cache_gb))),
-        "VLLM_USE_V2_MODEL_RUNNER": "1" if model_runner(config, use_gpu) == "v2" else "0",
-    }
-
-
-# Model Runner V2 on a GPU unless measured otherwise (set by the lease's A/B, BENCHMARKS.md).
-V2_ON_GPU = False
-
-
-def model_runner(config: EngineConfig, use_gpu: bool) -> str:
-    """vLLM's model runner for ``config``: ``--model-runner``, else V2 on a GPU where it measured
-    faster (``V2_ON_GPU``), V1 on the CPU (V2 runs Triton kernels)."""
-    if config.model_runner != "auto":
-        return config.model_runner
-    return "v2" if use_gpu and V2_ON_GPU else "v1"
 
 
 def has_cuda() -> bool:

@@ -1,8 +1,9 @@
 """The engine options a caller chooses (``EngineOptions``), each with its own check, in one dataclass.
 
-``spec.CaptionSpec`` holds one, ``engine.EngineConfig`` extends it, and ``CaptionSpec.build`` routes
-every keyword named like one of its fields into it: a new engine option is a field here (default,
-rule, and whether it joins the run key) plus the Typer option of the same name in ``cli.caption``.
+``spec.CaptionSpec`` holds one; ``EngineConfig`` (below) extends it with what a run sizes (model,
+longest chunk, token budget, in-flight caps). ``CaptionSpec.build`` routes every keyword named like
+one of its fields into it: a new engine option is a field here (default, rule, and whether it joins
+the run key) plus the Typer option of the same name in ``cli.caption``.
 A bad value raises ``EngineOptionError`` (the spec turns it into ``SpecError``, exit 2) before any
 model loads; messages name the option as the CLI spells it (``--kv-cache-dtype``). Imports nothing
 heavy: ``import flamingo_cli`` stays light.
@@ -14,6 +15,8 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from typing import Any
+
+from flamingo_cli.models import TOKENS_PER_WINDOW, WINDOW_S, ModelFamily
 
 DTYPES = ("auto", "bfloat16", "float16", "float32", "half", "float")
 QUANTIZATIONS = ("fp8",)
@@ -102,7 +105,7 @@ def flag(name: str) -> str:
 @dataclass(frozen=True)
 class EngineOptions:
     """How vLLM runs the model: each field is a ``flamingo caption`` option of the same name and a keyword
-    of ``CaptionSpec.build`` / ``flamingo_cli.caption``; ``engine.engine_kwargs`` (and ``engine_env``)
+    of ``CaptionSpec.build`` / ``flamingo_cli.caption``; ``vllm_args.engine_kwargs`` (and ``engine_env``)
     hand them to vLLM. None of them joins the run key today (``identity=False``)."""
 
     dtype: str = option("auto", Rule(choices=DTYPES))
@@ -152,7 +155,7 @@ class EngineOptions:
 
     # vLLM's model runner in the engine process: "v1" (vLLM 0.24's default for the Audio Flamingo models),
     # "v2" (its Model Runner V2: request state, penalties and log-probabilities on the GPU, Triton
-    # kernels, so it needs a CUDA GPU), "auto" = flamingo's measured choice (``engine.model_runner``).
+    # kernels, so it needs a CUDA GPU), "auto" = flamingo's measured choice (``vllm_args.model_runner``).
     model_runner: str = option(
         "auto",
         Rule(
@@ -193,3 +196,42 @@ class EngineOptions:
 
 
 ENGINE_OPTIONS = tuple(f.name for f in fields(EngineOptions))
+
+
+@dataclass(frozen=True, kw_only=True)
+class EngineConfig(EngineOptions):
+    """The caller's ``EngineOptions`` plus what the run sizes and decides: the model, the longest chunk,
+    the token budget, the seed, the replicas' devices and the in-flight caps."""
+
+    model: str
+    family: ModelFamily
+    max_chunk_s: float
+    max_tokens: int = 512
+    prompt_budget: int = 1024  # text tokens a prompt may take besides its audio
+    seed: int = 0
+    # Requests kept in the engine at once: None = vLLM's batch cap (its max_num_seqs: 1024 on an H100 or
+    # H200, 256 on the CPU) and a quarter more waiting (``in_flight_cap``); the audio cap bounds memory.
+    max_in_flight: int | None = None
+    max_in_flight_audio_s: float = 4 * 3600.0
+    verbose: bool = False
+    mm_cache_gb: float = 0.0  # vLLM's multimodal processor cache (GiB): > 0 only when a run asks each chunk twice
+    extra: dict[str, Any] = field(default_factory=dict)
+    # One entry per engine replica: its CUDA_VISIBLE_DEVICES, or None (no pinning, e.g. CPU). Two or
+    # more run data parallel in worker processes (flamingo_cli/data_parallel.py); () or one entry runs
+    # the engine in this process.
+    devices: tuple[str | None, ...] = ()
+    # torch's CPU threads in each data-parallel replica process, where its vLLM front-end computes every
+    # request's log-mel (21-29 ms of CPU per 30-s window, one thread); None keeps torch's default, one per
+    # core of the host in every replica. A cap is a candidate fix for multi-GPU scaling, not yet measured
+    # on GPUs, so it is not the default (BENCHMARKS.md, "Scale-out").
+    replica_threads: int | None = None
+
+    @property
+    def windows(self) -> int:
+        """30-s encoder windows of the longest chunk."""
+        return max(1, math.ceil(round(self.max_chunk_s, 3) / WINDOW_S))
+
+    @property
+    def max_model_len(self) -> int:
+        """Audio tokens of the longest chunk (+ MF's BOS/EOS) + prompt text + generated tokens."""
+        return self.windows * TOKENS_PER_WINDOW + 2 + self.prompt_budget + self.max_tokens

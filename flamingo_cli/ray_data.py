@@ -42,8 +42,6 @@ from flamingo_cli.engine import (
     EngineError,
     Sampling,
     effective_sampling,
-    engine_env,
-    engine_kwargs,
     engine_versions,
     request_seed,
     sampling_kwargs,
@@ -58,6 +56,7 @@ from flamingo_cli.reasoning import with_reasoning
 from flamingo_cli.records import SAMPLE_RATE, AudioItem, Chunk, Fingerprint, Result, error_result
 from flamingo_cli.resume import ResumeIndex, with_source
 from flamingo_cli.schema import output_check
+from flamingo_cli.vllm_args import engine_env, engine_kwargs
 
 # ray.data.llm's per-row error column: a row with it set skips every stage and its postprocess.
 ERROR_COLUMN = "__inference_error__"

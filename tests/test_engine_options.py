@@ -8,10 +8,11 @@ from typing import Any
 
 import pytest
 
-from flamingo_cli.engine import EngineConfig, engine_env, engine_kwargs
+from flamingo_cli.engine import EngineConfig
 from flamingo_cli.engine_options import EngineOptionError, EngineOptions, flag
 from flamingo_cli.models import AF3, MF
 from flamingo_cli.spec import CaptionSpec, SpecError
+from flamingo_cli.vllm_args import engine_env, engine_kwargs
 
 
 def _config(**kw) -> EngineConfig:

@@ -12,12 +12,12 @@ from flamingo_cli.engine import (
     FORKED_CUDA,
     EngineConfig,
     VllmEngine,
-    engine_kwargs,
     forked_cuda_failed,
     in_flight_cap,
     split_mel_device,
 )
 from flamingo_cli.models import AF3
+from flamingo_cli.vllm_args import engine_kwargs
 
 
 def test_the_mel_device_leaves_the_engine_wide_kwargs_for_each_request():
@@ -252,8 +252,8 @@ def test_requests_in_flight_follow_the_engines_batch_cap(max_in_flight, max_num_
 def test_the_model_runner_reaches_vllm_through_its_environment_variable():
     """--model-runner v1/v2 is VLLM_USE_V2_MODEL_RUNNER in the engine's environment (vLLM reads it in
     its front-end and engine processes); auto is flamingo's choice: V1 on the CPU (V2 runs Triton)."""
-    from flamingo_cli.engine import engine_env, model_runner
     from flamingo_cli.engine_options import EngineOptionError
+    from flamingo_cli.vllm_args import engine_env, model_runner
 
     def runner(value: str, use_gpu: bool) -> str:
         config = EngineConfig(model="m", family=AF3, max_chunk_s=30.0, model_runner=value)

@@ -118,8 +118,9 @@ def test_plugin_registers_flamingo_classes_for_both_architectures():
 def test_trimming_opt_outs(monkeypatch):
     from types import SimpleNamespace
 
-    from flamingo_cli.engine import EngineConfig, engine_kwargs
+    from flamingo_cli.engine import EngineConfig
     from flamingo_cli.models import AF3
+    from flamingo_cli.vllm_args import engine_kwargs
     from flamingo_cli.vllm_plugin import TRIM_ENV, TRIM_OVERRIDE, trim_enabled
 
     assert trim_enabled(SimpleNamespace()) and trim_enabled(None)
