@@ -333,7 +333,7 @@ def caption(
     ray_address: RayAddressOpt = None,
     ray_replicas: RayReplicasOpt = "1",
     dtype: DtypeOpt = "auto",
-    max_num_seqs: Annotated[int | None, typer.Option("--max-num-seqs", help="vLLM batch size cap.")] = None,
+    max_num_seqs: Annotated[int | None, typer.Option("--max-num-seqs", help="vLLM batch cap (GPU: 512).")] = None,
     max_num_batched_tokens: Annotated[int | None, typer.Option("--max-num-batched-tokens")] = None,
     enforce_eager: Annotated[bool, typer.Option("--enforce-eager", help="No CUDA graphs / compile.")] = False,
     compile: Annotated[

@@ -209,8 +209,9 @@ class EngineConfig(EngineOptions):
     max_tokens: int = 512
     prompt_budget: int = 1024  # text tokens a prompt may take besides its audio
     seed: int = 0
-    # Requests kept in the engine at once: None = vLLM's batch cap (its max_num_seqs: 1024 on an H100 or
-    # H200, 256 on the CPU) and a quarter more waiting (``in_flight_cap``); the audio cap bounds memory.
+    # Requests kept in the engine at once: None = the engine's batch cap (max_num_seqs: 512 on a GPU,
+    # vllm_args.GPU_MAX_NUM_SEQS; vLLM's 256 on the CPU) and a quarter more waiting (``in_flight_cap``);
+    # the audio cap bounds memory.
     max_in_flight: int | None = None
     max_in_flight_audio_s: float = 4 * 3600.0
     verbose: bool = False

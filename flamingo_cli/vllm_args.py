@@ -10,6 +10,12 @@ from flamingo_cli.models import WINDOW_S
 from flamingo_cli.records import SAMPLE_RATE
 
 GPU_MAX_NUM_BATCHED_TOKENS = 32768
+# The running batch on a GPU: vLLM captures CUDA graphs for decode batches up to 512 sequences
+# (``max_cudagraph_capture_size``: min(512, 2 × max_num_seqs)), and its default max_num_seqs on an
+# H100/H200 is 1024: a batch of 513-1024 decodes eagerly, one kernel launch at a time from the engine
+# core's thread. 664 10-s clips, the real CLI, one H100 (2026-12-07): 38.8-39.5 rows/s at vLLM's 1024,
+# 43.5-48.9 at 512 (benchmarks/2026-12-07-h100-cli-d).
+GPU_MAX_NUM_SEQS = 512
 
 
 # Structured outputs (--schema): xgrammar, the backend flamingo checks schemas against before a run
@@ -55,6 +61,8 @@ def engine_kwargs(config: EngineConfig, use_gpu: bool) -> dict[str, Any]:
         kwargs["hf_overrides"] = {TRIM_OVERRIDE: False}
     if config.max_num_seqs:
         kwargs["max_num_seqs"] = config.max_num_seqs
+    elif use_gpu and not config.enforce_eager:
+        kwargs["max_num_seqs"] = GPU_MAX_NUM_SEQS
     if config.max_num_batched_tokens:
         kwargs["max_num_batched_tokens"] = config.max_num_batched_tokens
     elif use_gpu:

@@ -888,7 +888,7 @@ def _workloads(a):
 def cmd_suite(a):
     """Each --workloads folder through one --variant engine, timed after a warm-up.
 
-    raw: vLLM's LLM(model=ckpt) with its defaults (bf16, flamingo's plugin off via its env switch),
+    raw: vLLM's LLM(model=ckpt) with its defaults (bf16, flamingo's plugin not loaded: VLLM_PLUGINS=""),
     LLM.generate over pre-decoded arrays, one engine for every workload. flamingo (its defaults: trimmed
     encoder, compact features, log-mel on the GPU), fullfeat (the full 30-s log-mel windows sent to the
     engine core), cpumel, untrimmed, fp8, fp8kv: flamingo's pipeline from the files on
@@ -924,7 +924,11 @@ def cmd_suite(a):
     for gi, (cap_s, group) in enumerate(groups):
         t0 = time.perf_counter()
         if a.variant == "raw":
-            os.environ["FLAMINGO_TRIM_ENCODER"] = "0"  # the in-tree encoder: what vLLM alone runs
+            # vLLM alone: no flamingo plugin (vLLM loads only the general plugins VLLM_PLUGINS names, and
+            # no plugin is named ""), so its in-tree AF3/MF classes run; before 2026-12-07 (evening) the
+            # raw rows ran flamingo's registered class with trimming off
+            os.environ["VLLM_PLUGINS"] = ""
+            os.environ["FLAMINGO_TRIM_ENCODER"] = "0"
             from vllm import LLM
 
             llm = LLM(model=a.ckpt, **({"max_model_len": 8192} if _on_cpu() else {}))

@@ -8,11 +8,11 @@ from typing import Any
 
 import pytest
 
-from flamingo_cli.engine import EngineConfig
+from flamingo_cli.engine import EngineConfig, in_flight_cap
 from flamingo_cli.engine_options import EngineOptionError, EngineOptions, flag
 from flamingo_cli.models import AF3, MF
 from flamingo_cli.spec import CaptionSpec, SpecError
-from flamingo_cli.vllm_args import engine_env, engine_kwargs
+from flamingo_cli.vllm_args import GPU_MAX_NUM_SEQS, engine_env, engine_kwargs
 
 
 def _config(**kw) -> EngineConfig:
@@ -36,6 +36,18 @@ def test_no_compile_keeps_decode_in_cuda_graphs_on_a_gpu():
     assert engine_kwargs(_config(compile=False), use_gpu=False)["compilation_config"] == {"mode": 0}
     eager = engine_kwargs(_config(compile=False, enforce_eager=True), use_gpu=True)
     assert eager["enforce_eager"] is True and "compilation_config" not in eager
+
+
+def test_the_gpu_batch_stays_within_vllms_cuda_graphs():
+    """On a GPU the running batch is capped at vLLM's largest CUDA graph (512), not its 1024 default;
+    --max-num-seqs overrides it; eager engines and the CPU keep vLLM's own default."""
+    assert engine_kwargs(_config(), use_gpu=True)["max_num_seqs"] == GPU_MAX_NUM_SEQS == 512
+    assert engine_kwargs(_config(max_num_seqs=1024), use_gpu=True)["max_num_seqs"] == 1024
+    assert "max_num_seqs" not in engine_kwargs(_config(enforce_eager=True), use_gpu=True)
+    assert "max_num_seqs" not in engine_kwargs(_config(), use_gpu=False)
+    assert engine_kwargs(_config(max_num_seqs=8), use_gpu=False)["max_num_seqs"] == 8
+    # and flamingo keeps that batch and a quarter more in flight
+    assert in_flight_cap(None, engine_kwargs(_config(), use_gpu=True)["max_num_seqs"]) == 640
 
 
 def test_fp8_weights_on_cpu_is_a_usage_error_naming_the_reason():
