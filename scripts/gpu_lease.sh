@@ -241,8 +241,19 @@ add cli-v1-lp 100 "$V1 $CLI v1-lp $AF3 $DATA/bench-10s $RES $KEEP/cli-out --logp
 # flip with another batch)
 add cmp-v1-v2 30 "$PY scripts/compare_runs.py $KEEP/cli-out/cli-v1 $KEEP/cli-out/cli-v2 $RES"
 add cmp-v1-v1 30 "$PY scripts/compare_runs.py $KEEP/cli-out/cli-v1 $KEEP/cli-out/cli-v1-nohm $RES"
-# where the engine core's thread goes with V2 (stack samples inside generation: a warm start is ~30 s)
-add prof-v2 100 "$V2 env TOK=$TOK PY=$PY bash scripts/profile_cli.sh v2 $AF3 $DATA/bench-10s $OUT/prof ${PROF_FROM:-33} ${PROF_TO:-41}"
+# where the engine core's thread goes with V2 (stack samples 1-9 s after "engine ready": inside generation)
+add prof-v2 100 "$V2 env TOK=$TOK PY=$PY bash scripts/profile_cli.sh v2 $AF3 $DATA/bench-10s $OUT/prof ${PROF_FROM:-1} ${PROF_TO:-9}"
+# issue 28/25 (after the 2026-12-07 evening lease): flamingo's defaults as a user gets them (V1, the batch at
+# vLLM's largest CUDA graph: max_num_seqs 512, no host masks), against V2 at the same batch, with and
+# without log-probabilities, in pairs beside the plain script (now without flamingo's plugin). The plan:
+#   PLAN="cli-def-cold af3-raw10 cli-def cli-v2 cli-def-lp cli-v2-lp af3-raw10b cli-def2 cli-v2b cli-def-1024 af3-raw30 cli-def-30s prof-def"
+add cli-def-cold 150 "$CLI def-cold $AF3 $DATA/bench-10s $RES $KEEP/cli-out"
+add cli-def 100 "$CLI def $AF3 $DATA/bench-10s $RES $KEEP/cli-out"
+add cli-def2 100 "$CLI def2 $AF3 $DATA/bench-10s $RES $KEEP/cli-out"
+add cli-def-lp 100 "$CLI def-lp $AF3 $DATA/bench-10s $RES $KEEP/cli-out --logprobs"
+add cli-def-1024 100 "$CLI def-1024 $AF3 $DATA/bench-10s $RES $KEEP/cli-out --max-num-seqs 1024"
+add cli-def-30s 110 "$CLI def-30s $AF3 $DATA/bench-30s $RES $KEEP/cli-out"
+add prof-def 100 "env TOK=$TOK PY=$PY bash scripts/profile_cli.sh def $AF3 $DATA/bench-10s $OUT/prof ${PROF_FROM:-1} ${PROF_TO:-9}"
 # issue 25: a corpus of 30 % silence and 10 % duplicates (scripts/make_gate_corpus.py), gates on (the
 # default) vs every chunk sent (--keep-silence --no-dedupe-audio); GPU time = the summary's generation_s
 add cli-gates 200 "$CLI gates $AF3 $DATA/gate-corpus $RES $KEEP/cli-out"
