@@ -148,9 +148,8 @@ FALLBACK_MAX_NUM_SEQS = 256
 
 def in_flight_cap(max_in_flight: int | None, max_num_seqs: int | None) -> int:
     """How many requests flamingo keeps in one engine: ``max_in_flight`` (EngineConfig's) when set, else the
-    engine's batch cap (vLLM's ``max_num_seqs``) and a quarter more waiting in vLLM's queue, so a slot
-    that frees mid-step is filled at the next one. A smaller cap than vLLM's own leaves its batch short:
-    a fixed 512 ran a 664-clip corpus as 512 clips, then a tail of 152 (issue 28)."""
+    engine's batch cap (vLLM's ``max_num_seqs``; 512 on a GPU, ``vllm_args.GPU_MAX_NUM_SEQS``) and a
+    quarter more waiting in vLLM's queue, so a slot that frees mid-step is filled at the next one."""
     if max_in_flight:
         return int(max_in_flight)
     seqs = int(max_num_seqs or FALLBACK_MAX_NUM_SEQS)
