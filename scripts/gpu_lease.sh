@@ -158,6 +158,7 @@ add af3-cpumel 200 "$S --variant cpumel"
 add af3-flamingo10 180 "$S10 --variant flamingo $Q"
 add af3-raw10 170 "$S10 --variant raw"
 add af3-raw10b 170 "$S10 --variant raw"  # the same, a second time in one lease (its own log)
+add af3-raw10c 170 "$S10 --variant raw"  # a third time: the plain script's spread decides every ratio
 # the features sent whole (1.5 MB fp32 -> 768 KB bf16 per window) vs compact (flamingo's default since
 # 2026-12-02: the frames the trimmed encoder reads, 256 KB for a 10-s clip), same engine otherwise
 add af3-fullfeat10 170 "$S10 --variant fullfeat"
