@@ -105,12 +105,15 @@ def remove_quietly(path: Path) -> None:
 # --- native decoder chatter ----------------------------------------------------------------------------
 
 # What C decoders print straight to fd 2 on damaged or odd frames: libmpg123 (inside libsndfile) writes
-# "[src/libmpg123/layer3.c:INT123_do_layer3():1804] error: part2_3_length (3264) too large …" and "Note:
-# Illegal Audio-MPEG-Header … Trying to resync …" with fprintf(stderr), past Python. The file still
-# decodes (or fails with its own error row); the lines are notes for whoever debugs the decoder.
+# "[src/libmpg123/layer3.c:INT123_do_layer3():1804] error: part2_3_length (3264) too large …" and its
+# notes, every one "Note: …" ("Illegal Audio-MPEG-Header …", "Trying to resync...", "Hit end of
+# (available) data during resync." on a file that is not MPEG audio at all, ID3/Xing/RVA details), with
+# fprintf(stderr), past Python; and two "Warning: …" lines. The file still decodes (or fails with its own
+# error row); the lines are notes for whoever debugs the decoder.
 DECODER_LINE = re.compile(
     rb"^(?:\[[^\]\n]*(?:libmpg123|mpg123)[^\]\n]*\]"
-    rb"|Note: (?:Illegal Audio-MPEG-Header|Trying to resync|Skipped \d+ bytes|MPEG|Encountered)"
+    rb"|Note: "
+    rb"|Warning: (?:Xing stream size|buf\[5\]|missing marker in time stamp)"
     rb"|\[?mpg123\]?[: ])"
 )
 DECODER_LOGGER = "flamingo.decoder"
@@ -239,4 +242,4 @@ class DecoderChatter:
 
 
 def _may_be_chatter(partial: bytes) -> bool:
-    return partial.startswith((b"[", b"Note:", b"mpg123")) and len(partial) < 4096
+    return partial.startswith((b"[", b"Note:", b"Warning:", b"mpg123")) and len(partial) < 4096

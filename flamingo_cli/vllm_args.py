@@ -16,6 +16,8 @@ GPU_MAX_NUM_BATCHED_TOKENS = 32768
 # core's thread. 664 10-s clips, the real CLI, one H100 (2026-12-07): 38.8-39.5 rows/s at vLLM's 1024,
 # 43.5-48.9 at 512 (benchmarks/2026-12-07-h100-cli-d).
 GPU_MAX_NUM_SEQS = 512
+# vLLM's step budget on the CPU (its default there); flamingo's CPU engines take at least the model length.
+CPU_MIN_BATCHED_TOKENS = 4096
 
 
 # Structured outputs (--schema): xgrammar, the backend flamingo checks schemas against before a run
@@ -69,6 +71,18 @@ def engine_kwargs(config: EngineConfig, use_gpu: bool) -> dict[str, Any]:
         # Audio prompts are prefill-heavy (750 tokens a window); a larger prefill budget than vLLM's
         # default won on an H100 (BENCHMARKS.md: 30.3 vs 29.1 windows/s).
         kwargs["max_num_batched_tokens"] = GPU_MAX_NUM_BATCHED_TOKENS
+    if not use_gpu:
+        # On the CPU each prompt is prefilled in one step, never split: vLLM 0.24 rewinds a seeded
+        # request's generator after a partial prefill (gpu_model_runner._bookkeeping_sync), which a CPU
+        # torch.Generator cannot do ("CPU Generator does not use offset": the engine died on the first
+        # sampled chunk longer than its 4,096-token step). vLLM does the same for MLA models on the CPU.
+        kwargs["enable_chunked_prefill"] = False
+        kwargs["max_num_batched_tokens"] = max(
+            kwargs.get("max_num_batched_tokens") or 0,
+            config.max_model_len,
+            kwargs.get("max_num_seqs") or 0,  # vLLM wants a step to hold one token of every sequence
+            CPU_MIN_BATCHED_TOKENS,
+        )
     kwargs.update(config.extra)
     return kwargs
 

@@ -50,6 +50,24 @@ def test_the_gpu_batch_stays_within_vllms_cuda_graphs():
     assert in_flight_cap(None, engine_kwargs(_config(), use_gpu=True)["max_num_seqs"]) == 640
 
 
+def test_on_the_cpu_each_prompt_is_prefilled_in_one_step():
+    """vLLM 0.24 kills a CPU engine that splits a seeded request's prefill (it cannot rewind a CPU
+    generator), so there every prompt fits one step and chunked prefill is off; a GPU keeps both."""
+    short, capped = _config(), EngineConfig(model="m", family=AF3, max_chunk_s=600.0)
+    assert capped.max_model_len > 4096 > short.max_model_len
+    cpu = engine_kwargs(capped, use_gpu=False)
+    assert cpu["enable_chunked_prefill"] is False and cpu["max_num_batched_tokens"] == capped.max_model_len
+    assert engine_kwargs(short, use_gpu=False)["max_num_batched_tokens"] == 4096  # vLLM's CPU default, at least
+    # a larger budget asked for is kept; a smaller one is raised to the model length (each prompt whole)
+    assert engine_kwargs(_config(max_num_batched_tokens=50000), use_gpu=False)["max_num_batched_tokens"] == 50000
+    assert (
+        engine_kwargs(dataclasses.replace(capped, max_num_batched_tokens=1024), use_gpu=False)["max_num_batched_tokens"]
+        == capped.max_model_len
+    )
+    gpu = engine_kwargs(capped, use_gpu=True)
+    assert "enable_chunked_prefill" not in gpu and gpu["max_num_batched_tokens"] == 32768
+
+
 def test_fp8_weights_on_cpu_is_a_usage_error_naming_the_reason():
     with pytest.raises(EngineOptionError, match="needs a CUDA GPU"):
         _config(quantization="fp8").check(use_gpu=False)

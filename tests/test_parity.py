@@ -24,6 +24,8 @@ GRID = {
     "af-next": [1.0, 29.99, 30.0, 30.01, 1799.0, 1800.0, 1801.0],
 }
 
+CKPT_FIXTURE = {"af3": "tiny_af3", "mf": "tiny_mf", "af-next": "tiny_afnext"}
+
 
 # Audio at the cap (tens of thousands of audio tokens, the reference on CPU) is asked one prompt per
 # length, the two prompts in turn: most of this module's CI time; the short lengths get both.
@@ -53,7 +55,7 @@ def parity(request):
     from flamingo_cli.prompts import PromptBuilder, load_chat_template
 
     # Only the checkpoint of this param is built (a -k selection of one model builds one).
-    ckpt = str(request.getfixturevalue({"af3": "tiny_af3", "mf": "tiny_mf", "af-next": "tiny_afnext"}[request.param]))
+    ckpt = str(request.getfixturevalue(CKPT_FIXTURE[request.param]))
     family = family_for(ckpt)
     engine = _engine(ckpt)
     builder = PromptBuilder(family, load_chat_template(ckpt))
@@ -126,6 +128,23 @@ def test_the_engine_ran_flamingos_trimmed_audio_tower(parity, tiny_af3, tiny_mf)
     cls, arch = ModelRegistry.resolve_model_cls(model_config.architectures, model_config)
     assert arch == family.architecture and cls.__module__ == "flamingo_cli.vllm_plugin", cls
     assert getattr(model_config.hf_config, "flamingo_trim_encoder", True) is True  # trimming not opted out
+
+
+def test_a_sampled_prompt_longer_than_vllms_cpu_step_is_captioned(parity, request, tmp_path):
+    """A seeded, sampled (temperature > 0) request whose prompt is longer than vLLM's 4,096-token CPU
+    step: vLLM 0.24 split its prefill and then failed to rewind the request's CPU generator ("CPU
+    Generator does not use offset"), killing the engine. flamingo prefills each prompt in one step on
+    the CPU (vllm_args: no chunked prefill there), so the chunk is captioned."""
+    from conftest import ENGINE_ARGS, make_audio, read_rows, run_cli
+
+    kind = parity[0]
+    ckpt = request.getfixturevalue(CKPT_FIXTURE[kind])
+    audio = make_audio(tmp_path / "long.wav", 200.0, seed=3)  # 7 windows: 5,250 audio tokens
+    args = ["caption", audio, "--out", tmp_path / "out", "--model", ckpt, *ENGINE_ARGS, "--temperature", "0.8"]
+    res = run_cli(args, engine=_engine(ckpt))  # the module's engine (the cap's length serves any chunk)
+    assert res.status == 0, res.stderr
+    (row,) = read_rows(tmp_path / "out")
+    assert row["error"] is None and isinstance(row["caption"], str) and row["chunk_index"] == 0
 
 
 def test_audio_shorter_than_one_token_is_an_error_not_a_crash(parity):
