@@ -307,9 +307,17 @@ def _read_pyav(item: AudioItem, offset: float, duration: float | None, path: str
     return DecodedAudio(item=item, samples=out.finish(), source_sample_rate=sr, source_channels=channels)
 
 
-def _sf_reason(e: Exception) -> str:
-    text = getattr(e, "error_string", None) or str(e) or type(e).__name__
-    return text.strip()
+# libsndfile's words when its MPEG reader gives up on a file named .mp3 that is not MPEG audio: the file
+# is there, so flamingo says what libsndfile says of the same bytes from memory.
+SF_NOT_A_FILE = "File does not exist or is not a regular file"
+
+
+def _sf_reason(e: Exception, local: str | None = None) -> str:
+    """libsndfile's reason; ``local``: the local path it read, when there was one."""
+    text = (getattr(e, "error_string", None) or str(e) or type(e).__name__).strip()
+    if local is not None and text.startswith(SF_NOT_A_FILE) and os.path.isfile(local):
+        return "Format not recognised."
+    return text
 
 
 def _av_reason(e: Exception) -> str:
@@ -327,6 +335,7 @@ def _pyav_fallback(
     sf_err: Exception,
 ) -> DecodedAudio:
     """Decode with PyAV after libsndfile failed; when both fail, the error gives both reasons."""
+    local = item.path if opener is None else None
     try:
         if opener is None:
             return _read_pyav(item, offset, duration, path, item.path)
@@ -336,7 +345,8 @@ def _pyav_fallback(
         raise
     except Exception as av_err:
         raise AudioDecodeError(
-            path, f"not decodable audio: soundfile: {redact(_sf_reason(sf_err))}; ffmpeg: {_av_reason(av_err)}"
+            path,
+            f"not decodable audio: soundfile: {redact(_sf_reason(sf_err, local))}; ffmpeg: {_av_reason(av_err)}",
         ) from None
 
 

@@ -234,6 +234,17 @@ def test_text_file_named_wav(tmp_path: Path) -> None:
     assert str(e.value).startswith(f"{path}: not decodable audio")
 
 
+def test_text_file_named_mp3_is_not_called_missing(tmp_path: Path) -> None:
+    """libsndfile's MPEG reader answers a file named .mp3 that is not MPEG audio with "File does not
+    exist or is not a regular file"; the file is there, so the reason says the format is unknown."""
+    path = tmp_path / "broken.mp3"
+    path.write_bytes(b"not audio")
+    with pytest.raises(AudioDecodeError) as e:
+        decode(item(path))
+    assert e.value.reason.startswith("not decodable audio: soundfile: Format not recognised.; ffmpeg: ")
+    assert "does not exist" not in e.value.reason
+
+
 def test_png_bytes_named_wav(tmp_path: Path) -> None:
     path = tmp_path / "image.wav"
     path.write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" + bytes(range(256)) * 8)
