@@ -442,7 +442,8 @@ def render(doc: dict[str, Any], console: Any) -> None:
     if doc["samples"]:
         s = Table("id", "chunk", "caption", title="sample captions", title_justify="left", show_lines=True)
         for row in doc["samples"]:
-            where = f"{row['chunk_index'] + 1}/{row['num_chunks']}"
+            # a track row (chunk_index -1) tells the whole file its chunks cover
+            where = "track" if row["chunk_index"] == -1 else f"{row['chunk_index'] + 1}/{row['num_chunks']}"
             if row.get("start_s") is not None:
                 where += f" ({row['start_s']:.0f}–{row['end_s']:.0f} s)"
             s.add_row(str(row["id"]), where, Text(str(row["caption"])))

@@ -69,6 +69,9 @@ def test_a_long_file_gets_three_chunk_rows_and_one_track_row(fake, long_track: P
     assert key == ("long.wav", -1)
     assert PARTS_TEXT in text and text.index(PARTS_TEXT) < text.index(CAPTION_PROMPT)
     assert "<sound>" not in text and "<|im_start|>user\n" in text
+    # inspect's samples call it the track (with the span it covers), not chunk "0/3"
+    shown = run_cli(["inspect", out, "--samples", "5"])
+    assert shown.status == 0 and "track (0–1500 s)" in shown.stdout and "0/3" not in shown.stdout
 
 
 def test_a_crash_before_the_track_row_redoes_the_track_row_only(fake, long_track: Path, tmp_path: Path) -> None:
