@@ -287,7 +287,8 @@ with DecoderChatter() as chatter:
     os.write(2, b"Note: Illegal Audio-MPEG-Header 0x00000000 at offset 33654.\nNote: Trying to resync...\n")
     # a file that is not MPEG audio at all (seen on the dev machine with a text file named .mp3)
     os.write(2, b"Note: Hit end of (available) data during resync.\n")
-    os.write(2, b"Warning: Xing stream size off by more than 1%, fuzzy seeking may be even more fuzzy than by design!\n")
+    os.write(2, b"Warning: Xing stream size off by more than 1%, fuzzy seeking may be even more fuzzy "
+                b"than by design!\n")
     os.write(2, b"Warning (not the decoder's): kept\n")
     os.write(2, b"[bracketed but not a decoder] kept\n")
     os.write(2, b"progress 50%\r")
