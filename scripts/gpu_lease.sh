@@ -247,7 +247,8 @@ add prof-v2 100 "$V2 env TOK=$TOK PY=$PY bash scripts/profile_cli.sh v2 $AF3 $DA
 # issue 28/25 (after the 2026-12-07 evening lease): flamingo's defaults as a user gets them (V1, the batch at
 # vLLM's largest CUDA graph: max_num_seqs 512, no host masks), against V2 at the same batch, with and
 # without log-probabilities, in pairs beside the plain script (now without flamingo's plugin). The plan:
-#   PLAN="cli-def-cold af3-raw10 cli-def cli-v2 cli-def-lp cli-v2-lp af3-raw10b cli-def2 cli-v2b cli-def-1024 af3-raw30 cli-def-30s prof-def"
+#   PLAN="cli-def-cold af3-raw10 cli-def cli-v2 cli-def-lp cli-v2-lp af3-raw10b cli-def2 cli-v2b af3-raw10c cli-def-1024 af3-raw30 cli-def-30s prof-def"
+#   (short of budget: drop af3-raw30 cli-def-30s prof-def and cli-def-1024 first)
 add cli-def-cold 150 "$CLI def-cold $AF3 $DATA/bench-10s $RES $KEEP/cli-out"
 add cli-def 100 "$CLI def $AF3 $DATA/bench-10s $RES $KEEP/cli-out"
 add cli-def2 100 "$CLI def2 $AF3 $DATA/bench-10s $RES $KEEP/cli-out"
