@@ -19,6 +19,16 @@ sed -i 's|\.deps/\*\.whl 2>&1|.deps/*.whl /tmp/up/*.whl 2>\&1|' .deps/install.sh
 grep -q '/tmp/up/\*\.whl' .deps/install.sh || { echo "install.sh no longer installs /tmp/up/*.whl" >&2; exit 1; }
 tree=$(git ls-files -z --cached --others --exclude-standard | xargs -0 du -cb 2>/dev/null | tail -1 | cut -f1)
 limit=$((63 * 1024 * 1024))
+# prepare.sh cuts vLLM into 60 MB pieces; on 2026-12-07 the tree (3.2 MB) pushed .whl1 past the limit.
+# Re-cut it so the second piece fills what .deps leaves of its call and the first takes the rest.
+deps=$(du -scb .deps | tail -1 | cut -f1)
+cat .whl1/core.part.* .whl2/core.part.* > /tmp/vllm-core.tar.xz
+second=$((limit - tree - deps - 65536))
+first=$(($(stat -c %s /tmp/vllm-core.tar.xz) - second))
+rm -f .whl1/core.part.* .whl2/core.part.*
+head -c "$first" /tmp/vllm-core.tar.xz > .whl1/core.part.0
+tail -c +"$((first + 1))" /tmp/vllm-core.tar.xz > .whl2/core.part.1
+rm -f /tmp/vllm-core.tar.xz
 for carry in ".whl1" ".whl3" ".whl2 .deps"; do
   # shellcheck disable=SC2086
   size=$((tree + $(du -scb $carry | tail -1 | cut -f1)))
