@@ -20,6 +20,7 @@ from flamingo_cli.browse.report import PAGE_ROWS, BrowseError, build_report
 from flamingo_cli.output.layout import read_output
 from flamingo_cli.records import AudioItem, Chunk, Result, error_result
 from flamingo_cli.sink import Sink
+from flamingo_cli.tracks import track_chunk
 
 REPO = Path(__file__).resolve().parent.parent
 needs_chromium = pytest.mark.skipif(
@@ -66,6 +67,9 @@ def build_output(root: Path, items: int = 6, extra_rows: int = 0) -> Path:
                     sink.write(_result(item, c, 3, 2.0, 5.0, error="rejected by the engine: prompt too long"))
                 else:
                     sink.write(_result(item, c, 3, 2.0, 5.0, caption=f"calm piano {i}.{c}", output_tokens=10 + i + c))
+            if i == 3:  # a track row (issue 26): the whole item
+                chunk = track_chunk(item, 3, 5.0)
+                sink.write(Result(chunk, "Tell.", "one calm piano piece", "stop", prompt_tokens=90, output_tokens=12))
         sink.write(
             error_result(AudioItem(id="empty.wav", path=str(audio / "empty.wav")), f"{audio}/empty.wav: empty file")
         )
@@ -130,7 +134,8 @@ def test_the_report_holds_every_current_row_once_in_order(small) -> None:
     listed = [n for k in range(errors["chunks"]) for n in _index(folder, errors["id"], k)]
     assert listed == [i for i, e in enumerate(current["error"].to_pylist()) if e is not None]
     labels = {f["label"]: f["count"] for f in meta["filters"]}
-    assert labels["flag: repetitive"] == 6 and labels["f_mood = calm"] > 0 and labels["split = dev"] == 9
+    # split = dev: 3 items × 3 chunks + song-3's track row
+    assert labels["flag: repetitive"] == 6 and labels["f_mood = calm"] > 0 and labels["split = dev"] == 10
     assert (folder / "sources.txt").read_text().splitlines() == sorted(
         {str(p) for p in (out.parent / "audio").glob("*.wav")} | {str(out.parent / "audio/empty.wav")}
     )
@@ -203,7 +208,17 @@ def test_the_report_in_chromium(small, tmp_path) -> None:
             ".map(a => [a.getAttribute('src'), a.dataset.start, a.dataset.end])"
         )
         wav = (out.parent / "audio" / "song-3.wav").as_uri()
-        assert song == [[f"{wav}#t=0,2", "0", "2"], [f"{wav}#t=2,4", "2", "4"], [f"{wav}#t=4,5", "4", "5"]]
+        assert song == [
+            [f"{wav}#t=0,5", "0", "5"],  # its track row (first: rows sort by chunk_index) plays the whole item
+            [f"{wav}#t=0,2", "0", "2"],
+            [f"{wav}#t=2,4", "2", "4"],
+            [f"{wav}#t=4,5", "4", "5"],
+        ]
+        where = page.eval(
+            "[...document.querySelectorAll('#rows-body tr')].filter(tr => tr.textContent.includes('song-3.wav'))"
+            ".map(tr => tr.querySelector('audio').closest('td').previousElementSibling.firstChild.textContent)"
+        )
+        assert where == ["track", "1/3", "2/3", "3/3"]
         assert page.eval("document.querySelector('#rows-body .remote').textContent").startswith("object-store source")
         # errors only: exactly the error rows
         fid = _meta(folder)["filters"][0]["id"]

@@ -93,7 +93,7 @@
     if (M.runs.length > 1) tr.append(cell(r[col.run]));
     tr.append(cell(el("span", { class: "id" }, fmt(r[col.id])), el("br"), el("span", { class: "dim path" }, fmt(r[col.path]))));
     const ci = r[col.chunk_index], nc = r[col.num_chunks];
-    const where = nc ? (ci + 1) + "/" + nc : "–";
+    const where = ci === -1 ? "track" : nc ? (ci + 1) + "/" + nc : "–"; // -1: a track row (records.TRACK_INDEX)
     const span = r[col.start_s] == null ? "" : r[col.start_s].toFixed(1) + "–" + r[col.end_s].toFixed(1) + " s";
     tr.append(cell(where, el("br"), el("span", { class: "dim" }, span)));
     tr.append(cell(player(r)));
