@@ -255,6 +255,11 @@ add cli-def2 100 "$CLI def2 $AF3 $DATA/bench-10s $RES $KEEP/cli-out"
 add cli-def-lp 100 "$CLI def-lp $AF3 $DATA/bench-10s $RES $KEEP/cli-out --logprobs"
 add cli-def-1024 100 "$CLI def-1024 $AF3 $DATA/bench-10s $RES $KEEP/cli-out --max-num-seqs 1024"
 add cli-def-30s 110 "$CLI def-30s $AF3 $DATA/bench-30s $RES $KEEP/cli-out"
+# log-probabilities on 30-s clips: the GPU busier (83-92 %) than on 10-s (50-67 %), so the per-step CPU
+# cost of carrying them (bench_lp_transport.py: ~3 ms on the engine core's thread) may hide behind it
+add cli-def-30s-lp 110 "$CLI def-30s-lp $AF3 $DATA/bench-30s $RES $KEEP/cli-out --logprobs"
+# A short lease (~560 s for the runner, 2026-12-08):
+#   PLAN="cli-def-cold af3-raw10 cli-def cli-def-lp cli-def-30s cli-def-30s-lp cli-v2-lp af3-raw10b cli-def2 cli-v2"
 add prof-def 100 "env TOK=$TOK PY=$PY bash scripts/profile_cli.sh def $AF3 $DATA/bench-10s $OUT/prof ${PROF_FROM:-1} ${PROF_TO:-9}"
 # issue 25: a corpus of 30 % silence and 10 % duplicates (scripts/make_gate_corpus.py), gates on (the
 # default) vs every chunk sent (--keep-silence --no-dedupe-audio); GPU time = the summary's generation_s
