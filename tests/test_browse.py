@@ -167,6 +167,8 @@ def test_the_summary_uses_inspects_names_and_reads_without_javascript(small) -> 
         "throughput over the run",
     ):
         assert f"<figcaption>{title}</figcaption>" in html
+    # per-chunk plots: song-3's track row (whole item, 90 prompt tokens, 12 generated) is not a chunk
+    assert "prompt tokens per chunk</figcaption>" in html and "values from 700 to" in html
     assert html.count("<svg") >= 6 and "http://" not in html.replace('xmlns="http://www.w3.org/2000/svg"', "")
     assert "Describe." in html and "nvidia/music-flamingo-2601-hf" in html  # run settings
 

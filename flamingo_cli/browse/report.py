@@ -253,11 +253,19 @@ def _gather(sub, values, base, key, stats, filters, kinds, sources, np, pc) -> N
     if "duration_s" in names and "chunk_index" in names:
         first = pc.equal(sub["chunk_index"], 0)
         stats.item_seconds.append(sub["duration_s"].filter(first).drop_null().to_numpy(zero_copy_only=False))
+    # The per-chunk plots leave track rows out (chunk_index -1: the whole item, a text-only request), as
+    # inspect's chunk counts do.
+    from flamingo_cli.records import TRACK_INDEX
+
+    chunks = sub
+    if "chunk_index" in names:
+        chunks = sub.filter(pc.fill_null(pc.not_equal(sub["chunk_index"], TRACK_INDEX), True))
     if "start_s" in names and "end_s" in names:
-        stats.chunk_seconds.append(pc.subtract(sub["end_s"], sub["start_s"]).drop_null().to_numpy(zero_copy_only=False))
+        lengths = pc.subtract(chunks["end_s"], chunks["start_s"])
+        stats.chunk_seconds.append(lengths.drop_null().to_numpy(zero_copy_only=False))
     for col, into in (("output_tokens", stats.output_tokens), ("prompt_tokens", stats.prompt_tokens)):
         if col in names:
-            into.append(sub[col].drop_null().to_numpy(zero_copy_only=False).astype(np.float64))
+            into.append(chunks[col].drop_null().to_numpy(zero_copy_only=False).astype(np.float64))
     if "created_at" in names:
         ts = sub["created_at"].drop_null()
         stats.created.setdefault(key, []).append(ts.cast("int64").to_numpy(zero_copy_only=False))
