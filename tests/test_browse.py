@@ -4,6 +4,7 @@ headless Chromium (Debian's /usr/bin/chromium over the DevTools protocol, tests/
 from __future__ import annotations
 
 import json
+import re
 import threading
 import urllib.request
 from pathlib import Path
@@ -168,7 +169,8 @@ def test_the_summary_uses_inspects_names_and_reads_without_javascript(small) -> 
     ):
         assert f"<figcaption>{title}</figcaption>" in html
     # per-chunk plots: song-3's track row (whole item, 90 prompt tokens, 12 generated) is not a chunk
-    assert "prompt tokens per chunk</figcaption>" in html and "values from 700 to" in html
+    prompt_plot = re.search(r"prompt tokens per chunk</figcaption>.*?<p class='dim'>([^<]*)</p>", html, re.S)
+    assert prompt_plot and " values from 700 to " in prompt_plot.group(1), prompt_plot
     assert html.count("<svg") >= 6 and "http://" not in html.replace('xmlns="http://www.w3.org/2000/svg"', "")
     assert "Describe." in html and "nvidia/music-flamingo-2601-hf" in html  # run settings
 
